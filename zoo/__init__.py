@@ -1,0 +1,14 @@
+"""zoo: a JAX model zoo for Boltzmann generators.
+
+Continuous normalizing flows (Diffrax) trained by flow matching and fine-tuned with path
+gradients of the forward KL, with the metrics to judge them as samplers.
+"""
+
+__version__ = "0.1.0"
+
+from zoo import data, fields, flows, losses, systems  # noqa: E402  (registration side effects)
+from zoo.data import Batch, Dataset, Split  # noqa: E402
+from zoo.fields import AbstractVectorField, MLPField  # noqa: E402
+from zoo.flows import CNF, MeanFreeNormal, StandardNormal  # noqa: E402
+from zoo.losses import AbstractLoss, FlowMatching, OTFlowMatching  # noqa: E402
+from zoo.systems import AbstractTarget, GaussianMixture2D  # noqa: E402

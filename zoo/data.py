@@ -1,0 +1,111 @@
+"""Data sets: target samples (flat positions) and their forces, split train/val/test.
+
+Forces are always $F = -∇_x u(x)$ in k_B T per length unit, the same flat layout as the
+positions. Path-gradient losses read them; flow matching ignores them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import equinox as eqx
+import jax
+import numpy as np
+
+from zoo._types import Array
+from zoo.registry import register
+
+SPLITS = ("train", "val", "test")
+
+
+class Batch(eqx.Module):
+    """A mini-batch of target samples: ``x`` (b, dim) and optionally ``forces`` (b, dim)."""
+
+    x: Array
+    forces: Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    positions: np.ndarray
+    forces: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.positions.shape[0]
+
+    def batch(self, index) -> Batch:
+        return Batch(x=self.positions[index], forces=None if self.forces is None else self.forces[index])
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Train/val/test splits of flat samples for one system."""
+
+    train: Split
+    val: Split
+    test: Split
+    description: str = ""
+
+    def split(self, name: str) -> Split:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+        return getattr(self, name)
+
+    @property
+    def has_forces(self) -> bool:
+        return all(s.forces is not None for s in (self.train, self.val, self.test))
+
+    def sha256(self) -> str:
+        """Hash of the training split (positions and forces), recorded in checkpoints."""
+        h = hashlib.sha256()
+        for arr in (self.train.positions, self.train.forces):
+            if arr is not None:
+                a = np.ascontiguousarray(arr)
+                h.update(str((a.shape, a.dtype.str)).encode())
+                h.update(a.tobytes())
+        return h.hexdigest()
+
+    def validate(self, dim: int) -> None:
+        """Raise a ValueError naming the split and the problem for bad shapes or non-finite values."""
+        for name in SPLITS:
+            s = self.split(name)
+            for what, arr in (("positions", s.positions), ("forces", s.forces)):
+                if arr is None:
+                    continue
+                if arr.ndim != 2 or arr.shape[1] != dim:
+                    raise ValueError(f"{name} {what} have shape {arr.shape}; the system needs (n, {dim})")
+                bad = ~np.isfinite(arr).all(axis=1)
+                if bad.any():
+                    first = int(np.flatnonzero(bad)[0])
+                    raise ValueError(
+                        f"{name} {what} contain NaN or inf in {int(bad.sum())} of {len(arr)} samples (first at index {first})"
+                    )
+            if s.forces is not None and s.forces.shape != s.positions.shape:
+                raise ValueError(f"{name} forces have shape {s.forces.shape} but positions {s.positions.shape}")
+            if len(s) == 0:
+                raise ValueError(f"{name} split is empty")
+
+
+def make_split(positions, forces=None, *, dim: int | None = None) -> Split:
+    """A split from arrays of shape (n, dim) or (n, *event_shape), stored flat as float32."""
+    positions = np.asarray(positions, dtype=np.float32)
+    n = positions.shape[0]
+    positions = positions.reshape(n, -1) if dim is None else positions.reshape(n, dim)
+    if forces is not None:
+        forces = np.asarray(forces, dtype=np.float32).reshape(positions.shape)
+    return Split(positions=positions, forces=forces)
+
+
+@register("dataset")
+def exact_samples(system, *, n_train: int = 2000, n_val: int = 2048, n_test: int = 2048, seed: int = 0) -> Dataset:
+    """Draw a data set from a target's exact sampler, with forces −∇u from autodiff."""
+    if not system.has_exact_sampler:
+        raise ValueError(f"{type(system).__name__} has no exact sampler; configure a stored data set instead")
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    force = jax.jit(jax.vmap(system.force))
+    splits = []
+    for key, n in zip(keys, (n_train, n_val, n_test)):
+        x = system.sample(key, n)
+        splits.append(make_split(np.asarray(x), np.asarray(force(x)), dim=system.dim))
+    return Dataset(*splits, description=f"{type(system).__name__} exact samples, seed {seed}")

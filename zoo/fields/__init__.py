@@ -1,0 +1,6 @@
+"""Vector fields v_θ(t, x)."""
+
+from zoo.fields.base import AbstractVectorField
+from zoo.fields.mlp import MLPField
+
+__all__ = ["AbstractVectorField", "MLPField"]
