@@ -2,5 +2,6 @@
 
 from zoo.systems.base import AbstractTarget
 from zoo.systems.gmm import GaussianMixture2D
+from zoo.systems.particles import AbstractParticleSystem, DoubleWell, LennardJones
 
-__all__ = ["AbstractTarget", "GaussianMixture2D"]
+__all__ = ["AbstractParticleSystem", "AbstractTarget", "DoubleWell", "GaussianMixture2D", "LennardJones"]
