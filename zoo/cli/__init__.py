@@ -1,0 +1,1 @@
+"""Command-line programs (thin shells over the library); see tools/."""

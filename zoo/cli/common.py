@@ -1,0 +1,54 @@
+"""Flags every tool shares: --gin (repeatable), --gin_param (repeatable), --workdir."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import gin
+
+from zoo import config
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--gin", action="append", default=[], metavar="FILE", help="gin config file (repeatable); a bare name resolves against gin/")
+    p.add_argument("--gin_param", action="append", default=[], metavar="BINDING", help="a gin binding such as 'train.n_steps = 100' (repeatable)")
+    p.add_argument("--workdir", type=Path, help="output folder")
+    return p
+
+
+def fail(message: str, code: int = 2):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def parse_gin(args) -> None:
+    try:
+        config.parse(args.gin, args.gin_param)
+    except config.ConfigError as e:
+        fail(str(e))
+
+
+def write_operative_config(workdir: Path) -> None:
+    (workdir / "operative_config.gin").write_text(gin.operative_config_str())
+
+
+def write_json(path: Path, data: dict) -> None:
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        return v
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({k: clean(v) for k, v in data.items()}, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def format_metrics(metrics: dict) -> str:
+    keys = [k for k in ("kl", "nll", "ess_q", "ess_p", "path_length", "fm_loss") if k in metrics]
+    return "  ".join(f"{k}={metrics[k]:.4g}" for k in keys) + f"  (n_q={metrics.get('n_samples_q')}, n_p={metrics.get('n_samples_p')})"

@@ -1,0 +1,31 @@
+"""tools/evaluate: metrics and plots of a trained flow from its checkpoint."""
+
+from __future__ import annotations
+
+
+def main(argv=None) -> None:
+    from zoo.cli import common
+
+    p = common.parser("Evaluate a checkpointed flow: NLL, ESS-q, ESS-p, KL (where exact), path length, FM loss, plots.")
+    p.add_argument("checkpoint", help="a checkpoint folder (WORKDIR/checkpoint or one step folder)")
+    args = p.parse_args(argv)
+    if args.workdir is None:
+        common.fail("--workdir is required")
+
+    from zoo import checkpoint as ckpt
+    from zoo import experiment
+    from zoo.config import ConfigError, make_dataset
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        system, flow, restored = experiment.load_flow(args.checkpoint, extra_gin_files=args.gin, extra_bindings=args.gin_param)
+        dataset = make_dataset(system)
+    except (ConfigError, ckpt.CheckpointError, FileNotFoundError) as e:
+        common.fail(str(e))
+    print(f"loaded {type(flow).__name__} for {type(system).__name__} at step {restored.step}")
+    experiment.evaluation(flow, system, dataset, args.workdir)
+    common.write_operative_config(args.workdir)
+
+
+if __name__ == "__main__":
+    main()

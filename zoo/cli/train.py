@@ -1,0 +1,32 @@
+"""tools/train: train a flow from a gin config and write metrics, plots, log and checkpoint."""
+
+from __future__ import annotations
+
+import time
+
+
+def main(argv=None) -> None:
+    from zoo.cli import common
+
+    p = common.parser("Train a continuous normalizing flow (flow matching or any registered loss).")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in WORKDIR/checkpoint")
+    args = p.parse_args(argv)
+    if args.workdir is None:
+        common.fail("--workdir is required")
+    if not args.gin:
+        common.fail("give at least one --gin=FILE (e.g. --gin=gmm_fm.gin); `tools/zoo list` shows what is registered")
+    common.parse_gin(args)
+
+    from zoo import experiment
+    from zoo.config import ConfigError
+
+    start = time.perf_counter()
+    try:
+        experiment.train(args.workdir, resume=args.resume)
+    except ConfigError as e:
+        common.fail(str(e))
+    print(f"done in {time.perf_counter() - start:.1f} s; outputs in {args.workdir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Experiments as library functions: train, evaluate, sample. The tools are thin shells over these.
+
+Each root is gin-configurable (``train.n_steps = 2000``); models, systems and data come
+from :mod:`zoo.config` (``make_system``, ``make_dataset``, ``make_flow``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gin
+import jax
+import numpy as np
+
+import zoo
+from zoo import checkpoint as ckpt
+from zoo import config, plots
+from zoo.metrics import evaluate_flow
+from zoo.train import fit
+
+
+@gin.configurable
+def evaluation(
+    flow,
+    system,
+    dataset,
+    workdir: Path,
+    *,
+    seed: int = 1234,
+    n_samples: int = 2048,
+    n_target: int | None = 2048,
+    split: str = "test",
+    chunk_size: int = 1024,
+    fm_loss=None,
+    prefix: str = "",
+    progress: bool = True,
+    records: list[dict] | None = None,
+) -> dict:
+    """Compute the metrics of ``flow`` and write ``{prefix}metrics.json`` and the plots in ``workdir``."""
+    from zoo.cli.common import format_metrics, write_json
+
+    workdir = Path(workdir)
+    metrics, arrays = evaluate_flow(
+        flow,
+        system,
+        dataset,
+        key=jax.random.PRNGKey(seed),
+        n_samples=n_samples,
+        n_target=n_target,
+        split=split,
+        chunk_size=chunk_size,
+        fm_loss=fm_loss,
+        progress=progress,
+    )
+    write_json(workdir / f"{prefix}metrics.json", metrics)
+    print(f"{prefix or ''}metrics: {format_metrics(metrics)}")
+    write_views(flow, system, arrays, workdir, prefix=prefix)
+    if records:
+        plots.loss_curves([r for r in records if "loss" in r], workdir / f"{prefix}loss_curve.png")
+    return metrics
+
+
+def write_views(flow, system, arrays: dict, workdir: Path, *, prefix: str = "") -> None:
+    """The plots for a system: 2-D densities, energy histograms, and whatever the system adds."""
+    if system.dim == 2:
+        plots.density_2d(flow, system, workdir / f"{prefix}density.png", samples=arrays["x_model"][:2000])
+    plots.energy_histogram(
+        arrays["u_target"], arrays["u_model"], arrays["log_w_model"], workdir / f"{prefix}energy_histogram.png", title=type(system).__name__
+    )
+    extra = getattr(system, "write_views", None)
+    if extra is not None:
+        extra(arrays, workdir, prefix=prefix)
+
+
+@gin.configurable
+def train(
+    workdir: Path,
+    *,
+    loss=gin.REQUIRED,
+    optimizer=gin.REQUIRED,
+    n_steps: int | None = None,
+    time_budget_s: float | None = None,
+    batch_size: int = 256,
+    accumulation: int = 1,
+    clip_norm: float | None = None,
+    seed: int = 0,
+    log_every: int = 10,
+    checkpoint_every: int = 500,
+    eval_every: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+):
+    """Build system, data and flow from gin, train with ``loss``, evaluate, write everything to ``workdir``."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    system = config.make_system()
+    dataset = config.make_dataset(system)
+    init_key = jax.random.fold_in(jax.random.PRNGKey(seed), 10**6)
+    flow = config.make_flow(system, key=init_key)
+    operative = gin.operative_config_str()
+    (workdir / "operative_config.gin").write_text(operative)
+
+    def periodic_eval(model, step):
+        from zoo.metrics import fm_loss_on
+        from zoo.losses.fm import FlowMatching
+
+        return {"val_fm_loss": fm_loss_on(model, dataset.val.positions, FlowMatching(), jax.random.PRNGKey(step))}
+
+    flow, records = fit(
+        flow,
+        dataset,
+        loss,
+        optimizer,
+        workdir=workdir,
+        n_steps=n_steps,
+        time_budget_s=time_budget_s,
+        batch_size=batch_size,
+        accumulation=accumulation,
+        clip_norm=clip_norm,
+        seed=seed,
+        log_every=log_every,
+        eval_every=eval_every,
+        evaluate=periodic_eval,
+        checkpoint_every=checkpoint_every,
+        config=operative,
+        metadata={"system": type(system).__name__, "zoo_version": zoo.__version__},
+        resume=resume,
+        progress=progress,
+    )
+    # The operative config is complete only now (every configurable has been called).
+    (workdir / "operative_config.gin").write_text(gin.operative_config_str())
+    all_records = [json.loads(line) for line in (workdir / "log.jsonl").read_text().splitlines() if line]
+    metrics = evaluation(flow, system, dataset, workdir, records=all_records)
+    return flow, metrics
+
+
+def load_flow(path, *, extra_gin_files=(), extra_bindings=()):
+    """Rebuild (system, dataset, flow, info) from a checkpoint folder and its stored gin config.
+
+    ``extra_*`` are parsed after the stored config, so evaluation settings can be changed
+    (e.g. ``evaluation.n_samples = 100000``); they must not change the model's structure.
+    """
+    info = ckpt.read_checkpoint_info(path)
+    config.parse(extra_gin_files, extra_bindings, config_str=info.config)
+    system = config.make_system()
+    flow_like = config.make_flow(system, key=jax.random.PRNGKey(0))
+    restored = ckpt.load_checkpoint(path, model_like=flow_like)
+    return system, restored.model, restored
+
+
+@gin.configurable
+def sample_to_file(flow, system, out: Path, *, n: int = 10000, seed: int = 0, chunk_size: int = 1024, with_log_prob: bool = True):
+    """Draw samples (with log densities and log weights) and save them as a compressed .npz."""
+    from zoo.flows.cnf import sample_and_log_prob_chunked
+    from zoo.metrics import energies_chunked
+
+    res = sample_and_log_prob_chunked(flow, jax.random.PRNGKey(seed), n, chunk_size=chunk_size, progress=True)
+    u = energies_chunked(system, res["x"])
+    np.savez_compressed(
+        out,
+        x=res["x"].reshape(n, *system.event_shape),
+        log_q=res["log_q"],
+        energy=u,
+        log_w=-u - res["log_q"],
+        path_length=res["path_length"],
+    )
+    return out

@@ -1,0 +1,86 @@
+"""Plots people would rather look at than read: densities, samples, energies, curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def loss_curves(records: list[dict], path: Path, *, keys=("loss", "fm_loss"), title: str = "training") -> Path:
+    """Loss (and other logged scalars) against step, log-scaled where positive."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in records if key in r and np.isfinite(r[key])]
+        if pts:
+            steps, values = zip(*pts)
+            ax.plot(steps, values, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if all(r.get(k, 1) > 0 for r in records for k in keys if k in r):
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)
+
+
+def density_2d(flow, system, path: Path, *, samples: np.ndarray | None = None, lim: float = 3.5, n: int = 120) -> Path:
+    """Model density beside the target density, with model samples, for a 2-D system."""
+    import jax.numpy as jnp
+
+    from zoo.flows.cnf import log_prob_chunked
+
+    import jax
+
+    g = np.linspace(-lim, lim, n)
+    xx, yy = np.meshgrid(g, g)
+    grid = np.stack([xx.ravel(), yy.ravel()], -1).astype(np.float32)
+    log_q = log_prob_chunked(flow, grid, key=jax.random.PRNGKey(0), chunk_size=4096)["log_q"]
+    target = np.exp(-np.asarray(jax.vmap(system.energy)(jnp.asarray(grid))) - (system.log_z or 0.0))
+    panels = [("model density q_θ", np.exp(log_q).reshape(n, n)), ("target density p", target.reshape(n, n))]
+    fig, axes = plt.subplots(1, 3 if samples is not None else 2, figsize=(13 if samples is not None else 9, 4.2))
+    vmax = max(p.max() for _, p in panels)
+    for ax, (title, dens) in zip(axes, panels):
+        ax.imshow(dens, origin="lower", extent=(-lim, lim, -lim, lim), cmap="viridis", vmin=0, vmax=vmax)
+        ax.set_title(title)
+        ax.set_aspect("equal")
+    if samples is not None:
+        ax = axes[2]
+        ax.scatter(samples[:, 0], samples[:, 1], s=2, alpha=0.4)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_title(f"{len(samples)} model samples")
+    return _save(fig, path)
+
+
+def energy_histogram(u_target: np.ndarray, u_model: np.ndarray, log_w: np.ndarray, path: Path, *, title: str = "") -> Path:
+    """Energy histograms of data, model samples, and model samples reweighted to the target."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    finite = np.isfinite(u_model) & np.isfinite(log_w)
+    lo, hi = np.percentile(u_target, [0.1, 99.9])
+    span = hi - lo
+    bins = np.linspace(lo - 0.3 * span, hi + 0.5 * span, 80)
+    ax.hist(u_target, bins=bins, density=True, alpha=0.5, label="data")
+    ax.hist(u_model[finite], bins=bins, density=True, histtype="step", lw=1.5, label="model")
+    if finite.any():
+        w = np.exp(log_w[finite] - log_w[finite].max())
+        ax.hist(u_model[finite], bins=bins, weights=w, density=True, histtype="step", lw=1.5, label="model, reweighted")
+    ax.set_xlabel("energy u / k_BT")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)

@@ -1,0 +1,231 @@
+"""The training loop: optax, a jit-compiled step with gradient accumulation and clipping,
+non-finite steps skipped, periodic evaluation, JSON-lines log, atomic checkpoints, exact resume.
+
+Randomness is a pure function of (seed, step): the batch order comes from a per-epoch
+permutation seeded by (seed, epoch) and the loss key is ``fold_in(key, step)``. A run
+resumed from its checkpoint at step N therefore continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import equinox as eqx
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import zoo
+from zoo import checkpoint as ckpt
+from zoo.data import Batch, Dataset
+from zoo.optim import with_clipping
+
+
+@dataclasses.dataclass
+class TrainState:
+    step: int
+    model: eqx.Module
+    opt_state: optax.OptState
+    key: jax.Array
+
+
+class BatchSampler:
+    """Deterministic batches of ``accumulation × micro_batch`` training indices for any step."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if batch_size > n:
+            raise ValueError(f"batch size {batch_size} exceeds the {n} training samples")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.steps_per_epoch = n // batch_size
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> np.ndarray:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perm[within * self.batch_size : (within + 1) * self.batch_size]
+
+
+def make_step(loss_fn, optimizer: optax.GradientTransformation, accumulation: int):
+    """A jit-compiled update over ``accumulation`` micro-batches (leading axis of the batch).
+
+    Gradients and aux values are averaged over micro-batches; a step whose loss or
+    gradient is non-finite leaves parameters and optimiser state untouched.
+    """
+
+    @eqx.filter_jit
+    def step(model, opt_state, batch: Batch, key):
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+
+        def micro(carry, inputs):
+            grad_sum, loss_sum = carry
+            micro_batch, k = inputs
+            (loss, aux), grads = eqx.filter_value_and_grad(
+                lambda p: loss_fn(eqx.combine(p, static), micro_batch, k), has_aux=True
+            )(params)
+            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+            return (grad_sum, loss_sum + loss), aux
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        keys = jax.random.split(key, accumulation)
+        (grad_sum, loss_sum), aux = jax.lax.scan(micro, (zeros, jnp.zeros(())), (batch, keys))
+        grads = jax.tree.map(lambda g: g / accumulation, grad_sum)
+        loss = loss_sum / accumulation
+        aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), aux)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_params = keep(new_params, params)
+        new_opt_state = keep(new_opt_state, opt_state)
+        stats = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
+        return eqx.combine(new_params, static), new_opt_state, stats
+
+    return step
+
+
+class JsonlLog:
+    def __init__(self, path: Path, truncate_after_step: int | None = None):
+        self.path = path
+        if truncate_after_step is not None and path.exists():
+            # On resume, drop lines written after the checkpoint so the log matches the state.
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= truncate_after_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        self._f = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _to_python(tree) -> dict:
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in tree.items()}
+
+
+def fit(
+    model,
+    dataset: Dataset,
+    loss_fn,
+    optimizer: optax.GradientTransformation,
+    *,
+    workdir: Path,
+    n_steps: int | None = None,
+    time_budget_s: float | None = None,
+    batch_size: int = 256,
+    accumulation: int = 1,
+    clip_norm: float | None = None,
+    seed: int = 0,
+    log_every: int = 10,
+    eval_every: int = 0,
+    evaluate: Callable | None = None,
+    checkpoint_every: int = 0,
+    config: str = "",
+    metadata: dict | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    checkpoint_dir: Path | None = None,
+) -> tuple[eqx.Module, list[dict]]:
+    """Train ``model`` on ``dataset.train`` with ``loss_fn``; returns the model and the log records.
+
+    Stops after ``n_steps`` optimiser steps or ``time_budget_s`` seconds of training
+    (whichever comes first; at least one must be given). Each optimiser step consumes
+    ``accumulation`` micro-batches of ``batch_size`` samples.
+    """
+    from tqdm.auto import tqdm
+
+    if n_steps is None and time_budget_s is None:
+        raise ValueError("give n_steps or time_budget_s")
+    if accumulation < 1:
+        raise ValueError(f"accumulation must be >= 1, got {accumulation}")
+    if getattr(loss_fn, "needs_forces", False) and dataset.train.forces is None:
+        raise ValueError(f"{type(loss_fn).__name__} needs target forces but the training data has none")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint_dir = Path(checkpoint_dir or workdir / "checkpoint")
+    data_hash = dataset.sha256()
+    metadata = {"data_sha256": data_hash, "loss": type(loss_fn).__name__, **(metadata or {})}
+
+    optimizer = with_clipping(optimizer, clip_norm)
+    key = jax.random.PRNGKey(seed)
+    state = TrainState(step=0, model=model, opt_state=optimizer.init(eqx.filter(model, eqx.is_inexact_array)), key=key)
+
+    if resume and ckpt.latest_checkpoint(checkpoint_dir) is not None:
+        restored = ckpt.load_checkpoint(checkpoint_dir, model_like=state.model, opt_state_like=state.opt_state)
+        stored_hash = restored.metadata.get("data_sha256")
+        if stored_hash is not None and stored_hash != data_hash:
+            raise ValueError(
+                f"cannot resume: the checkpoint was trained on data with sha256 {stored_hash[:12]}…, this run's data has {data_hash[:12]}…"
+            )
+        state = TrainState(step=restored.step, model=restored.model, opt_state=restored.opt_state, key=restored.key)
+        print(f"resuming from step {state.step} ({checkpoint_dir})")
+
+    log = JsonlLog(workdir / "log.jsonl", truncate_after_step=state.step if resume else None)
+    if not resume:
+        log.path.write_text("")
+    step_fn = make_step(loss_fn, optimizer, accumulation)
+    sampler = BatchSampler(len(dataset.train), batch_size * accumulation, seed)
+    records: list[dict] = []
+
+    def save(s: TrainState):
+        ckpt.save_checkpoint(
+            checkpoint_dir, step=s.step, model=s.model, opt_state=s.opt_state, key=s.key, config=config, metadata=metadata
+        )
+
+    bar = tqdm(total=n_steps, initial=state.step, disable=not progress, unit="step", dynamic_ncols=True)
+    # The clock for time_budget_s starts after the first (compiling) step, so that equal
+    # budgets compare training, not compilation; the compile time is logged separately.
+    start = None
+    compile_s = None
+    skipped = 0
+    try:
+        while True:
+            if n_steps is not None and state.step >= n_steps:
+                break
+            if time_budget_s is not None and start is not None and time.perf_counter() - start >= time_budget_s:
+                break
+            idx = sampler.indices(state.step)
+            batch = dataset.train.batch(idx)
+            batch = jax.tree.map(lambda a: jnp.asarray(a).reshape(accumulation, batch_size, *a.shape[1:]), batch)
+            step_key = jax.random.fold_in(state.key, state.step)
+            t0 = time.perf_counter()
+            model, opt_state, stats = step_fn(state.model, state.opt_state, batch, step_key)
+            stats = _to_python(jax.device_get(stats))
+            state = TrainState(step=state.step + 1, model=model, opt_state=opt_state, key=state.key)
+            if start is None:
+                start = time.perf_counter()
+                compile_s = start - t0
+                log.write({"step": state.step, "compile_s": round(compile_s, 3)})
+            if not stats["finite"]:
+                skipped += 1
+                bar.write(f"step {state.step}: non-finite loss or gradient ({stats['loss']}), update skipped")
+            if state.step % log_every == 0 or state.step == 1 or state.step == n_steps or not stats["finite"]:
+                record = {"step": state.step, "time_s": round(time.perf_counter() - start, 3), **stats}
+                log.write(record)
+                records.append(record)
+                bar.set_postfix(loss=f"{stats['loss']:.4g}", refresh=False)
+            bar.update(1)
+            if eval_every and evaluate is not None and state.step % eval_every == 0:
+                metrics = evaluate(state.model, state.step)
+                record = {"step": state.step, "time_s": round(time.perf_counter() - start, 3), "eval": metrics}
+                log.write(record)
+                records.append(record)
+            if checkpoint_every and state.step % checkpoint_every == 0:
+                save(state)
+    finally:
+        bar.close()
+        log.close()
+    save(state)
+    if skipped:
+        print(f"{skipped} steps had a non-finite loss or gradient and were skipped")
+    return state.model, records
