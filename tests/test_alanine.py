@@ -1,0 +1,383 @@
+"""Alanine dipeptide: topology, dihedrals, encodings, OpenMM and xTB targets, data, generators."""
+
+import json
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zoo import ad2_data
+from zoo.systems import alanine
+from zoo.systems.engines import (
+    BOHR_NM,
+    HARTREE_KJ_PER_MOL,
+    EngineFailureWarning,
+    OpenMMEngine,
+    kbt_kj_per_mol,
+)
+
+CLASSICAL = ad2_data.ASSET_DATA / "ad2_classical"
+XTB = ad2_data.ASSET_DATA / "ad2_xtb"
+KBT_300_KJ = 2.494338785  # R·T at 300 K by hand: 8.314462618e-3 kJ/(mol K) × 300 K
+
+
+@pytest.fixture(scope="module")
+def frames():
+    """A few stored classical test frames, (n, 66) float64 nm."""
+    return ad2_data.read_arrays(CLASSICAL, "test")["positions"][:64].astype(np.float64)
+
+
+def random_rotation(rng):
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+# ---------------------------------------------------------------------------------------
+# Topology, dihedrals, encodings (no engine needed)
+
+
+def test_topology_matches_constants():
+    top = alanine.topology()
+    assert top.n_atoms == alanine.N_ATOMS == 22
+    assert tuple(a.name for a in top.atoms) == alanine.ATOM_NAMES
+    assert tuple(a.element.symbol for a in top.atoms) == alanine.ELEMENTS
+    assert alanine.bonds().shape == (21, 2)
+
+
+def test_dihedral_indices_are_mdtraj_phi_psi(frames):
+    import mdtraj
+
+    traj = mdtraj.Trajectory(frames[:2].reshape(-1, 22, 3), alanine.topology())
+    assert tuple(mdtraj.compute_phi(traj)[0][0]) == alanine.PHI_ATOMS
+    assert tuple(mdtraj.compute_psi(traj)[0][0]) == alanine.PSI_ATOMS
+
+
+def test_dihedrals_equal_mdtraj(frames):
+    import mdtraj
+
+    rng = np.random.default_rng(0)
+    # stored frames plus random distortions, so every quadrant of (φ, ψ) is exercised
+    x = np.concatenate([frames, frames + 0.05 * rng.standard_normal(frames.shape)])
+    phi, psi = jax.jit(jax.vmap(alanine.dihedrals))(jnp.asarray(x, jnp.float32))
+    traj = mdtraj.Trajectory(x.reshape(-1, 22, 3).astype(np.float32), alanine.topology())
+    for ours, ref in ((phi, mdtraj.compute_phi(traj)[1][:, 0]), (psi, mdtraj.compute_psi(traj)[1][:, 0])):
+        diff = np.angle(np.exp(1j * (np.asarray(ours) - ref)))  # compare on the circle
+        assert np.abs(diff).max() < 1e-5
+    assert (np.asarray(phi) > 0).any() and (np.asarray(phi) < 0).any()
+
+
+def test_dihedrals_gradient_matches_finite_differences(frames, x64):
+    x = jnp.asarray(frames[3])
+    v = jnp.asarray(np.random.default_rng(1).standard_normal(66))
+    h = 1e-6
+    for k in range(2):
+        f = lambda y: alanine.dihedrals(y)[k]  # noqa: E731
+        fd = (f(x + h * v) - f(x - h * v)) / (2 * h)
+        assert jnp.dot(jax.grad(f)(x), v) == pytest.approx(float(fd), rel=1e-6, abs=1e-8)
+
+
+def test_dihedrals_reject_wrong_shape():
+    with pytest.raises(ValueError, match="66"):
+        alanine.dihedrals(jnp.zeros(63))
+
+
+def test_efm_encoding():
+    enc = alanine.efm_encoding()
+    assert enc.shape == (22,) and enc.dtype == np.int32
+    backbone = list(alanine.BACKBONE_ATOMS)
+    assert sorted(enc[backbone].tolist()) == [4, 5, 6, 7, 8]  # each backbone atom its own class
+    others = [i for i in range(22) if i not in backbone]
+    by_element = {"H": 0, "C": 1, "N": 2, "O": 3}
+    assert [enc[i] for i in others] == [by_element[alanine.ELEMENTS[i]] for i in others]
+
+
+def test_tbg_encoding():
+    enc = alanine.tbg_encoding()
+    assert enc.shape == (22,) and len(set(enc.tolist())) == 16
+    for methyl in ((0, 2, 3), (11, 12, 13), (19, 20, 21)):
+        assert len({enc[i] for i in methyl}) == 1
+    shared = {0, 2, 3, 11, 12, 13, 19, 20, 21}
+    singles = [enc[i] for i in range(22) if i not in shared]
+    assert len(set(singles)) == len(singles) == 13
+    # a methyl class is never shared with any other atom (e.g. its carbon)
+    assert enc[1] != enc[0] and enc[10] != enc[11] and enc[18] != enc[19]
+
+
+def test_encoding_choice_and_field_kwargs():
+    target = alanine.AlanineDipeptideClassical(encoding="efm")
+    kw = target.field_kwargs()
+    assert kw["n_particles"] == 22 and kw["spatial_dim"] == 3 and kw["dim"] == 66
+    np.testing.assert_array_equal(kw["atom_types"], alanine.efm_encoding())
+    assert target.default_base().dim == 66
+    with pytest.raises(ValueError, match="encoding"):
+        alanine.AlanineDipeptideClassical(encoding="nope")
+
+
+def test_units_by_hand():
+    assert kbt_kj_per_mol(300.0) == pytest.approx(KBT_300_KJ, rel=1e-9)
+    assert kbt_kj_per_mol(300.0) == pytest.approx(2.494, abs=5e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# Classical target (OpenMM)
+
+
+@pytest.fixture(scope="module")
+def classical():
+    pytest.importorskip("openmm")
+    return alanine.AlanineDipeptideClassical()
+
+
+def test_classical_energy_in_kbt_by_hand(classical, frames, x64):
+    import openmm
+    import openmm.app as app
+    import openmm.unit as unit
+
+    # An independent OpenMM system, built here, evaluated in kJ/mol and converted by hand.
+    pdb = app.PDBFile(str(alanine.PDB_PATH))
+    system = app.ForceField("amber99sbildn.xml", "amber99_obc.xml").createSystem(
+        pdb.topology, nonbondedMethod=app.NoCutoff, constraints=None
+    )
+    ctx = openmm.Context(system, openmm.VerletIntegrator(1.0), openmm.Platform.getPlatformByName("Reference"))
+    ctx.setPositions(frames[0].reshape(22, 3))
+    state = ctx.getState(getEnergy=True, getForces=True)
+    e_kj = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    f_kj = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
+    u, f = classical.energy_and_force(jnp.asarray(frames[0]))
+    assert float(u) == pytest.approx(e_kj / KBT_300_KJ, rel=1e-7)
+    np.testing.assert_allclose(np.asarray(f), f_kj.reshape(-1) / KBT_300_KJ, rtol=1e-7, atol=1e-7)
+
+
+def test_classical_grad_is_minus_force_batched(classical, frames):
+    x = jnp.asarray(frames[:8], jnp.float32)
+    u = jax.jit(jax.vmap(classical.energy))(x)
+    f = jax.jit(jax.vmap(classical.force))(x)
+    u_ref, f_ref = classical.energies_and_forces(np.asarray(x))
+    np.testing.assert_allclose(np.asarray(u), u_ref, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(f), f_ref, rtol=1e-4, atol=1e-2)
+    assert u.dtype == jnp.float32 and f.shape == (8, 66)
+
+
+def test_classical_forces_match_finite_differences(classical, frames, x64):
+    x = jnp.asarray(frames[5])
+    rng = np.random.default_rng(2)
+    f = classical.force(x)
+    h = 1e-5
+    for _ in range(3):
+        v = jnp.asarray(rng.standard_normal(66))
+        v = v / jnp.linalg.norm(v)
+        fd = (classical.energy(x + h * v) - classical.energy(x - h * v)) / (2 * h)
+        assert float(-jnp.dot(f, v)) == pytest.approx(float(fd), rel=1e-4, abs=1e-3)
+
+
+def test_classical_rigid_motion(classical, frames, x64):
+    rng = np.random.default_rng(3)
+    x = frames[7].reshape(22, 3)
+    rot, shift = random_rotation(rng), rng.standard_normal(3)
+    y = x @ rot.T + shift
+    u_x, f_x = classical.energy_and_force(jnp.asarray(x.reshape(-1)))
+    u_y, f_y = classical.energy_and_force(jnp.asarray(y.reshape(-1)))
+    assert float(u_y) == pytest.approx(float(u_x), rel=1e-9, abs=1e-8)
+    # forces rotate with the molecule and sum to zero
+    np.testing.assert_allclose(np.asarray(f_y).reshape(22, 3), np.asarray(f_x).reshape(22, 3) @ rot.T, atol=1e-6)
+    assert np.abs(np.asarray(f_x).reshape(22, 3).sum(0)).max() < 1e-6
+
+
+def test_classical_nan_gives_inf_not_crash(classical, frames):
+    x = np.array(frames[:3], np.float32)
+    x[1, 5] = np.nan
+    with pytest.warns(EngineFailureWarning, match="1 of 3"):
+        u = np.asarray(jax.vmap(classical.energy)(jnp.asarray(x)))
+    with pytest.warns(EngineFailureWarning):
+        f = np.asarray(jax.vmap(classical.force)(jnp.asarray(x)))
+    assert u[1] == np.inf and np.isfinite(u[[0, 2]]).all()
+    assert (f[1] == 0).all() and np.isfinite(f).all()
+
+
+def test_classical_wrong_atom_count_raises(classical):
+    with pytest.raises(ValueError, match="66"):
+        classical.energy(jnp.zeros((21, 3)))
+    with pytest.raises(ValueError, match="22 atoms"):
+        classical.engine.reduced(np.zeros((4, 21, 3)))
+
+
+def test_classical_asset_forces_are_recomputable(classical):
+    arrays = ad2_data.read_arrays(CLASSICAL, "val")
+    u, f = classical.energies_and_forces(arrays["positions"][:16])
+    np.testing.assert_allclose(u, arrays["energies"][:16], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(f, arrays["forces"][:16], rtol=1e-4, atol=2e-2)
+
+
+def test_classical_asset_layout():
+    meta = json.loads((CLASSICAL / "manifest.json").read_text())["ad2"]
+    ds = ad2_data.ad2_dataset(name="ad2_classical")
+    assert ds.has_forces and ds.train.positions.shape[1] == 66 and ds.train.positions.dtype == np.float32
+    for name in ("train", "val", "test"):
+        split = ds.split(name)
+        assert len(split) == meta["splits"][name]["n"]
+        centres = split.positions.reshape(len(split), 22, 3).mean(1)
+        assert np.abs(centres).max() < 1e-5  # stored centred
+    assert max(meta["max_abs_energy_difference_kj_mol"].values()) < 1e-2
+
+
+def test_classical_asset_reads_through_the_generic_loader():
+    from zoo.data import stored_dataset
+
+    ds = stored_dataset(alanine.AlanineDipeptideClassical(), path=str(CLASSICAL), n_test=10)
+    np.testing.assert_array_equal(ds.test.positions, ad2_data.read_arrays(CLASSICAL, "test")["positions"][:10])
+
+
+# ---------------------------------------------------------------------------------------
+# Semi-empirical target (GFN2-xTB)
+
+
+@pytest.fixture(scope="module")
+def xtb():
+    pytest.importorskip("tblite")
+    return alanine.AlanineDipeptideXTB(n_workers=0)
+
+
+def test_xtb_energy_in_kbt_by_hand(xtb, frames, x64):
+    from tblite.interface import Calculator
+
+    x = frames[0].reshape(22, 3)
+    calc = Calculator("GFN2-xTB", np.array(alanine.ATOMIC_NUMBERS), x / BOHR_NM)
+    calc.set("verbosity", 0)
+    res = calc.singlepoint()
+    hartree_kj = 2625.4996394799
+    e_ref = (res.get("energy") - alanine.XTB_ENERGY_OFFSET_HARTREE) * hartree_kj / KBT_300_KJ
+    f_ref = -res.get("gradient") * hartree_kj / 0.0529177210903 / KBT_300_KJ
+    assert HARTREE_KJ_PER_MOL == hartree_kj
+    u, f = xtb.energy_and_force(jnp.asarray(frames[0]))
+    assert float(u) == pytest.approx(e_ref, rel=1e-8)
+    np.testing.assert_allclose(np.asarray(f), f_ref.reshape(-1), rtol=1e-6, atol=1e-4)
+
+
+def test_xtb_forces_match_finite_differences(xtb, frames, x64):
+    x = jnp.asarray(frames[1])
+    f = xtb.force(x)
+    rng = np.random.default_rng(4)
+    h = 1e-4
+    for _ in range(2):
+        v = jnp.asarray(rng.standard_normal(66))
+        v = v / jnp.linalg.norm(v)
+        fd = (xtb.energy(x + h * v) - xtb.energy(x - h * v)) / (2 * h)
+        assert float(-jnp.dot(f, v)) == pytest.approx(float(fd), rel=2e-3, abs=0.05)
+
+
+def test_xtb_rigid_motion(xtb, frames, x64):
+    rng = np.random.default_rng(5)
+    x = frames[2].reshape(22, 3)
+    rot, shift = random_rotation(rng), rng.standard_normal(3)
+    u_x, f_x = xtb.energy_and_force(jnp.asarray(x.reshape(-1)))
+    u_y, f_y = xtb.energy_and_force(jnp.asarray((x @ rot.T + shift).reshape(-1)))
+    # SCF convergence, not the physics, sets this tolerance (1e-6 k_BT ≈ 1e-9 Hartree)
+    assert float(u_y) == pytest.approx(float(u_x), abs=1e-4)
+    np.testing.assert_allclose(np.asarray(f_y).reshape(22, 3), np.asarray(f_x).reshape(22, 3) @ rot.T, atol=1e-2)
+
+
+def test_xtb_failure_gives_inf(xtb, frames):
+    x = np.array(frames[:3])
+    x[0, 3:6] = x[0, 0:3]  # two atoms on top of each other: tblite refuses
+    x[2, 0] = np.nan
+    with pytest.warns(EngineFailureWarning, match="2 of 3"):
+        u, f = xtb.energies_and_forces(x)
+    assert u[0] == np.inf and u[2] == np.inf and np.isfinite(u[1])
+    assert (f[[0, 2]] == 0).all()
+
+
+def test_xtb_wrong_shape_raises(xtb):
+    with pytest.raises(ValueError):
+        xtb.energy(jnp.zeros(65))
+
+
+def test_xtb_worker_pool_matches_in_process(frames):
+    pytest.importorskip("tblite")
+    pooled = alanine.AlanineDipeptideXTB(n_workers=2)
+    here = alanine.AlanineDipeptideXTB(n_workers=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a broken pool falls back with a warning: fail on it
+        u_p, f_p = pooled.energies_and_forces(frames[:4])
+    u_h, f_h = here.energies_and_forces(frames[:4])
+    np.testing.assert_allclose(u_p, u_h, rtol=1e-10, atol=1e-6)
+    np.testing.assert_allclose(f_p, f_h, atol=1e-4)
+
+
+def test_xtb_asset_if_present():
+    if not (XTB / "manifest.json").exists():
+        pytest.skip("xTB small set not generated yet")
+    pytest.importorskip("tblite")
+    ds = ad2_data.ad2_dataset(name="ad2_xtb")
+    arrays = ad2_data.read_arrays(XTB, "val")
+    u, f = alanine.AlanineDipeptideXTB(n_workers=0).energies_and_forces(arrays["positions"][:3])
+    np.testing.assert_allclose(u, arrays["energies"][:3], atol=1e-3)
+    np.testing.assert_allclose(f, arrays["forces"][:3], rtol=1e-3, atol=0.05)
+    assert ds.has_forces
+
+
+# ---------------------------------------------------------------------------------------
+# Generators
+
+
+class _Harmonic:
+    """A stand-in engine: E = ½k‖x‖² kJ/mol per coordinate, for testing the integrator."""
+
+    temperature = 300.0
+    k = 2000.0  # kJ/(mol nm²)
+
+    def singlepoint(self, x, restart=None):
+        return 0.5 * self.k * np.sum(x**2), -self.k * x, None
+
+
+def test_baoab_keeps_the_boltzmann_distribution():
+    # Started in equilibrium, N(0, k_BT/k) per coordinate, BAOAB keeps the configurational
+    # distribution of a harmonic well exactly (for any stable step), so the variance after
+    # the run must still be k_BT/k.
+    engine = _Harmonic()
+    var = KBT_300_KJ / engine.k
+    rng = np.random.default_rng(6)
+    finals = []
+    for _ in range(300):
+        x0 = math.sqrt(var) * rng.standard_normal((22, 3))
+        x, _, _ = ad2_data.baoab_relax(engine, x0, rng, time_fs=50, timestep_fs=2.0, friction_per_ps=20.0)
+        finals.append(x)
+    assert np.var(np.array(finals)) == pytest.approx(var, rel=0.04)
+
+
+def test_generate_classical_short_run_resumes(tmp_path):
+    pytest.importorskip("openmm")
+    kw = dict(n_frames=4, chunk_frames=2, equilibration_ps=0.1, save_every_ps=0.01, log=None)
+    first = ad2_data.generate_classical(tmp_path, max_chunks=1, **kw)
+    assert first["chunks"] == 1 and first["frames"] == 2
+    second = ad2_data.generate_classical(tmp_path, **kw)  # continues, does not redo chunk 0
+    assert second["chunks"] == 2 and second["frames"] == 4
+    arrays = ad2_data.collect(tmp_path)
+    assert arrays["positions"].shape == (4, 22, 3)
+    u, f = alanine.AlanineDipeptideClassical().energies_and_forces(arrays["positions"])
+    np.testing.assert_allclose(u, arrays["energies"], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(f, arrays["forces"].reshape(4, -1), rtol=1e-3, atol=0.05)
+    with pytest.raises(ValueError, match="timestep_fs"):
+        ad2_data.generate_classical(tmp_path, **{**kw, "timestep_fs": 1.0})
+    # an interrupted and resumed run gives the frames of an uninterrupted one
+    ad2_data.generate_classical(tmp_path / "straight", **kw)
+    np.testing.assert_array_equal(ad2_data.collect(tmp_path / "straight")["positions"], arrays["positions"])
+    stats = ad2_data.classical_statistics(arrays)
+    assert stats["n"] == 4 and -150 < stats["mean_potential_kj_mol"] < 50
+
+
+def test_generate_xtb_short_run_resumes(tmp_path, frames):
+    pytest.importorskip("tblite")
+    kw = dict(n_states=2, chunk_states=1, time_fs=4.0, timestep_fs=1.0, n_workers=0, log=None)
+    assert ad2_data.generate_xtb(tmp_path, frames[:10], max_chunks=1, **kw)["chunks"] == 1
+    done = ad2_data.generate_xtb(tmp_path, frames[:10], **kw)
+    assert done["chunks"] == 2 and done["frames"] == 2 and done["failed"] == 0
+    arrays = ad2_data.collect(tmp_path)
+    u, f = alanine.AlanineDipeptideXTB(n_workers=0).energies_and_forces(arrays["positions"])
+    np.testing.assert_allclose(u, arrays["energies"], atol=1e-3)
+    np.testing.assert_allclose(f, arrays["forces"].reshape(2, -1), rtol=1e-3, atol=0.05)
+    with pytest.raises(ValueError, match="differ"):
+        ad2_data.generate_xtb(tmp_path, frames[:10], **{**kw, "time_fs": 8.0})
