@@ -7,6 +7,7 @@ used as given.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -48,6 +49,11 @@ def parse(gin_files=(), bindings=(), *, config_str: str | None = None) -> None:
     search = [str(p) for p in gin_search_path()]
     for folder in search:
         gin.add_config_file_search_path(folder)
+    # gin logs an ERROR each time an include is not found relative to the working
+    # directory before it tries the search path; that is noise for our users.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.CRITICAL)
     try:
         if config_str is not None:
             gin.parse_config(config_str)
@@ -57,6 +63,8 @@ def parse(gin_files=(), bindings=(), *, config_str: str | None = None) -> None:
         raise
     except (ValueError, KeyError, SyntaxError, TypeError, OSError) as e:
         raise ConfigError(f"invalid gin configuration: {e}") from e
+    finally:
+        root.setLevel(level)
 
 
 # ---------------------------------------------------------------------- model construction

@@ -98,8 +98,10 @@ def train(
     dataset = config.make_dataset(system)
     init_key = jax.random.fold_in(jax.random.PRNGKey(seed), 10**6)
     flow = config.make_flow(system, key=init_key)
-    operative = gin.operative_config_str()
-    (workdir / "operative_config.gin").write_text(operative)
+    # The checkpoint stores every parsed binding (not only the operative ones so far), so
+    # that evaluating a checkpoint later uses the same evaluation settings as this run.
+    full_config = gin.config_str()
+    (workdir / "operative_config.gin").write_text(gin.operative_config_str())
 
     def periodic_eval(model, step):
         from zoo.metrics import fm_loss_on
@@ -123,15 +125,15 @@ def train(
         eval_every=eval_every,
         evaluate=periodic_eval,
         checkpoint_every=checkpoint_every,
-        config=operative,
+        config=full_config,
         metadata={"system": type(system).__name__, "zoo_version": zoo.__version__},
         resume=resume,
         progress=progress,
     )
-    # The operative config is complete only now (every configurable has been called).
-    (workdir / "operative_config.gin").write_text(gin.operative_config_str())
     all_records = [json.loads(line) for line in (workdir / "log.jsonl").read_text().splitlines() if line]
     metrics = evaluation(flow, system, dataset, workdir, records=all_records)
+    # The operative config is complete only now (every configurable has been called).
+    (workdir / "operative_config.gin").write_text(gin.operative_config_str())
     return flow, metrics
 
 

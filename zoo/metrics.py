@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,21 +91,23 @@ def energies_chunked(system, x: np.ndarray, chunk_size: int = 4096) -> np.ndarra
     return np.concatenate(out).astype(np.float64)
 
 
-def fm_loss_on(flow, split_positions: np.ndarray, loss, key, batch_size: int = 256) -> float:
-    """Mean flow-matching loss over a data split (fixed key), for tracking PG's effect on FM."""
-    import equinox as eqx
-
+@eqx.filter_jit
+def _fm_loss_batch(flow, loss, x, key):
     from zoo.data import Batch
 
-    @eqx.filter_jit
-    def one(flow, x, k):
-        return loss(flow, Batch(x=x), k)[0]
+    return loss(flow, Batch(x=x), key)[0]
 
+
+def fm_loss_on(flow, split_positions: np.ndarray, loss, key, batch_size: int = 256) -> float:
+    """Mean flow-matching loss over a data split (fixed key), for tracking PG's effect on FM."""
     n = split_positions.shape[0]
     batch_size = min(batch_size, n)
-    values = []
-    for i, k in zip(range(0, n - batch_size + 1, batch_size), jax.random.split(key, max(n // batch_size, 1))):
-        values.append(float(one(flow, jnp.asarray(split_positions[i : i + batch_size]), k)))
+    n_batches = n // batch_size
+    keys = jax.random.split(key, n_batches)
+    values = [
+        float(_fm_loss_batch(flow, loss, jnp.asarray(split_positions[i * batch_size : (i + 1) * batch_size]), keys[i]))
+        for i in range(n_batches)
+    ]
     return float(np.mean(values))
 
 

@@ -79,7 +79,7 @@ def make_step(loss_fn, optimizer: optax.GradientTransformation, accumulation: in
         grads = jax.tree.map(lambda g: g / accumulation, grad_sum)
         loss = loss_sum / accumulation
         aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), aux)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = _global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
@@ -90,6 +90,9 @@ def make_step(loss_fn, optimizer: optax.GradientTransformation, accumulation: in
         return eqx.combine(new_params, static), new_opt_state, stats
 
     return step
+
+
+_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
 
 class JsonlLog:

@@ -1,0 +1,133 @@
+"""Training loop: exact resume, skipped non-finite steps, configs and tools end to end."""
+
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from zoo import config
+from zoo.data import exact_samples, make_split
+from zoo.fields import MLPField
+from zoo.flows import CNF, StandardNormal
+from zoo.losses import FlowMatching
+from zoo.systems import GaussianMixture2D
+from zoo.train import fit
+
+
+def _setup(seed=0):
+    system = GaussianMixture2D()
+    data = exact_samples(system, n_train=256, n_val=64, n_test=64, seed=seed)
+    flow = CNF(MLPField(2, width=16, depth=2, key=jax.random.PRNGKey(seed)), StandardNormal(2), n_steps=4)
+    return system, data, flow
+
+
+def _params(model):
+    return [np.asarray(a) for a in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))]
+
+
+def test_resume_continues_exactly(tmp_path):
+    _, data, flow = _setup()
+    kwargs = dict(batch_size=32, accumulation=2, clip_norm=1.0, seed=3, progress=False, log_every=1)
+    straight, _ = fit(flow, data, FlowMatching(), optax.adam(1e-2), workdir=tmp_path / "a", n_steps=10, **kwargs)
+    fit(flow, data, FlowMatching(), optax.adam(1e-2), workdir=tmp_path / "b", n_steps=5, **kwargs)
+    resumed, _ = fit(flow, data, FlowMatching(), optax.adam(1e-2), workdir=tmp_path / "b", n_steps=10, resume=True, **kwargs)
+    for a, b in zip(_params(straight), _params(resumed)):
+        np.testing.assert_array_equal(a, b)
+    records = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, 11)), "the resumed log continues the first without repeats or gaps"
+
+
+def test_resume_refuses_different_data(tmp_path):
+    _, data, flow = _setup()
+    fit(flow, data, FlowMatching(), optax.adam(1e-2), workdir=tmp_path, n_steps=2, batch_size=32, progress=False)
+    _, other, _ = _setup(seed=1)
+    with pytest.raises(ValueError, match="sha256"):
+        fit(flow, other, FlowMatching(), optax.adam(1e-2), workdir=tmp_path, n_steps=4, batch_size=32, progress=False, resume=True)
+
+
+class NaNOnStep(FlowMatching):
+    """FM loss that turns NaN whenever the batch holds sample 0 of the training set."""
+
+    poison: jax.Array = None
+
+    def __call__(self, model, batch, key):
+        loss, aux = super().__call__(model, batch, key)
+        hit = jnp.any(jnp.all(batch.x == self.poison, axis=-1))
+        return jnp.where(hit, jnp.nan, loss), aux
+
+
+def test_nonfinite_step_is_skipped(tmp_path, capsys):
+    _, data, flow = _setup()
+    loss = NaNOnStep(poison=jnp.asarray(data.train.positions[0]))
+    # With batch = whole training set every step is poisoned: parameters never change.
+    model, records = fit(flow, data, loss, optax.adam(1e-1), workdir=tmp_path, n_steps=3, batch_size=256, progress=False)
+    for a, b in zip(_params(flow), _params(model)):
+        np.testing.assert_array_equal(a, b)
+    assert all(not r["finite"] for r in records if "finite" in r)
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_forces_required_for_pg_like_losses(tmp_path):
+    _, data, flow = _setup()
+
+    class NeedsForces(FlowMatching):
+        needs_forces = True
+
+    no_forces = type(data)(make_split(data.train.positions), data.val, data.test)
+    with pytest.raises(ValueError, match="forces"):
+        fit(flow, no_forces, NeedsForces(), optax.adam(1e-2), workdir=tmp_path, n_steps=1, batch_size=32, progress=False)
+
+
+def test_nan_in_data_is_named():
+    system, data, _ = _setup()
+    bad = data.train.positions.copy()
+    bad[7, 1] = np.nan
+    broken = type(data)(make_split(bad, data.train.forces), data.val, data.test)
+    with pytest.raises(ValueError, match=r"train positions contain NaN or inf in 1 of 256 samples \(first at index 7\)"):
+        broken.validate(system.dim)
+    with pytest.raises(ValueError, match=r"shape"):
+        broken.validate(3)
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(config.ConfigError, match="not found"):
+        config.parse(["no_such_config.gin"])
+    with pytest.raises(config.ConfigError, match="No configurable matching reference '@NotALoss\\(\\)'"):
+        config.parse(["gmm_fm.gin"], ["train.loss = @NotALoss()"])
+    with pytest.raises(config.ConfigError, match="unknown_parameter"):
+        config.parse(["gmm_fm.gin"], ["train.unknown_parameter = 3"])
+    bad = tmp_path / "bad.gin"
+    bad.write_text("train.n_steps = = 3\n")
+    with pytest.raises(config.ConfigError):
+        config.parse([str(bad)])
+
+
+def test_train_then_evaluate_reproduces_metrics(tmp_path):
+    from zoo.cli import evaluate, train
+
+    bindings = [
+        "--gin_param=train.n_steps = 30",
+        "--gin_param=train.batch_size = 64",
+        "--gin_param=train.progress = False",
+        "--gin_param=exact_samples.n_train = 512",
+        "--gin_param=evaluation.n_samples = 256",
+        "--gin_param=evaluation.n_target = 256",
+        "--gin_param=evaluation.progress = False",
+        "--gin_param=CNF.n_steps = 6",
+    ]
+    train.main(["--gin=gmm_fm.gin", f"--workdir={tmp_path / 'run'}", *bindings])
+    run = tmp_path / "run"
+    for name in ("metrics.json", "log.jsonl", "operative_config.gin", "density.png", "loss_curve.png", "energy_histogram.png"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("nll", "ess_q", "ess_p", "kl", "path_length", "fm_loss", "n_samples_q", "n_samples_p"):
+        assert key in metrics
+    evaluate.main([str(run / "checkpoint"), f"--workdir={tmp_path / 'eval'}", "--gin_param=evaluation.progress = False"])
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for key in ("nll", "ess_q", "ess_p", "kl", "path_length"):
+        assert again[key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-6), key
