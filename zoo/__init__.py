@@ -8,9 +8,10 @@ __version__ = "0.1.0"
 
 from zoo import data, fields, flows, losses, metrics, optim, systems  # noqa: E402  (registration side effects)
 from zoo import ad2_data  # noqa: E402,F401  (registers the AD2 data sets)
+from zoo import generate, mcmc, storage  # noqa: E402,F401  (MCMC data sets; registers generate_data)
 from zoo.data import Batch, Dataset, Split  # noqa: E402
 from zoo.fields import AbstractVectorField, MLPField  # noqa: E402
 from zoo.flows import CNF, MeanFreeNormal, StandardNormal  # noqa: E402
 from zoo.losses import AbstractLoss, FlowMatching, OTFlowMatching  # noqa: E402
 from zoo.systems import AbstractTarget, GaussianMixture2D  # noqa: E402
-from zoo import experiment  # noqa: E402,F401  (the gin roots: train, evaluation, ...)
+from zoo import compare, experiment, finetune  # noqa: E402,F401  (the gin roots: train, evaluation, finetune, compare)

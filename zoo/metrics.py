@@ -16,6 +16,7 @@ to zero, which is the point of that estimator.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import equinox as eqx
@@ -78,9 +79,14 @@ def kl_exact(log_p, log_q) -> float:
     return float(diff.mean()) if np.all(np.isfinite(diff)) else float("inf")
 
 
+@functools.lru_cache(maxsize=16)
+def _batched_energy(system):
+    return jax.jit(jax.vmap(system.energy))
+
+
 def energies_chunked(system, x: np.ndarray, chunk_size: int = 4096) -> np.ndarray:
     """u(x) for many flat samples, jit-compiled in chunks; non-finite energies stay non-finite."""
-    energy = jax.jit(jax.vmap(system.energy))
+    energy = _batched_energy(system)
     out = []
     for i in range(0, x.shape[0], chunk_size):
         part = x[i : i + chunk_size]

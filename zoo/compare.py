@@ -1,0 +1,182 @@
+"""Comparing training recipes at one wall-clock budget over several seeds (``tools/compare``).
+
+A recipe is a sequence of stages (loss, learning rate, share of the budget), e.g. the
+path-gradient paper's three: FM only, PG only, and the hybrid FM → PG. Every recipe gets
+the same training-time budget (compilation and periodic evaluation excluded) and the
+same seeds; the output is one table (markdown + JSON, mean ± standard deviation over
+seeds) and overlaid curves of the tracked metrics against training time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import gin
+import jax
+import numpy as np
+import optax
+
+from zoo import config, plots
+from zoo.metrics import evaluate_flow, fm_loss_on
+from zoo.registry import register
+from zoo.train import fit
+
+
+@register("recipe")
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of a recipe: ``loss`` at ``learning_rate`` (Adam) for ``fraction`` of the budget."""
+
+    loss: object
+    learning_rate: float
+    fraction: float = 1.0
+    batch_size: int | None = None
+
+
+@register("recipe")
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A named sequence of stages; the fractions must sum to 1."""
+
+    name: str
+    stages: tuple
+
+    def __post_init__(self):
+        total = sum(s.fraction for s in self.stages)
+        if not self.stages or not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"recipe {self.name!r}: stage fractions must sum to 1, got {total}")
+
+
+def _tracked(flow, system, dataset, n: int, key) -> dict:
+    """Cheap metrics tracked during training: KL (or NLL), ESS-p on n target samples, and the FM loss."""
+    from zoo.flows.cnf import log_prob_chunked
+    from zoo.losses.fm import FlowMatching
+    from zoo.metrics import energies_chunked, ess_p, kl_exact, nll
+
+    x = dataset.val.positions[:n]
+    log_q = log_prob_chunked(flow, x, key=key, chunk_size=n)["log_q"]
+    u = energies_chunked(system, x, chunk_size=n)
+    out = {"nll": nll(log_q), "ess_p": ess_p(-u - log_q)}
+    if system.log_z is not None:
+        out["kl"] = kl_exact(-u - system.log_z, log_q)
+    out["fm_loss"] = fm_loss_on(flow, dataset.val.positions, FlowMatching(), jax.random.PRNGKey(0))
+    return out
+
+
+@gin.configurable
+def compare(
+    workdir: Path,
+    *,
+    recipes=gin.REQUIRED,
+    seeds=(0, 1, 2),
+    time_budget_s: float = 30.0,
+    batch_size: int = 256,
+    eval_every: int = 25,
+    n_track: int = 512,
+    n_eval_samples: int = 2048,
+    progress: bool = False,
+) -> dict:
+    """Train every recipe from scratch for every seed under the same budget; write table and curves."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    system = config.make_system()
+    dataset = config.make_dataset(system)
+    (workdir / "operative_config.gin").write_text(gin.config_str())
+    results: dict[str, list[dict]] = {r.name: [] for r in recipes}
+    curves: dict[str, list[list[dict]]] = {r.name: [] for r in recipes}
+    # One optimiser object per stage, reused across seeds, so jit caches are reused too.
+    optimizers = {(r.name, i): optax.adam(s.learning_rate) for r in recipes for i, s in enumerate(r.stages)}
+    for recipe in recipes:
+        for seed in seeds:
+            flow = config.make_flow(system, key=jax.random.fold_in(jax.random.PRNGKey(seed), 10**6))
+            offset_s, offset_step, curve = 0.0, 0, []
+            track_key = jax.random.PRNGKey(10_000 + seed)
+
+            def evaluate(model, step):
+                return _tracked(model, system, dataset, n_track, track_key)
+
+            curve.append({"time_s": 0.0, "step": 0, **evaluate(flow, 0)})
+            for i, stage in enumerate(recipe.stages):
+                run_dir = workdir / "runs" / f"{_slug(recipe.name)}_seed{seed}_stage{i}"
+                flow, records = fit(
+                    flow,
+                    dataset,
+                    stage.loss,
+                    optimizers[(recipe.name, i)],
+                    workdir=run_dir,
+                    time_budget_s=stage.fraction * time_budget_s,
+                    batch_size=stage.batch_size or batch_size,
+                    seed=seed,
+                    eval_every=eval_every,
+                    evaluate=evaluate,
+                    log_every=eval_every,
+                    progress=progress,
+                )
+                for r in records:
+                    if "eval" in r:
+                        curve.append({"time_s": offset_s + r["time_s"], "step": offset_step + r["step"], "stage": i, **r["eval"]})
+                last = [r for r in records if "loss" in r][-1]
+                offset_s += last["time_s"]
+                offset_step += last["step"]
+                curve.append({"time_s": offset_s, "step": offset_step, "stage": i, **evaluate(flow, offset_step)})
+            metrics, arrays = evaluate_flow(flow, system, dataset, key=jax.random.PRNGKey(1234 + seed), n_samples=n_eval_samples, n_target=n_eval_samples)
+            metrics.update({"seed": seed, "train_time_s": offset_s, "steps": offset_step})
+            results[recipe.name].append(metrics)
+            curves[recipe.name].append(curve)
+            print(f"{recipe.name} seed {seed}: " + ", ".join(f"{k}={metrics[k]:.4g}" for k in ("kl", "nll", "ess_q", "ess_p") if k in metrics) + f" ({offset_step} steps)")
+            if seed == seeds[0] and system.dim == 2:
+                plots.density_2d(flow, system, workdir / f"density_{_slug(recipe.name)}.png", samples=arrays["x_model"][:2000])
+    table = summarise(results, time_budget_s=time_budget_s, seeds=seeds)
+    (workdir / "table.md").write_text(table)
+    (workdir / "results.json").write_text(json.dumps({"budget_s": time_budget_s, "seeds": list(seeds), "results": results, "curves": curves}, indent=1))
+    _curve_plots(curves, workdir)
+    print(table)
+    return results
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def summarise(results: dict[str, list[dict]], *, time_budget_s: float, seeds) -> str:
+    keys = [k for k in ("kl", "nll", "ess_q", "ess_p", "path_length", "fm_loss", "steps") if any(k in m for ms in results.values() for m in ms)]
+    lines = [
+        f"Budget {time_budget_s:g} s of training per run (compilation and evaluation excluded), seeds {list(seeds)}; mean ± std over seeds.",
+        "",
+        "| recipe | " + " | ".join(keys) + " |",
+        "|---|" + "---|" * len(keys),
+    ]
+    for name, ms in results.items():
+        cells = []
+        for k in keys:
+            v = np.array([m[k] for m in ms], dtype=float)
+            cells.append(f"{v.mean():.4g} ± {v.std(ddof=1) if len(v) > 1 else 0:.2g}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    n_q = next(iter(results.values()))[0]["n_samples_q"]
+    lines += ["", f"ESS-q from {n_q} model samples, ESS-p/NLL/KL from {next(iter(results.values()))[0]['n_samples_p']} test samples per run."]
+    return "\n".join(lines) + "\n"
+
+
+def _curve_plots(curves, workdir: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    for key, fname, ylabel in (("kl", "kl_vs_time.png", "KL(p‖q)"), ("nll", "nll_vs_time.png", "NLL"), ("fm_loss", "fm_loss_vs_time.png", "FM loss (held out)"), ("ess_p", "ess_p_vs_time.png", "ESS-p")):
+        if not any(key in pt for runs in curves.values() for run in runs for pt in run):
+            continue
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for color, (name, runs) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], curves.items()):
+            for j, run in enumerate(runs):
+                t = [pt["time_s"] for pt in run if key in pt]
+                v = [pt[key] for pt in run if key in pt]
+                ax.plot(t, v, color=color, alpha=0.8 if j == 0 else 0.35, lw=1.5 if j == 0 else 1, label=name if j == 0 else None)
+        ax.set_xlabel("training time (s)")
+        ax.set_ylabel(ylabel)
+        if key in ("kl",):
+            ax.set_yscale("log")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(workdir / fname, dpi=110)
+        plt.close(fig)
