@@ -9,7 +9,6 @@ resumed from its checkpoint at step N therefore continues exactly as an uninterr
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import time
@@ -25,6 +24,7 @@ import optax
 
 import zoo
 from zoo import checkpoint as ckpt
+from zoo import parallel
 from zoo.data import Batch, Dataset
 from zoo.optim import with_clipping
 
@@ -54,13 +54,30 @@ class BatchSampler:
         return self._perm[within * self.batch_size : (within + 1) * self.batch_size]
 
 
-@functools.lru_cache(maxsize=32)
+_STEP_CACHE: dict = {}
+
+
 def make_step(loss_fn, optimizer: optax.GradientTransformation, accumulation: int):
+    """The compiled update for (loss, optimiser, accumulation), reused when all three are hashable.
+
+    Reuse matters when one process trains many runs (``tools/compare``): a new step
+    function would compile again for every run.
+    """
+    key = (loss_fn, optimizer, accumulation)
+    try:
+        hash(key)
+    except TypeError:  # e.g. a loss holding arrays
+        return _build_step(loss_fn, optimizer, accumulation)
+    if key not in _STEP_CACHE:
+        _STEP_CACHE[key] = _build_step(loss_fn, optimizer, accumulation)
+    return _STEP_CACHE[key]
+
+
+def _build_step(loss_fn, optimizer: optax.GradientTransformation, accumulation: int):
     """A jit-compiled update over ``accumulation`` micro-batches (leading axis of the batch).
 
     Gradients and aux values are averaged over micro-batches; a step whose loss or
-    gradient is non-finite leaves parameters and optimiser state untouched. Cached, so
-    repeated runs with the same loss and optimiser objects reuse the compiled step.
+    gradient is non-finite leaves parameters and optimiser state untouched.
     """
 
     @eqx.filter_jit
@@ -141,12 +158,15 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     checkpoint_dir: Path | None = None,
+    n_devices: int | None = None,
 ) -> tuple[eqx.Module, list[dict]]:
     """Train ``model`` on ``dataset.train`` with ``loss_fn``; returns the model and the log records.
 
     Stops after ``n_steps`` optimiser steps or ``time_budget_s`` seconds of training
     (whichever comes first; at least one must be given). Each optimiser step consumes
-    ``accumulation`` micro-batches of ``batch_size`` samples.
+    ``accumulation`` micro-batches of ``batch_size`` samples. Each micro-batch is split
+    over ``n_devices`` local devices (default: all) with parameters replicated, see
+    :mod:`zoo.parallel`.
     """
     from tqdm.auto import tqdm
 
@@ -175,6 +195,9 @@ def fit(
             )
         state = TrainState(step=restored.step, model=restored.model, opt_state=restored.opt_state, key=restored.key)
         print(f"resuming from step {state.step} ({checkpoint_dir})")
+
+    mesh = parallel.data_mesh(n_devices)
+    state = dataclasses.replace(state, model=parallel.replicate(state.model, mesh), opt_state=parallel.replicate(state.opt_state, mesh))
 
     log = JsonlLog(workdir / "log.jsonl", truncate_after_step=state.step if resume else None)
     if not resume:
@@ -206,8 +229,8 @@ def fit(
             if time_budget_s is not None and start is not None and train_clock() >= time_budget_s:
                 break
             idx = sampler.indices(state.step)
-            batch = dataset.train.batch(idx)
-            batch = jax.tree.map(lambda a: jnp.asarray(a).reshape(accumulation, batch_size, *a.shape[1:]), batch)
+            batch = jax.tree.map(lambda a: a.reshape(accumulation, batch_size, *a.shape[1:]), dataset.train.batch(idx))
+            batch = parallel.shard_batch(batch, mesh, axis=1)
             step_key = jax.random.fold_in(state.key, state.step)
             t0 = time.perf_counter()
             model, opt_state, stats = step_fn(state.model, state.opt_state, batch, step_key)

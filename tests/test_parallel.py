@@ -1,0 +1,53 @@
+"""Data-parallel training on 4 (virtual CPU) devices equals 1-device training."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys, tempfile
+    import jax, numpy as np, optax, equinox as eqx
+    assert len(jax.devices()) == 4, jax.devices()
+    from zoo.data import exact_samples
+    from zoo.fields import MLPField
+    from zoo.flows import CNF, StandardNormal
+    from zoo.losses import FlowMatching, OTFlowMatching
+    from zoo.systems import GaussianMixture2D
+    from zoo.train import fit
+
+    from zoo import parallel
+    probe = parallel.shard_batch(np.zeros((2, 64, 2)), parallel.data_mesh(4), axis=1)
+    assert len(probe.addressable_shards) == 4 and probe.addressable_shards[0].data.shape == (2, 16, 2)
+    data = exact_samples(GaussianMixture2D(), n_train=512, n_val=64, n_test=64)
+    flow = CNF(MLPField(2, width=32, depth=2, key=jax.random.PRNGKey(0)), StandardNormal(2), n_steps=4)
+    out = {}
+    for loss in (FlowMatching(), OTFlowMatching()):
+        results = []
+        for n_devices in (1, 4):
+            with tempfile.TemporaryDirectory() as d:
+                model, records = fit(flow, data, loss, optax.adam(1e-2), workdir=d, n_steps=6, batch_size=64,
+                                     accumulation=2, seed=1, progress=False, log_every=1, n_devices=n_devices)
+            leaves = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+            shardings = {str(l.sharding.spec) for l in leaves}
+            results.append(([np.asarray(l).tolist() for l in leaves], [r["loss"] for r in records if "loss" in r], sorted(shardings)))
+        out[type(loss).__name__] = results
+    print(json.dumps(out))
+    """
+)
+
+
+def test_four_devices_match_one():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    import numpy as np
+
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, ((params1, losses1, _), (params4, losses4, _)) in out.items():
+        np.testing.assert_allclose(losses4, losses1, rtol=1e-5, err_msg=name)
+        for a, b in zip(params1, params4):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6, err_msg=name)
