@@ -47,16 +47,19 @@ class FlowMatching(AbstractLoss):
         if not (0.0 <= self.sigma_min < 1.0) or self.sigma < 0:
             raise ValueError(f"need 0 <= sigma_min < 1 and sigma >= 0, got {self.sigma_min}, {self.sigma}")
 
-    def pair(self, x0: Array, x1: Array, key: PRNGKeyArray) -> tuple[Array, Array]:
-        """Reorder the noise x0 to pair it with the data x1 (identity: independent coupling)."""
-        del key
+    def pair(self, x0: Array, x1: Array, key: PRNGKeyArray, *, base=None) -> tuple[Array, Array]:
+        """Reorder (or align) the noise x0 to pair it with the data x1 (identity: independent coupling).
+
+        ``base`` is the flow's base distribution, for couplings that need the particle shape.
+        """
+        del key, base
         return x0, x1
 
     def __call__(self, model, batch: Batch, key: PRNGKeyArray):
         x1 = batch.x
         noise_key, pair_key, fm_key = jax.random.split(key, 3)
         x0 = model.base.sample(noise_key, x1.shape[0]).astype(x1.dtype)
-        x0, x1 = self.pair(x0, x1, pair_key)
+        x0, x1 = self.pair(x0, x1, pair_key, base=model.base)
         loss = fm_regression(model, x0, x1, fm_key, sigma_min=self.sigma_min, sigma=self.sigma)
         return loss, {"fm_loss": loss}
 
@@ -65,7 +68,7 @@ class FlowMatching(AbstractLoss):
 class OTFlowMatching(FlowMatching):
     """OT flow matching (Tong et al. 2023): exact assignment of noise to data per batch, squared Euclidean cost."""
 
-    def pair(self, x0: Array, x1: Array, key: PRNGKeyArray) -> tuple[Array, Array]:
-        del key
+    def pair(self, x0: Array, x1: Array, key: PRNGKeyArray, *, base=None) -> tuple[Array, Array]:
+        del key, base
         perm = exact_assignment(jax.lax.stop_gradient(squared_distances(x0, x1)))
         return x0[perm], x1
