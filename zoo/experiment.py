@@ -90,6 +90,7 @@ def train(
     eval_every: int = 0,
     resume: bool = False,
     progress: bool = True,
+    n_devices: int | None = None,
 ):
     """Build system, data and flow from gin, train with ``loss``, evaluate, write everything to ``workdir``."""
     workdir = Path(workdir)
@@ -129,6 +130,7 @@ def train(
         metadata={"system": type(system).__name__, "zoo_version": zoo.__version__},
         resume=resume,
         progress=progress,
+        n_devices=n_devices,
     )
     all_records = [json.loads(line) for line in (workdir / "log.jsonl").read_text().splitlines() if line]
     metrics = evaluation(flow, system, dataset, workdir, records=all_records)
@@ -140,9 +142,14 @@ def train(
 def load_flow(path, *, extra_gin_files=(), extra_bindings=()):
     """Rebuild (system, dataset, flow, info) from a checkpoint folder and its stored gin config.
 
-    ``extra_*`` are parsed after the stored config, so evaluation settings can be changed
-    (e.g. ``evaluation.n_samples = 100000``); they must not change the model's structure.
+    ``path`` is a checkpoint folder or a pretrained model's registry name (downloaded and
+    verified by :func:`zoo.pretrained.resolve_checkpoint`). ``extra_*`` are parsed after
+    the stored config, so evaluation settings can be changed (e.g.
+    ``evaluation.n_samples = 100000``); they must not change the model's structure.
     """
+    from zoo.pretrained import resolve_checkpoint
+
+    path = resolve_checkpoint(path)
     info = ckpt.read_checkpoint_info(path)
     config.parse(extra_gin_files, extra_bindings, config_str=info.config)
     system = config.make_system()

@@ -60,6 +60,7 @@ def finetune(
     checkpoint_every: int = 50,
     resume: bool = False,
     progress: bool = True,
+    n_devices: int | None = None,
 ):
     """Fine-tune the flow of ``pretrained`` with ``loss``; evaluate before and after.
 
@@ -106,6 +107,7 @@ def finetune(
         metadata={"system": type(system).__name__, "zoo_version": zoo.__version__, "pretrained": str(path)},
         resume=resume,
         progress=progress,
+        n_devices=n_devices,
     )
     all_records = [json.loads(line) for line in (workdir / "log.jsonl").read_text().splitlines() if line]
     after = evaluation(flow, system, dataset, workdir, records=all_records)

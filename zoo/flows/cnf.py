@@ -205,9 +205,16 @@ class CNF(eqx.Module):
         return x, log_q
 
     def sample_log_prob_and_path_length(self, key: PRNGKeyArray, n: int) -> tuple[Array, Array, Array]:
+        return self.push_forward(*self.draw_base(key, n))
+
+    def draw_base(self, key: PRNGKeyArray, n: int) -> tuple[Array, Array | None]:
+        """Base samples z (n, dim) and, for Hutchinson, their trajectories' noise."""
         z_key, noise_key = jax.random.split(key)
         z = self.base.sample(z_key, n)
-        eps = self.hutchinson_noise(noise_key, n, z.dtype) if self.needs_key else None
+        return z, self.hutchinson_noise(noise_key, n, z.dtype) if self.needs_key else None
+
+    def push_forward(self, z: Array, eps: Array | None = None) -> tuple[Array, Array, Array]:
+        """x = T_θ(z), log q_θ(x) and path lengths for a batch of base samples z (n, dim)."""
 
         def one(zi, ei):
             sol = self.integrate(zi, 0.0, 1.0, eps=ei)
@@ -225,8 +232,23 @@ def _check_batch(x: Array, dim: int) -> Array:
 
 # ---------------------------------------------------------------------- chunked evaluation
 @eqx.filter_jit
-def _sample_chunk(flow: CNF, key: PRNGKeyArray, n: int):
-    return flow.sample_log_prob_and_path_length(key, n)
+def _draw_chunk(flow: CNF, key: PRNGKeyArray, n: int):
+    return flow.draw_base(key, n)
+
+
+@eqx.filter_jit
+def _push_chunk(flow: CNF, z: Array, eps: Array | None):
+    return flow.push_forward(z, eps)
+
+
+def _spread(tree, n: int):
+    """Split a chunk over all local devices when it divides evenly (data-parallel evaluation)."""
+    from zoo import parallel
+
+    mesh = parallel.data_mesh()
+    if mesh.devices.size == 1 or n % mesh.devices.size:
+        return tree
+    return parallel.shard_batch(jax.device_get(tree), mesh)
 
 
 @eqx.filter_jit
@@ -256,7 +278,8 @@ def sample_and_log_prob_chunked(
     out = {"x": [], "log_q": [], "path_length": []}
     with _progress(n, "sampling", progress) as bar:
         for k in keys:
-            x, log_q, length = _sample_chunk(flow, k, chunk)
+            z, eps = _spread(_draw_chunk(flow, k, chunk), chunk)
+            x, log_q, length = _push_chunk(flow, z, eps)
             out["x"].append(np.asarray(x))
             out["log_q"].append(np.asarray(log_q))
             out["path_length"].append(np.asarray(length))
@@ -293,7 +316,7 @@ def log_prob_chunked(
             valid = part.shape[0]
             if valid < chunk:
                 part = np.concatenate([part, np.repeat(part[:1], chunk - valid, axis=0)])
-            lq, pl = _log_prob_chunk(flow, jnp.asarray(part), k)
+            lq, pl = _log_prob_chunk(flow, _spread(part, chunk), k)
             log_q.append(np.asarray(lq)[:valid])
             lengths.append(np.asarray(pl)[:valid])
             bar.update(valid)
