@@ -53,24 +53,26 @@ def evaluation(
         fm_loss=fm_loss,
         progress=progress,
     )
+    metrics.update(write_views(flow, system, arrays, workdir, prefix=prefix))
     write_json(workdir / f"{prefix}metrics.json", metrics)
     print(f"{prefix or ''}metrics: {format_metrics(metrics)}")
-    write_views(flow, system, arrays, workdir, prefix=prefix)
     if records:
         plots.loss_curves([r for r in records if "loss" in r], workdir / f"{prefix}loss_curve.png")
     return metrics
 
 
-def write_views(flow, system, arrays: dict, workdir: Path, *, prefix: str = "") -> None:
-    """The plots for a system: 2-D densities, energy histograms, and whatever the system adds."""
+def write_views(flow, system, arrays: dict, workdir: Path, *, prefix: str = "") -> dict:
+    """The plots for a system: 2-D densities, energy histograms, and whatever the system adds.
+
+    Returns the numbers a system's own views measure (e.g. free-energy differences).
+    """
     if system.dim == 2:
         plots.density_2d(flow, system, workdir / f"{prefix}density.png", samples=arrays["x_model"][:2000])
     plots.energy_histogram(
         arrays["u_target"], arrays["u_model"], arrays["log_w_model"], workdir / f"{prefix}energy_histogram.png", title=type(system).__name__
     )
     extra = getattr(system, "write_views", None)
-    if extra is not None:
-        extra(arrays, workdir, prefix=prefix)
+    return extra(arrays, workdir, prefix=prefix) if extra is not None else {}
 
 
 @gin.configurable

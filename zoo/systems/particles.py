@@ -46,6 +46,12 @@ class AbstractParticleSystem(AbstractTarget):
     def field_kwargs(self) -> dict:
         return {"dim": self.dim, "n_particles": self.n_particles, "spatial_dim": self.spatial_dim}
 
+    def write_views(self, arrays: dict, workdir, *, prefix: str = "") -> dict:
+        """Inter-particle distance histogram of data, model and reweighted model samples."""
+        from zoo.views import pair_distance_histogram
+
+        return pair_distance_histogram(arrays, workdir, prefix=prefix, n_particles=self.n_particles, spatial_dim=self.spatial_dim)
+
 
 @register("system")
 class LennardJones(AbstractParticleSystem):

@@ -1,0 +1,140 @@
+"""Views of molecular samples: Ramachandran maps, bond lengths, the φ free-energy difference.
+
+Each view compares the data, the model's samples, and the model's samples reweighted to
+the target with w ∝ exp(−u − log q) (self-normalised).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import jax  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+
+
+def normalised_weights(log_w: np.ndarray) -> np.ndarray:
+    """Self-normalised importance weights; non-finite log weights get weight zero."""
+    log_w = np.where(np.isfinite(log_w), log_w, -np.inf)
+    if not np.isfinite(log_w).any():
+        return np.zeros_like(log_w)
+    w = np.exp(log_w - log_w.max())
+    return w / w.sum()
+
+
+def free_energy_difference(phi: np.ndarray, weights: np.ndarray | None = None) -> float:
+    r"""ΔF = F(φ > 0) − F(φ < 0) = −log(P(φ > 0) / P(φ < 0)) in k_BT (inf when φ > 0 is never seen)."""
+    w = np.ones_like(phi) if weights is None else weights
+    pos, neg = w[phi > 0].sum(), w[phi <= 0].sum()
+    if pos == 0 or neg == 0:
+        return math.inf if pos == 0 else -math.inf
+    return float(-math.log(pos / neg))
+
+
+def bond_lengths(x: np.ndarray, pairs: np.ndarray, n_atoms: int) -> np.ndarray:
+    """Lengths (n, n_pairs) of the given atom pairs for flat samples (n, n_atoms·3)."""
+    p = x.reshape(x.shape[0], n_atoms, 3)
+    return np.linalg.norm(p[:, pairs[:, 0]] - p[:, pairs[:, 1]], axis=-1)
+
+
+def ramachandran(phi_psi: dict, path: Path, *, weights: np.ndarray | None = None) -> Path:
+    """(φ, ψ) histograms side by side: data, model, model reweighted."""
+    panels = [("data", phi_psi["data"], None), ("model", phi_psi["model"], None)]
+    if weights is not None:
+        panels.append(("model, reweighted", phi_psi["model"], weights))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4.0))
+    bins = np.linspace(-np.pi, np.pi, 61)
+    for ax, (title, (phi, psi), w) in zip(axes, panels):
+        h, _, _ = np.histogram2d(phi, psi, bins=bins, weights=w, density=True)
+        ax.imshow(h.T, origin="lower", extent=(-np.pi, np.pi, -np.pi, np.pi), norm=LogNorm(vmin=1e-3, vmax=max(h.max(), 1e-2)), cmap="viridis")
+        ax.set_title(f"{title} (n={len(phi)})")
+        ax.set_xlabel("φ")
+        ax.set_ylabel("ψ")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def bond_histograms(data: np.ndarray, model: np.ndarray, weights: np.ndarray, names: list[str], path: Path) -> Path:
+    n = len(names)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    for k, ax in enumerate(axes.ravel()):
+        if k >= n:
+            ax.axis("off")
+            continue
+        lo, hi = np.percentile(data[:, k], [0.5, 99.5])
+        span = hi - lo
+        bins = np.linspace(lo - 0.5 * span, hi + 0.5 * span, 60)
+        ax.hist(data[:, k], bins=bins, density=True, alpha=0.5, label="data")
+        ax.hist(model[:, k], bins=bins, density=True, histtype="step", lw=1.5, label="model")
+        ax.hist(model[:, k], bins=bins, weights=weights, density=True, histtype="step", lw=1.5, label="reweighted")
+        ax.set_title(names[k])
+        ax.set_xlabel("length (nm)")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def molecule_views(arrays: dict, workdir: Path, *, prefix: str, dihedrals, bonds: np.ndarray, elements, n_atoms: int) -> dict:
+    """Write the Ramachandran and bond-length views; return the φ free-energy differences.
+
+    ``dihedrals`` maps one flat configuration to (φ, ψ); ``bonds`` is an (n_bonds, 2) array.
+    """
+    workdir = Path(workdir)
+    batched = jax.jit(jax.vmap(dihedrals))
+    x_data, x_model = arrays["x_target"], arrays["x_model"]
+    finite = np.all(np.isfinite(x_model), axis=1)
+    x_model = x_model[finite]
+    weights = normalised_weights(arrays["log_w_model"][finite])
+    phi_psi = {"data": tuple(np.asarray(a) for a in batched(x_data)), "model": tuple(np.asarray(a) for a in batched(x_model))}
+    ramachandran(phi_psi, workdir / f"{prefix}ramachandran.png", weights=weights)
+
+    cn = [(i, j) for i, j in bonds if {elements[i], elements[j]} == {"C", "N"}]
+    others = [(i, j) for i, j in bonds if {elements[i], elements[j]} in ({"C", "O"}, {"C"})][:3]
+    pairs = np.array(cn + others)
+    names = [f"{elements[i]}{i}–{elements[j]}{j}" for i, j in pairs]
+    bond_histograms(bond_lengths(x_data, pairs, n_atoms), bond_lengths(x_model, pairs, n_atoms), weights, names, workdir / f"{prefix}bond_lengths.png")
+
+    return {
+        "delta_f_phi_data": free_energy_difference(phi_psi["data"][0]),
+        "delta_f_phi_model": free_energy_difference(phi_psi["model"][0]),
+        "delta_f_phi_reweighted": free_energy_difference(phi_psi["model"][0], weights),
+        "phi_positive_fraction_data": float(np.mean(phi_psi["data"][0] > 0)),
+    }
+
+
+def pair_distance_histogram(arrays: dict, workdir: Path, *, prefix: str, n_particles: int, spatial_dim: int) -> dict:
+    """Histogram of all inter-particle distances: data, model, model reweighted."""
+    def distances(x):
+        p = x.reshape(x.shape[0], n_particles, spatial_dim)
+        i, j = np.triu_indices(n_particles, k=1)
+        return np.linalg.norm(p[:, i] - p[:, j], axis=-1)
+
+    x_model = arrays["x_model"]
+    finite = np.all(np.isfinite(x_model), axis=1)
+    d_data, d_model = distances(arrays["x_target"]), distances(x_model[finite])
+    w = normalised_weights(arrays["log_w_model"][finite])
+    w_pairs = np.repeat(w, d_model.shape[1])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.linspace(0, np.percentile(d_data, 99.9) * 1.1, 100)
+    ax.hist(d_data.ravel(), bins=bins, density=True, alpha=0.5, label="data")
+    ax.hist(d_model.ravel(), bins=bins, density=True, histtype="step", lw=1.5, label="model")
+    if w.sum() > 0:
+        ax.hist(d_model.ravel(), bins=bins, weights=w_pairs, density=True, histtype="step", lw=1.5, label="model, reweighted")
+    ax.set_xlabel("inter-particle distance")
+    ax.set_ylabel("density")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(Path(workdir) / f"{prefix}pair_distances.png", dpi=110)
+    plt.close(fig)
+    return {"min_pair_distance_data": float(d_data.min(axis=1).mean()), "min_pair_distance_model": float(d_model.min(axis=1).mean()) if len(d_model) else math.nan}
