@@ -6,6 +6,7 @@ from :mod:`zoo.config` (``make_system``, ``make_dataset``, ``make_flow``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -36,10 +37,20 @@ def evaluation(
     prefix: str = "",
     progress: bool = True,
     records: list[dict] | None = None,
+    divergence: str | None = None,
+    solver: str | None = None,
+    n_solver_steps: int | None = None,
 ) -> dict:
-    """Compute the metrics of ``flow`` and write ``{prefix}metrics.json`` and the plots in ``workdir``."""
+    """Compute the metrics of ``flow`` and write ``{prefix}metrics.json`` and the plots in ``workdir``.
+
+    ``divergence``/``solver``/``n_solver_steps`` override the flow's settings for the
+    evaluation only (e.g. fine-tune with Hutchinson, evaluate with the exact divergence).
+    """
     from zoo.cli.common import format_metrics, write_json
 
+    overrides = {k: v for k, v in (("divergence", divergence), ("solver", solver), ("n_steps", n_solver_steps)) if v is not None}
+    if overrides:
+        flow = dataclasses.replace(flow, **overrides)
     workdir = Path(workdir)
     metrics, arrays = evaluate_flow(
         flow,
