@@ -109,3 +109,57 @@ def exact_samples(system, *, n_train: int = 2000, n_val: int = 2048, n_test: int
         x = system.sample(key, n)
         splits.append(make_split(np.asarray(x), np.asarray(force(x)), dim=system.dim))
     return Dataset(*splits, description=f"{type(system).__name__} exact samples, seed {seed}")
+
+
+# ---------------------------------------------------------------------------- stored data sets
+def resolve_data_path(path) -> "Path":
+    """A data-set directory as given, or relative to the repository root when it is not found here."""
+    from pathlib import Path
+
+    from zoo.config import REPO_ROOT
+
+    p = Path(path).expanduser()
+    if p.exists() or p.is_absolute():
+        return p
+    if (REPO_ROOT / p).exists():
+        return REPO_ROOT / p
+    return p
+
+
+def load_dataset(directory, split: str = "test"):
+    """(positions (n, *event_shape), forces (n, *event_shape) or None) of a stored split, as numpy.
+
+    For particle systems the event shape is (N, d). Every array is checked against the sha256
+    recorded in the manifest; errors name the file (``zoo.storage.DatasetError``).
+    """
+    from zoo import storage
+
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    return storage.read_split(resolve_data_path(directory), split)
+
+
+@register("dataset")
+def stored_dataset(system, *, path, n_train: int | None = None, n_val: int | None = None, n_test: int | None = None) -> Dataset:
+    """A data set read from a stored directory (``tools/generate-data``), checked against ``system``.
+
+    ``n_train``/``n_val``/``n_test`` take the first n samples of a split (the generator
+    shuffles each split, so any prefix spans all chains); None takes them all. A relative
+    ``path`` is looked up in the working directory, then under the repository root.
+    """
+    from zoo import storage
+
+    directory = resolve_data_path(path)
+    manifest = storage.read_manifest(directory)
+    storage.check_system(manifest, system, where=str(directory))
+    splits = []
+    for name, n in zip(SPLITS, (n_train, n_val, n_test)):
+        positions, forces = storage.read_split(directory, name, manifest=manifest)
+        if n is not None:
+            if not 0 < n <= len(positions):
+                raise ValueError(f"requested n_{name}={n} but {directory} holds {len(positions)} {name} samples")
+            positions = positions[:n]
+            forces = None if forces is None else forces[:n]
+        splits.append(make_split(positions, forces, dim=system.dim))
+    sha = manifest["splits"]["train"]["arrays"]["positions"]["sha256"][:12]
+    return Dataset(*splits, description=f"{manifest['system']['name']} stored at {directory} (train positions sha256 {sha}…)")

@@ -1,0 +1,231 @@
+r"""Stored data sets: positions and forces per split in zarr arrays (tensorstore), plus a manifest.
+
+Layout of a data-set directory::
+
+    manifest.json                 system, sampler, seed, counts, sha256 of every array, statistics
+    train/positions  train/forces zarr arrays (n, *event_shape), float32, blosc-zstd
+    val/...   test/...
+    plots/*.png                   (written by the generator, optional)
+
+The sha256 of an array is taken over its C-ordered little-endian float32 bytes,
+``hashlib.sha256(np.ascontiguousarray(a, '<f4').tobytes())``, so it can be checked with
+numpy alone. Reading verifies every array against the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+FORMAT = "zoo-dataset"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+ARRAYS = ("positions", "forces")
+_COMPRESSOR = {"id": "blosc", "cname": "zstd", "clevel": 9, "shuffle": 2}
+_CHUNK_ROWS = 8192
+
+
+class DatasetError(ValueError):
+    """A stored data set that cannot be used: missing or corrupt manifest or array, wrong system."""
+
+
+# ---------------------------------------------------------------------------- systems
+def _json_value(v):
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    if isinstance(v, (np.generic,)):
+        return v.item()
+    if isinstance(v, (tuple, list)):
+        return [_json_value(a) for a in v]
+    try:
+        return np.asarray(v).tolist()
+    except Exception:  # noqa: BLE001  (an unserialisable field is recorded by its repr)
+        return repr(v)
+
+
+def system_spec(system) -> dict:
+    """JSON-able identity of a system: its class name and its dataclass fields."""
+    params = {}
+    if dataclasses.is_dataclass(system):
+        for f in dataclasses.fields(system):
+            params[f.name] = _json_value(getattr(system, f.name))
+    return json.loads(json.dumps({"name": type(system).__name__, "params": params}, sort_keys=True))
+
+
+def check_system(manifest: dict, system, *, where: str = "") -> None:
+    """Raise DatasetError when the manifest's system differs from ``system`` (name or any parameter)."""
+    want = system_spec(system)
+    have = manifest.get("system")
+    if not isinstance(have, dict) or "name" not in have:
+        raise DatasetError(f"manifest {where} records no system")
+    if have["name"] != want["name"]:
+        raise DatasetError(f"data set {where} holds samples of {have['name']}, but the configured system is {want['name']}")
+    diffs = [
+        f"{k}: stored {have.get('params', {}).get(k)!r}, configured {v!r}"
+        for k, v in want["params"].items()
+        if have.get("params", {}).get(k) != v
+    ]
+    if diffs:
+        raise DatasetError(f"data set {where} was generated for {have['name']} with other parameters: " + "; ".join(diffs))
+
+
+# ---------------------------------------------------------------------------- arrays
+def array_sha256(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a, dtype="<f4").tobytes()).hexdigest()
+
+
+def _kvstore(path: Path) -> dict:
+    return {"driver": "file", "path": str(Path(path).resolve())}
+
+
+def write_array(path, a: np.ndarray) -> None:
+    """Write a float32 array as a zarr array at ``path`` (replacing any existing one)."""
+    import tensorstore as ts
+
+    a = np.ascontiguousarray(a, dtype="<f4")
+    chunks = [max(1, min(a.shape[0], _CHUNK_ROWS)), *a.shape[1:]]
+    spec = {
+        "driver": "zarr",
+        "kvstore": _kvstore(path),
+        "metadata": {"dtype": "<f4", "shape": list(a.shape), "chunks": chunks, "compressor": _COMPRESSOR, "order": "C"},
+        "create": True,
+        "delete_existing": True,
+    }
+    store = ts.open(spec).result()
+    store.write(a).result()
+
+
+def read_array(path) -> np.ndarray:
+    """Read a zarr array written by :func:`write_array`; DatasetError names the path on failure."""
+    import tensorstore as ts
+
+    path = Path(path)
+    if not (path / ".zarray").is_file():
+        raise DatasetError(f"array {path} is missing (no {path / '.zarray'})")
+    try:
+        store = ts.open({"driver": "zarr", "kvstore": _kvstore(path), "open": True}).result()
+        return np.asarray(store.read().result())
+    except Exception as e:  # noqa: BLE001  (tensorstore raises several types; all mean "unreadable")
+        raise DatasetError(f"array {path} cannot be read (corrupt or truncated?): {e}") from e
+
+
+# ---------------------------------------------------------------------------- data sets
+def write_dataset(directory, splits: dict, *, system, extra: dict | None = None) -> dict:
+    """Write ``splits`` = {name: (positions, forces or None)} and the manifest; returns the manifest.
+
+    Positions have shape (n, *event_shape) or (n, dim); they are stored in the system's
+    event shape. The directory is assembled beside the target and swapped in by renames,
+    so an interrupted write leaves either the old data set or the new one.
+    """
+    import zoo
+
+    directory = Path(directory)
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; expected {SPLITS}")
+    shape = tuple(system.event_shape)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "zoo_version": zoo.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "system": system_spec(system),
+        "event_shape": list(shape),
+        "dtype": "float32",
+        "sha256_convention": "sha256 of the C-ordered little-endian float32 bytes of the array",
+        "splits": {},
+    }
+    try:
+        for name, (positions, forces) in splits.items():
+            entry = {"arrays": {}}
+            for what, arr in (("positions", positions), ("forces", forces)):
+                if arr is None:
+                    continue
+                arr = np.asarray(arr, dtype=np.float32)
+                arr = arr.reshape(arr.shape[0], *shape)
+                if not np.isfinite(arr).all():
+                    raise ValueError(f"{name} {what} contain NaN or inf; refusing to store them")
+                write_array(tmp / name / what, arr)
+                entry["arrays"][what] = {"path": f"{name}/{what}", "shape": list(arr.shape), "sha256": array_sha256(arr)}
+            entry["count"] = int(np.shape(positions)[0])
+            manifest["splits"][name] = entry
+        manifest.update(extra or {})
+        _write_json_atomic(tmp / MANIFEST, manifest)
+        old = directory.with_name(f".{directory.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return manifest
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_value) + "\n")
+    os.replace(tmp, path)
+
+
+def update_manifest(directory, **fields) -> dict:
+    """Add or replace top-level manifest fields (e.g. statistics computed after writing)."""
+    manifest = read_manifest(directory)
+    manifest.update(fields)
+    _write_json_atomic(Path(directory) / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(directory) -> dict:
+    """The parsed manifest of a data-set directory (DatasetError if missing or not valid JSON)."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        what = "does not exist" if not Path(directory).exists() else f"has no {MANIFEST}"
+        raise DatasetError(f"data set directory {directory} {what}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"manifest {path} is corrupt: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "splits" not in manifest:
+        raise DatasetError(f"{path} is not a {FORMAT} manifest")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise DatasetError(f"{path} has format version {manifest['format_version']}; this zoo reads up to {FORMAT_VERSION}")
+    return manifest
+
+
+def read_split(directory, split: str = "test", *, manifest: dict | None = None, verify: bool = True):
+    """(positions, forces or None) of one split, shape (n, *event_shape), checked against the manifest."""
+    directory = Path(directory)
+    manifest = manifest if manifest is not None else read_manifest(directory)
+    if split not in manifest["splits"]:
+        raise DatasetError(f"data set {directory} has no split {split!r}; it has {sorted(manifest['splits'])}")
+    entry = manifest["splits"][split]
+    out = {}
+    for what in ARRAYS:
+        info = entry["arrays"].get(what)
+        if info is None:
+            out[what] = None
+            continue
+        arr = read_array(directory / info["path"])
+        if list(arr.shape) != list(info["shape"]):
+            raise DatasetError(f"array {directory / info['path']} has shape {arr.shape}; the manifest says {info['shape']}")
+        if verify and array_sha256(arr) != info["sha256"]:
+            raise DatasetError(f"array {directory / info['path']} does not match its sha256 in the manifest (corrupt or modified)")
+        out[what] = arr
+    if out["positions"] is None:
+        raise DatasetError(f"split {split!r} of {directory} has no positions")
+    return out["positions"], out["forces"]
