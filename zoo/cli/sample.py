@@ -9,7 +9,7 @@ def main(argv=None) -> None:
     from zoo.cli import common
 
     p = common.parser("Sample a checkpointed flow; writes an .npz with x, log_q, energy, log_w, path_length.")
-    p.add_argument("checkpoint", help="a checkpoint folder")
+    p.add_argument("checkpoint", help="a checkpoint folder or a pretrained model's name (tools/zoo list --models)")
     p.add_argument("--n", type=int, default=10000, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="output .npz (default WORKDIR/samples.npz)")

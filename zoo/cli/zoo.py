@@ -10,7 +10,12 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
     lst = sub.add_parser("list", help="list registered components grouped by kind")
     lst.add_argument("--kind", help="only this kind (system, field, flow, loss, ...)")
+    lst.add_argument("--models", action="store_true", help="list the pretrained models (assets/models.toml) instead")
     args = p.parse_args(argv)
+
+    if args.command == "list" and args.models:
+        _list_models()
+        return
 
     from zoo import registry
 
@@ -27,6 +32,36 @@ def main(argv=None) -> None:
             for e in found:
                 print(f"  {e.name:<{width}}  {e.summary}")
             print()
+
+
+def _list_models() -> None:
+    """The pretrained models as a table: name, system, recipe summary, metrics, size."""
+    from zoo import pretrained
+
+    try:
+        models = pretrained.load_registry()
+    except pretrained.RegistryError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not models:
+        print(f"no pretrained models in {pretrained.registry_path()}")
+        return
+
+    def num(m, key, fmt):
+        return format(m[key], fmt) if key in m else "-"
+
+    header = ("name", "system", "recipe", "NLL", "ESS-q", "ESS-p", "path len", "size")
+    rows = []
+    for info in models.values():
+        m = info.metrics
+        recipe = info.summary if len(info.summary) <= 60 else info.summary[:59] + "…"
+        size = pretrained._human_size(info.size_bytes)
+        rows.append((info.name, info.system, recipe, num(m, "nll", ".3f"), num(m, "ess_q", ".3f"), num(m, "ess_p", ".3f"), num(m, "path_length", ".3f"), size))
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    right = {3, 4, 5, 6, 7}
+    for row in (header, *rows):
+        print("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+    print(f"\n{len(rows)} model(s) in {pretrained.registry_path()}; metrics from each run's final evaluation.")
+    print("`tools/download NAME` fetches one into the cache; tools/evaluate, tools/sample and finetune.pretrained take NAME for a checkpoint path.")
 
 
 if __name__ == "__main__":

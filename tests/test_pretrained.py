@@ -1,0 +1,539 @@
+"""Pretrained-model registry: verified downloads (HTTP, file), retries, fall-through, cache
+integrity after corruption and interruption, offline use, release, and the shipped models'
+metrics reproduced within Monte-Carlo error."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import tomllib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zoo import checkpoint as ckpt
+from zoo import pretrained
+from zoo.config import REPO_ROOT
+
+FAST = dict(attempts=3, backoff_s=0.01, timeout_s=10.0, quiet=True)
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A small real checkpoint, packed: (archive path, its bytes, the step dir, the model)."""
+    root = tmp_path_factory.mktemp("toy")
+    model = {"w": jnp.arange(12.0).reshape(3, 4), "b": jnp.ones(4)}
+    step_dir = ckpt.save_checkpoint(root / "checkpoint", step=7, model=model, config="# toy\n", metadata={"system": "Toy"})
+    archive = ckpt.pack_checkpoint(step_dir, root / "toy.tar")
+    return archive, archive.read_bytes(), step_dir, model
+
+
+def write_registry(path: Path, archive_bytes: bytes, locations, name="toy") -> Path:
+    import hashlib
+
+    entry = {
+        "name": name,
+        "system": "Toy",
+        "gin": "gin/gmm_fm.gin",
+        "recipe": "none; a test fixture",
+        "size_bytes": len(archive_bytes),
+        "sha256": hashlib.sha256(archive_bytes).hexdigest(),
+        "locations": list(locations),
+        "metrics": {"nll": 1.0, "ess_q": 0.5, "ess_p": 0.5, "n_samples_q": 10, "n_samples_p": 10},
+    }
+    return pretrained.write_registry([entry], path)
+
+
+class _Routes:
+    """What the test server answers per path: bytes plus a failure mode for the first requests."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.routes: dict[str, dict] = {}
+        self.hits: dict[str, int] = {}
+
+    def set(self, path, body, *, fail=0, mode="503"):
+        with self.lock:
+            self.routes[path] = {"body": body, "fail": fail, "mode": mode}
+            self.hits[path] = 0
+
+
+def _handler(routes: _Routes):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        timeout = 5  # a stuck client cannot hold a server thread forever
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            with routes.lock:
+                route = routes.routes.get(self.path)
+                routes.hits[self.path] = routes.hits.get(self.path, 0) + 1
+                failing = route is not None and route["fail"] > 0
+                if failing:
+                    route["fail"] -= 1
+            if route is None:
+                self.send_error(404)
+                return
+            body = route["body"]
+            if failing and route["mode"] == "503":
+                self.send_error(503)
+                return
+            if failing and route["mode"] == "truncate":
+                # Announce the full length, send half, close: an interrupted transfer.
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+@pytest.fixture
+def server():
+    """An HTTP server on 127.0.0.1 in a daemon thread; shut down after the test (or after 120 s regardless)."""
+    routes = _Routes()
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(routes))
+    srv.daemon_threads = True
+    srv.handle_error = lambda request, address: None  # the truncating handler breaks its own pipe
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    guard = threading.Timer(120.0, srv.shutdown)
+    guard.daemon = True
+    guard.start()
+    routes.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    routes.stop = lambda: (srv.shutdown(), srv.server_close())
+    try:
+        yield routes
+    finally:
+        guard.cancel()
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return tmp_path / "cache"
+
+
+def closed_port_url() -> str:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}/models/toy.tar"
+
+
+def cache_listing(cache: Path) -> list[str]:
+    """Everything under the cache's models folder (relative paths)."""
+    models = cache / "models"
+    return sorted(p.relative_to(models).as_posix() for p in models.rglob("*")) if models.exists() else []
+
+
+def assert_same_checkpoint(step_dir: Path, toy):
+    _, _, original, model = toy
+    assert ckpt.checkpoint_sha256(step_dir) == ckpt.checkpoint_sha256(original)
+    restored = ckpt.load_checkpoint(step_dir, model_like=model)
+    assert restored.step == 7
+    np.testing.assert_array_equal(restored.model["w"], model["w"])
+
+
+# ---------------------------------------------------------------------------- downloads
+def test_http_download_is_verified_and_then_cached(tmp_path, toy, server, cache):
+    _, data, _, _ = toy
+    server.set("/models/toy.tar", data)
+    reg = write_registry(tmp_path / "models.toml", data, [f"{server.url}/models/toy.tar"])
+    path = pretrained.download("toy", cache_dir=cache, registry=reg, **FAST)
+    assert_same_checkpoint(path, toy)
+    entry = path.parent
+    marker = json.loads((entry / pretrained.COMPLETE).read_text())
+    assert marker["sha256"] == pretrained.model_info("toy", reg).sha256
+    assert server.hits["/models/toy.tar"] == 1
+    # A second call uses the cache: no request.
+    assert pretrained.download("toy", cache_dir=cache, registry=reg, **FAST) == path
+    assert server.hits["/models/toy.tar"] == 1
+    # force downloads again into the same place.
+    assert pretrained.download("toy", cache_dir=cache, registry=reg, force=True, **FAST) == path
+    assert server.hits["/models/toy.tar"] == 2
+    assert not [p for p in cache_listing(cache) if p.startswith(".")]
+
+
+@pytest.mark.parametrize("form", ["file_url", "absolute", "kvstore_table"])
+def test_file_locations(tmp_path, toy, cache, form):
+    archive, data, _, _ = toy
+    location = {
+        "file_url": archive.as_uri(),
+        "absolute": str(archive),
+        "kvstore_table": {"driver": "file", "path": str(archive)},
+    }[form]
+    reg = write_registry(tmp_path / "models.toml", data, [location])
+    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, registry=reg, **FAST), toy)
+
+
+def test_relative_location_resolves_against_the_repository(tmp_path, toy, cache):
+    archive, data, _, _ = toy
+    rel = os.path.relpath(archive, REPO_ROOT)
+    assert not Path(rel).is_absolute()
+    reg = write_registry(tmp_path / "models.toml", data, [rel])
+    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, registry=reg, **FAST), toy)
+
+
+@pytest.mark.parametrize("via", ["http", "file"])
+def test_corrupted_byte_is_refused_and_cache_left_clean(tmp_path, toy, server, cache, via):
+    _, data, _, _ = toy
+    bad = bytearray(data)
+    bad[len(bad) // 3] ^= 0x01
+    if via == "http":
+        server.set("/models/toy.tar", bytes(bad))
+        location = f"{server.url}/models/toy.tar"
+    else:
+        (tmp_path / "bad.tar").write_bytes(bytes(bad))
+        location = str(tmp_path / "bad.tar")
+    reg = write_registry(tmp_path / "models.toml", data, [location])
+    with pytest.raises(pretrained.ChecksumMismatchError, match="sha256") as err:
+        pretrained.download("toy", cache_dir=cache, registry=reg, **FAST)
+    assert location in str(err.value)
+    assert isinstance(err.value, ckpt.CorruptCheckpointError)
+    assert cache_listing(cache) == []
+
+
+def test_truncated_archive_of_right_length_claim_is_refused(tmp_path, toy, cache):
+    _, data, _, _ = toy
+    (tmp_path / "short.tar").write_bytes(data[:-512])
+    reg = write_registry(tmp_path / "models.toml", data, [str(tmp_path / "short.tar")])
+    with pytest.raises(pretrained.ChecksumMismatchError, match=f"expected {len(data)} bytes"):
+        pretrained.download("toy", cache_dir=cache, registry=reg, **FAST)
+    assert cache_listing(cache) == []
+
+
+def test_interrupted_transfer_leaves_nothing_and_next_download_succeeds(tmp_path, toy, server, cache):
+    _, data, _, _ = toy
+    server.set("/models/toy.tar", data, fail=1, mode="truncate")
+    reg = write_registry(tmp_path / "models.toml", data, [f"{server.url}/models/toy.tar"])
+    with pytest.raises(pretrained.DownloadError, match="toy.tar"):
+        pretrained.download("toy", cache_dir=cache, registry=reg, **{**FAST, "attempts": 1})
+    assert cache_listing(cache) == []
+    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, registry=reg, **FAST), toy)
+
+
+def test_litter_of_a_killed_download_is_never_used_and_is_cleaned(tmp_path, toy, cache):
+    archive, data, _, _ = toy
+    reg = write_registry(tmp_path / "models.toml", data, [str(archive)])
+    info = pretrained.model_info("toy", reg)
+    models = cache / "models"
+    models.mkdir(parents=True)
+    # A process that has exited stands for a killed download.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = pretrained._temp_name("toy").split(".")[2]
+    partial = models / f".tmp-toy.{host}.{dead.pid}.0123456789ab.tar"
+    partial.write_bytes(data[: len(data) // 2])
+    staging = models / f".tmp-toy.{host}.{dead.pid}.0123456789ab"
+    (staging / "checkpoint").mkdir(parents=True)
+    (staging / "checkpoint" / "manifest.json").write_text("{")
+    # A download of a live process (this one) must be left alone.
+    live = models / f".tmp-toy.{host}.{os.getpid()}.ba9876543210.tar"
+    live.write_bytes(b"in progress")
+    # An entry folder without the completion marker (e.g. copied by hand, half done).
+    entry = pretrained._entry_dir(cache, info)
+    (entry / "checkpoint").mkdir(parents=True)
+    (entry / "checkpoint" / "manifest.json").write_text("{}")
+
+    path = pretrained.download("toy", cache_dir=cache, registry=reg, **FAST)
+    assert_same_checkpoint(path, toy)
+    assert not partial.exists() and not staging.exists()
+    assert live.exists()
+    live.unlink()
+    assert cache_listing(cache)[0] == entry.name
+
+
+def test_marker_with_another_sha_is_not_used(tmp_path, toy, cache):
+    archive, data, _, _ = toy
+    reg = write_registry(tmp_path / "models.toml", data, [str(archive)])
+    path = pretrained.download("toy", cache_dir=cache, registry=reg, **FAST)
+    marker = path.parent / pretrained.COMPLETE
+    marker.write_text(json.dumps({"sha256": "0" * 64}))
+    (path / "manifest.json").write_text("damaged")
+    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, registry=reg, **FAST), toy)
+
+
+def test_concurrent_downloads_agree(tmp_path, toy, server, cache):
+    _, data, _, _ = toy
+    server.set("/models/toy.tar", data)
+    reg = write_registry(tmp_path / "models.toml", data, [f"{server.url}/models/toy.tar"])
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(pretrained.download("toy", cache_dir=cache, registry=reg, **FAST))
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == [] and len(set(results)) == 1
+    assert_same_checkpoint(results[0], toy)
+    assert not [p for p in cache_listing(cache) if p.startswith(".")]
+
+
+@pytest.mark.parametrize("mode", ["503", "truncate"])
+def test_flaky_location_is_retried(tmp_path, toy, server, cache, mode):
+    _, data, _, _ = toy
+    server.set("/models/toy.tar", data, fail=1, mode=mode)
+    reg = write_registry(tmp_path / "models.toml", data, [f"{server.url}/models/toy.tar"])
+    # Tensorstore's own retries are off, so one attempt sees the failure ...
+    with pytest.raises(pretrained.DownloadError):
+        pretrained.download("toy", cache_dir=cache, registry=reg, **{**FAST, "attempts": 1})
+    assert server.hits["/models/toy.tar"] == 1
+    # ... and our retry gets past it.
+    server.set("/models/toy.tar", data, fail=2, mode=mode)
+    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, registry=reg, **FAST), toy)
+    assert server.hits["/models/toy.tar"] == 3
+
+
+def test_falls_through_to_a_later_location(tmp_path, toy, server, cache):
+    archive, data, _, _ = toy
+    server.set("/models/toy.tar", data)
+    missing = f"{server.url}/elsewhere/toy.tar"  # 404: not retried
+    refused = closed_port_url()
+    reg = write_registry(tmp_path / "models.toml", data, [missing, refused, f"{server.url}/models/toy.tar"])
+    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, registry=reg, **FAST), toy)
+    assert server.hits["/elsewhere/toy.tar"] == 1
+
+
+def test_nothing_reachable_lists_every_location(tmp_path, toy, server, cache):
+    _, data, _, _ = toy
+    locations = [f"{server.url}/nothing/toy.tar", closed_port_url(), str(tmp_path / "absent" / "toy.tar")]
+    reg = write_registry(tmp_path / "models.toml", data, locations)
+    with pytest.raises(pretrained.DownloadError) as err:
+        pretrained.download("toy", cache_dir=cache, registry=reg, **FAST)
+    message = str(err.value)
+    for loc in locations:
+        assert loc in message
+    assert "does not exist" in message and "connect" in message.lower()
+    assert cache_listing(cache) == []
+
+
+def test_offline_use_from_the_cache(tmp_path, toy, server, cache):
+    _, data, _, _ = toy
+    server.set("/models/toy.tar", data)
+    reg = write_registry(tmp_path / "models.toml", data, [f"{server.url}/models/toy.tar"])
+    first = pretrained.download("toy", cache_dir=cache, registry=reg, **FAST)
+    server.stop()
+    assert pretrained.download("toy", cache_dir=cache, registry=reg, **FAST) == first
+    assert pretrained.resolve_checkpoint("toy", cache_dir=cache, registry=reg) == first
+    with pytest.raises(pretrained.DownloadError):
+        pretrained.download("toy", cache_dir=cache, registry=reg, force=True, **{**FAST, "attempts": 1})
+    # A failed forced download keeps the verified entry.
+    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, registry=reg, **FAST), toy)
+
+
+# ---------------------------------------------------------------------------- names and the registry
+def test_unknown_name_suggests_close_names(tmp_path, toy):
+    _, data, _, _ = toy
+    reg = tmp_path / "models.toml"
+    write_registry(reg, data, ["/x/lj13_eqotfm.tar"], name="lj13_eqotfm")
+    with pytest.raises(pretrained.UnknownModelError, match="did you mean 'lj13_eqotfm'"):
+        pretrained.model_info("lj13_eqotfn", reg)
+    with pytest.raises(pretrained.UnknownModelError, match="neither an existing checkpoint path"):
+        pretrained.resolve_checkpoint("lj31_eqotfm", registry=reg)
+    with pytest.raises(pretrained.UnknownModelError) as err:
+        pretrained.download("zzz", registry=reg)
+    assert "did you mean" not in str(err.value) and "lj13_eqotfm" in str(err.value)
+
+
+def test_existing_path_is_used_as_is(tmp_path, toy):
+    _, _, step_dir, _ = toy
+    assert pretrained.resolve_checkpoint(step_dir, registry=tmp_path / "none.toml") == step_dir
+    assert pretrained.resolve_checkpoint(str(step_dir.parent), registry=tmp_path / "none.toml") == step_dir.parent
+
+
+def test_registry_validation(tmp_path, toy):
+    _, data, _, _ = toy
+    reg = write_registry(tmp_path / "models.toml", data, ["a.tar"])
+    raw = tomllib.loads(reg.read_text())["models"][0]
+    for change, match in [
+        ({"sha256": "abc"}, "sha256"),
+        ({"size_bytes": 0}, "size_bytes"),
+        ({"locations": []}, "locations"),
+        ({"name": "../evil"}, "name"),
+        ({"metrics": {"nll": "low"}}, "metrics"),
+    ]:
+        with pytest.raises(pretrained.RegistryError, match=match):
+            pretrained.write_registry([{**raw, **change}], tmp_path / "bad.toml")
+    del raw["gin"]
+    with pytest.raises(pretrained.RegistryError, match="lacks gin"):
+        pretrained._check_entry(raw, "x")
+    text = reg.read_text()
+    (tmp_path / "dup.toml").write_text(text + text[text.index("[[models]]") :])
+    with pytest.raises(pretrained.RegistryError, match="twice"):
+        pretrained.load_registry(tmp_path / "dup.toml")
+
+
+def test_registry_writer_round_trips_awkward_values(tmp_path, toy):
+    _, data, _, _ = toy
+    reg = write_registry(tmp_path / "models.toml", data, ["a.tar"])
+    raw = tomllib.loads(reg.read_text())["models"][0]
+    raw["recipe"] = 'quotes " and \\ backslash\nsecond line; ünïcode'
+    raw["metrics"] = {"nll": float("inf"), "ess_q": 1e-300, "ess_p": 0.0, "kl": -0.5, "n_samples_q": 3}
+    raw["locations"] = ["a.tar", {"driver": "s3", "bucket": "zoo-models", "path": "v1/a.tar", "endpoint": "http://h:9000"}]
+    pretrained.write_registry([raw], reg)
+    back = tomllib.loads(reg.read_text())["models"][0]
+    assert back == raw
+    assert math.isinf(pretrained.model_info("toy", reg).metrics["nll"])
+
+
+def test_release_packs_and_registers_a_run(tmp_path):
+    workdir = tmp_path / "run"
+    model = {"w": jnp.ones((2, 2))}
+    ckpt.save_checkpoint(workdir / "checkpoint", step=5, model=model, config="train.batch_size = 64\n", metadata={"system": "Toy"})
+    step_dir = ckpt.save_checkpoint(
+        workdir / "checkpoint", step=10, model=model, config="train.batch_size = 64\ntrain.loss = @FlowMatching()\n", metadata={"system": "Toy"}
+    )
+    metrics = {"nll": 1.5, "ess_q": 0.75, "ess_p": "nan", "path_length": 2.0, "n_samples_q": 100, "n_samples_p": 50, "n_nonfinite_q": 0}
+    (workdir / "metrics.json").write_text(json.dumps(metrics))
+    (workdir / "log.jsonl").write_text('{"step": 1, "compile_s": 2.0}\n{"step": 10, "time_s": 3.5, "loss": 1.0}\n')
+    reg = tmp_path / "models.toml"
+    info = pretrained.release(workdir, "toy_run", gin_file="gmm_fm.gin", dest=tmp_path / "out", registry=reg, machine="test box")
+    archive = tmp_path / "out" / "toy_run.tar"
+    assert info.sha256 == ckpt.file_sha256(archive) and info.size_bytes == archive.stat().st_size
+    assert info.gin == "gin/gmm_fm.gin" and info.system == "Toy" and info.extra["step"] == 10
+    assert info.metrics["nll"] == 1.5 and math.isnan(info.metrics["ess_p"]) and info.metrics["n_samples_p"] == 50
+    assert "n_nonfinite_q" not in info.metrics
+    assert info.recipe == "FlowMatching, 10 steps, batch 64, ?; 4 s training (+2 s compilation); test box"
+    assert info.locations == (str(archive.resolve()),)
+    # The released entry downloads and is the same checkpoint.
+    path = pretrained.download("toy_run", cache_dir=tmp_path / "cache", registry=reg, **FAST)
+    assert ckpt.checkpoint_sha256(path) == ckpt.checkpoint_sha256(step_dir)
+    # Releasing again replaces the entry; a mirror is appended after the archive.
+    pretrained.release(workdir, "toy_run", gin_file="gmm_fm.gin", recipe="r", dest=tmp_path / "out", registry=reg, locations=["https://example.org/toy_run.tar"])
+    assert pretrained.list_models(reg) == ["toy_run"]
+    assert pretrained.model_info("toy_run", reg).locations[1] == "https://example.org/toy_run.tar"
+    # Metrics of another step than the checkpoint's are refused.
+    (workdir / "log.jsonl").write_text('{"step": 12, "time_s": 3.5}\n')
+    with pytest.raises(pretrained.RegistryError, match="step 12"):
+        pretrained.release(workdir, "toy_run", gin_file="gmm_fm.gin", recipe="r", dest=tmp_path / "out", registry=reg)
+
+
+def test_cli_list_models_and_download(tmp_path, toy, monkeypatch, capsys):
+    from zoo.cli import download, zoo as zoo_cli
+
+    archive, data, _, _ = toy
+    reg = write_registry(tmp_path / "models.toml", data, [str(archive)])
+    monkeypatch.setenv("ZOO_MODELS", str(reg))
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
+    zoo_cli.main(["list", "--models"])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["name", "system", "recipe", "NLL", "ESS-q", "ESS-p", "path", "len", "size"]
+    assert "toy" in out and "Toy" in out and "1.000" in out and "0.500" in out
+    download.main(["toy"])
+    assert Path(capsys.readouterr().out.strip()).parent.parent == tmp_path / "cache" / "models"
+    with pytest.raises(SystemExit):
+        download.main(["tyo"])
+    assert "did you mean 'toy'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- the shipped models
+SHIPPED = pretrained.load_registry(pretrained.REGISTRY_FILE)
+# Systems cheap enough to evaluate in the default suite (2-D, seconds); the rest are slow.
+FAST_SYSTEMS = {"GaussianMixture2D"}
+
+
+def _bootstrap_se(stat, log_w: np.ndarray, n_boot: int = 1000, seed: int = 0) -> float:
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(log_w), size=(n_boot, len(log_w)))
+    return float(np.std([stat(log_w[i]) for i in idx], ddof=1))
+
+
+def _disagreements(flow, system, dataset, rec: dict, n: int = 512) -> list[str]:
+    r"""Which recorded metrics a fresh n-sample evaluation of ``flow`` contradicts.
+
+    - NLL, KL, path length are means: the new estimate must lie within 4 standard errors
+      $s/\sqrt n$ ($s$ the per-sample spread) of the recorded one. The recorded NLL and KL
+      are means over a superset of the same test samples, so this is conservative.
+    - ESS-q and ESS-p: accepted within 4 bootstrap SEs (combined for both estimates, the
+      recorded one's scaled by $\sqrt{n/n_\text{rec}}$), or within a 30 % relative band on
+      $1/\text{ESS} - 1$ (for Kish's ESS that is the weights' squared coefficient of
+      variation). The band is there because both are ratios of sums of weights whose
+      bootstrap SE is too small when a few weights dominate, as they do for poor models;
+      a relative band on the weight variance, not on ESS itself, stays meaningful from
+      ESS ≈ 1 down to ESS ≪ 1.
+    """
+    from zoo.flows.cnf import sample_and_log_prob_chunked
+    from zoo.metrics import ess_p, ess_q, evaluate_flow
+
+    key = jax.random.PRNGKey(99)
+    metrics, arrays = evaluate_flow(flow, system, dataset, key=key, n_samples=n, n_target=n)
+    bad = []
+    log_q_t = np.asarray(arrays["log_q_target"], np.float64)
+    means = {"nll": -log_q_t}
+    if "kl" in rec:
+        means["kl"] = -np.asarray(arrays["u_target"], np.float64) - system.log_z - log_q_t
+    if "path_length" in rec:
+        # evaluate_flow keeps no per-sample path lengths; the same key draws the same samples again.
+        again = sample_and_log_prob_chunked(flow, jax.random.split(key, 3)[0], n, chunk_size=1024)
+        means["path_length"] = np.asarray(again["path_length"], np.float64)
+        np.testing.assert_allclose(means["path_length"].mean(), metrics["path_length"], rtol=1e-5)
+    for name, values in means.items():
+        se = values.std(ddof=1) / math.sqrt(n)
+        if not abs(metrics[name] - rec[name]) < 4 * se:
+            bad.append(f"{name}: {metrics[name]:.4f} vs recorded {rec[name]:.4f} (4 SE = {4 * se:.4f})")
+    for name, stat, log_w, n_rec in [
+        ("ess_q", ess_q, np.asarray(arrays["log_w_model"]), rec["n_samples_q"]),
+        ("ess_p", ess_p, -np.asarray(arrays["u_target"]) - log_q_t, rec["n_samples_p"]),
+    ]:
+        se = _bootstrap_se(stat, log_w) * math.sqrt(1 + n / n_rec)
+        new, old = metrics[name], rec[name]
+        cv2_ratio = (1 / new - 1) / (1 / old - 1) if 0 < new < 1 and 0 < old < 1 else math.inf
+        if not (abs(new - old) < 4 * se or 1 / 1.3 <= cv2_ratio <= 1.3):
+            bad.append(f"{name}: {new:.4f} vs recorded {old:.4f} (4 SE = {4 * se:.4f}, (1/ESS-1) ratio {cv2_ratio:.2f})")
+    return bad
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=() if m.system in FAST_SYSTEMS else pytest.mark.slow) for n, m in SHIPPED.items()],
+)
+def test_shipped_model_reproduces_its_metrics(name, tmp_path, monkeypatch):
+    """Download the shipped archive, rebuild the flow from its stored config, re-measure
+    on 512 fresh samples (tolerances in :func:`_disagreements`); an untrained flow of the
+    same architecture must be caught by the same criteria."""
+    from zoo import config, experiment
+
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
+    info = SHIPPED[name]
+    system, flow, restored = experiment.load_flow(name)
+    assert type(system).__name__ == info.system
+    assert restored.step == info.extra.get("step", restored.step)
+    dataset = config.make_dataset(system)
+    assert _disagreements(flow, system, dataset, info.metrics) == []
+    # The loaded flow with freshly initialised weights (so the compiled code is reused).
+    import equinox as eqx
+
+    init = eqx.filter(config.make_flow(system, key=jax.random.PRNGKey(1)), eqx.is_array)
+    arrays, static = eqx.partition(flow, eqx.is_array)
+    assert jax.tree.structure(init) == jax.tree.structure(arrays)
+    untrained = eqx.combine(jax.tree.map(lambda a, b: a.astype(b.dtype), init, arrays), static)
+    assert len(_disagreements(untrained, system, dataset, info.metrics)) >= 2

@@ -1,0 +1,51 @@
+"""tools/release-model: pack a training run's latest checkpoint and write its registry entry."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(
+        description="Pack the latest checkpoint of a run into assets/models/NAME.tar and add or update NAME in "
+        "assets/models.toml (sha256, size, the run's metrics.json, recipe)."
+    )
+    p.add_argument("run", type=Path, help="training workdir (or a checkpoint root or step dir)")
+    p.add_argument("name", help="registry name, e.g. gmm_fm")
+    p.add_argument("--gin", required=True, help="the gin file the model was trained with (e.g. gin/gmm_fm.gin)")
+    p.add_argument("--recipe", help="how it was trained, in words (default: drafted from the run's config and log)")
+    p.add_argument("--machine", help="the machine it was trained on, for the drafted recipe (default: this one)")
+    p.add_argument("--dest", default="assets/models", help="folder for the archive (relative to the repository)")
+    p.add_argument("--registry", type=Path, help="registry file (default $ZOO_MODELS or assets/models.toml)")
+    p.add_argument("--location", action="append", default=[], help="a further location (mirror URL) for the entry; repeatable")
+    args = p.parse_args(argv)
+
+    from zoo import checkpoint as ckpt
+    from zoo import pretrained
+
+    try:
+        info = pretrained.release(
+            args.run,
+            args.name,
+            gin_file=args.gin,
+            recipe=args.recipe,
+            dest=args.dest,
+            registry=args.registry,
+            locations=args.location,
+            machine=args.machine,
+        )
+    except (ckpt.CheckpointError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    m = info.metrics
+    print(f"released {info.name} ({info.system}): {info.size_bytes} bytes, sha256 {info.sha256}")
+    print(f"  locations: {', '.join(map(str, info.locations))}")
+    print(f"  recipe: {info.recipe}")
+    print("  metrics: " + "  ".join(f"{k}={v:.4g}" for k, v in m.items()))
+    print(f"  registry: {pretrained.registry_path(args.registry)}")
+
+
+if __name__ == "__main__":
+    main()

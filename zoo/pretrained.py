@@ -1,0 +1,782 @@
+r"""Pretrained models: a registry file, verified downloads through tensorstore, a local cache.
+
+The registry is ``assets/models.toml`` (``$ZOO_MODELS`` names another file). Each
+``[[models]]`` entry gives ``name``, ``system``, ``gin`` (the config it was trained with),
+``recipe`` (how it was trained, in words), ``metrics`` (nll, ess_q, ess_p, path_length,
+kl where exact, with ``n_samples_q``/``n_samples_p``), ``size_bytes`` and ``sha256`` of
+the packed checkpoint (:func:`zoo.checkpoint.pack_checkpoint`), and ``locations``, tried
+in order. A location is
+
+- a path (relative paths resolve against the repository root),
+- a URL tensorstore's kvstore understands (``file://``, ``http(s)://``, ``gs://``,
+  ``s3://``), or
+- a table that is a tensorstore KvStore spec whose ``path`` names the archive, e.g.
+  ``{driver = "s3", bucket = "zoo-models", path = "v1/gmm_fm.tar", endpoint = "…"}``.
+
+**Download** (:func:`download`): the archive's bytes are read with
+``ts.KvStore.open(spec).read(key)``; a location that fails is retried ``attempts`` times
+with exponential backoff (tensorstore's own HTTP/GCS/S3 retries are switched off so that
+this one policy applies to every driver), then the next location is tried. The bytes go
+to a temporary file in the cache, whose sha256 is checked; the archive is unpacked into a
+temporary dir together with a ``COMPLETE`` marker holding the sha256, and one
+``os.rename`` makes the entry appear. An entry is used only when its marker names the
+registry's sha256, so a killed download never leaves a usable half entry; a cached entry
+needs no network at all.
+
+Cache layout (``$ZOO_CACHE``, default ``~/.cache/zoo``)::
+
+    models/
+      gmm_fm-1a2b3c4d5e6f7a8b/        <name>-<first 16 hex of the archive's sha256>
+        COMPLETE                       JSON: name, sha256, size, location, time
+        checkpoint/                    the unpacked step dir (manifest.json, arrays/, …)
+      .tmp-gmm_fm.<host>.<pid>.<uuid>.tar    an unfinished download (removed when stale)
+
+:func:`resolve_checkpoint` is what the tools call: an existing path is used as it is,
+anything else must be a registry name. :func:`release` packs a training run's latest
+checkpoint into ``assets/models/<name>.tar`` and writes its registry entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import difflib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import socket
+import sys
+import time
+import tomllib
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from zoo import checkpoint as ckpt
+from zoo.config import REPO_ROOT
+
+__all__ = [
+    "ChecksumMismatchError",
+    "DownloadError",
+    "ModelInfo",
+    "PretrainedError",
+    "RegistryError",
+    "UnknownModelError",
+    "cache_root",
+    "download",
+    "draft_recipe",
+    "list_models",
+    "load_registry",
+    "model_info",
+    "registry_path",
+    "release",
+    "resolve_checkpoint",
+    "write_registry",
+]
+
+REGISTRY_FILE = REPO_ROOT / "assets" / "models.toml"
+ENV_REGISTRY = "ZOO_MODELS"
+ENV_CACHE = "ZOO_CACHE"
+COMPLETE = "COMPLETE"
+CHECKPOINT = "checkpoint"
+REQUIRED_FIELDS = ("name", "system", "gin", "recipe", "metrics", "size_bytes", "sha256", "locations")
+METRIC_KEYS = ("nll", "ess_q", "ess_p", "path_length", "kl", "fm_loss", "n_samples_q", "n_samples_p")
+# Temporary files older than this are taken to belong to a dead download even when their
+# owner cannot be checked (another host sharing the cache).
+STALE_AFTER_S = 24 * 3600
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Tensorstore's context resource that sets each remote driver's own retry policy.
+_RETRY_RESOURCE = {"http": "http_request_retries", "gcs": "gcs_request_retries", "s3": "s3_request_retries"}
+
+
+# ---------------------------------------------------------------------------- errors
+class PretrainedError(ckpt.CheckpointError):
+    """Base class of registry and download errors (a CheckpointError, so tools report it)."""
+
+
+class RegistryError(PretrainedError):
+    """The registry file is missing or an entry is malformed."""
+
+
+class UnknownModelError(PretrainedError):
+    """A name that is neither an existing path nor a registry entry."""
+
+
+class ChecksumMismatchError(PretrainedError, ckpt.CorruptCheckpointError):
+    """Downloaded bytes whose sha256 (or size) differs from the registry's."""
+
+
+class DownloadError(PretrainedError):
+    """No location of a model could be read."""
+
+
+# ---------------------------------------------------------------------------- registry
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """One registry entry (``extra`` keeps any further fields of the entry)."""
+
+    name: str
+    system: str
+    gin: str
+    recipe: str
+    metrics: Mapping[str, float]
+    size_bytes: int
+    sha256: str
+    locations: tuple[str | Mapping[str, Any], ...]
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def summary(self) -> str:
+        """The recipe's first clause (up to the first ';' of its first line), for tables."""
+        return self.recipe.strip().splitlines()[0].split(";")[0].strip() if self.recipe.strip() else ""
+
+
+def registry_path(registry=None) -> Path:
+    """The registry file: ``registry`` if given, else ``$ZOO_MODELS``, else ``assets/models.toml``."""
+    if registry is not None:
+        return Path(registry)
+    env = os.environ.get(ENV_REGISTRY)
+    return Path(env) if env else REGISTRY_FILE
+
+
+def cache_root(path=None) -> Path:
+    """The cache root: ``path`` if given, else ``$ZOO_CACHE``, else ``~/.cache/zoo``."""
+    if path is not None:
+        return Path(path).expanduser()
+    env = os.environ.get(ENV_CACHE)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "zoo"
+
+
+def _read_registry_file(path: Path) -> list[dict]:
+    """The raw ``[[models]]`` tables of a registry file ([] when the file does not exist)."""
+    if not path.exists():
+        return []
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise RegistryError(f"{path} is not valid TOML: {e}") from None
+    models = data.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+        raise RegistryError(f"{path}: 'models' must be an array of tables ([[models]])")
+    return models
+
+
+def _check_entry(raw: dict, where: str) -> ModelInfo:
+    missing = [k for k in REQUIRED_FIELDS if k not in raw]
+    if missing:
+        raise RegistryError(f"{where} lacks {', '.join(missing)}")
+    name = raw["name"]
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise RegistryError(f"{where}: name {name!r} must be letters, digits, '_', '.', '-' (it names cache folders)")
+    for key in ("system", "gin", "recipe"):
+        if not isinstance(raw[key], str):
+            raise RegistryError(f"{where} ({name}): {key} must be a string, got {type(raw[key]).__name__}")
+    sha = raw["sha256"]
+    if not isinstance(sha, str) or not _SHA256.match(sha):
+        raise RegistryError(f"{where} ({name}): sha256 must be 64 lowercase hex digits, got {sha!r}")
+    size = raw["size_bytes"]
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise RegistryError(f"{where} ({name}): size_bytes must be a positive integer, got {size!r}")
+    metrics = raw["metrics"]
+    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()):
+        raise RegistryError(f"{where} ({name}): metrics must be a table of numbers")
+    locations = raw["locations"]
+    if not isinstance(locations, list) or not locations:
+        raise RegistryError(f"{where} ({name}): locations must be a non-empty list")
+    for loc in locations:
+        if not isinstance(loc, (str, dict)) or not loc:
+            raise RegistryError(f"{where} ({name}): a location must be a path, a URL or a kvstore spec table, got {loc!r}")
+    extra = {k: v for k, v in raw.items() if k not in REQUIRED_FIELDS}
+    return ModelInfo(
+        name=name,
+        system=raw["system"],
+        gin=raw["gin"],
+        recipe=raw["recipe"],
+        metrics=dict(metrics),
+        size_bytes=size,
+        sha256=sha,
+        locations=tuple(locations),
+        extra=extra,
+    )
+
+
+def load_registry(registry=None) -> dict[str, ModelInfo]:
+    """All entries of the registry file, by name, in file order (validated)."""
+    path = registry_path(registry)
+    out: dict[str, ModelInfo] = {}
+    for i, raw in enumerate(_read_registry_file(path)):
+        info = _check_entry(raw, f"{path}: models[{i}]")
+        if info.name in out:
+            raise RegistryError(f"{path}: model {info.name!r} appears twice")
+        out[info.name] = info
+    return out
+
+
+def list_models(registry=None) -> list[str]:
+    """The names of the registered pretrained models, in registry order."""
+    return list(load_registry(registry))
+
+
+def _unknown(name: str, known: Sequence[str], *, as_path: bool = False) -> UnknownModelError:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    lead = (
+        f"{name!r} is neither an existing checkpoint path nor a pretrained model name"
+        if as_path
+        else f"no pretrained model named {name!r}"
+    )
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
+    listing = f" Known models: {', '.join(known)}." if known else " The registry is empty."
+    return UnknownModelError(f"{lead}{hint}{listing} (`tools/zoo list --models` shows them)")
+
+
+def model_info(name: str, registry=None) -> ModelInfo:
+    """The registry entry of ``name`` (UnknownModelError suggests the closest names)."""
+    models = load_registry(registry)
+    if name not in models:
+        raise _unknown(name, list(models))
+    return models[name]
+
+
+# ---------------------------------------------------------------------------- locations
+def _kvstore_location(location) -> tuple[dict, str, str]:
+    """(kvstore spec of the archive's folder, key of the archive, label for messages)."""
+    import tensorstore as ts
+
+    if isinstance(location, str):
+        label = location
+        if "://" in location:
+            try:
+                spec = ts.KvStore.Spec(location).to_json()
+            except ValueError as e:
+                raise DownloadError(f"location {location!r} is not a URL tensorstore understands: {e}") from None
+        else:
+            spec = {"driver": "file", "path": str(_repo_path(location))}
+    else:
+        label = json.dumps(location, sort_keys=True)
+        try:
+            spec = ts.KvStore.Spec(dict(location)).to_json()
+        except (ValueError, TypeError) as e:
+            raise DownloadError(f"location {label} is not a tensorstore kvstore spec: {e}") from None
+        if spec.get("driver") == "file" and not Path(spec.get("path", "")).is_absolute():
+            spec["path"] = str(_repo_path(spec.get("path", "")))
+    path = spec.get("path", "")
+    folder, _, key = path.rpartition("/")
+    if not key:
+        raise DownloadError(f"location {label!r} names a folder, not the archive file")
+    spec["path"] = folder + "/" if folder or path.startswith("/") else ""
+    return spec, key, label
+
+
+def _repo_path(path: str) -> Path:
+    # Normalised: tensorstore's file driver refuses '..' components.
+    return Path(os.path.abspath(REPO_ROOT / Path(path).expanduser()))
+
+
+class _Missing(Exception):
+    """The location answered that the archive does not exist (not worth retrying)."""
+
+
+def _read_once(location, timeout_s: float) -> bytes:
+    import tensorstore as ts
+
+    spec, key, label = _kvstore_location(location)
+    resource = _RETRY_RESOURCE.get(spec.get("driver"))
+    if resource is not None:
+        context = dict(spec.get("context", {}))
+        context.setdefault(resource, {"max_retries": 0})
+        spec["context"] = context
+    store = ts.KvStore.open(spec).result(timeout=timeout_s)
+    future = store.read(key)
+    try:
+        result = future.result(timeout=timeout_s)
+    except TimeoutError:
+        future.cancel()
+        raise TimeoutError(f"no complete answer within {timeout_s:.0f} s") from None
+    if result.state != "value":
+        raise _Missing(f"{label} does not exist")
+    return result.value
+
+
+def _read_location(location, *, attempts: int, backoff_s: float, timeout_s: float, log) -> bytes:
+    """The bytes at ``location``; transient failures are retried with exponential backoff."""
+    last: Exception | None = None
+    for attempt in range(attempts):
+        if attempt:
+            delay = backoff_s * 2 ** (attempt - 1)
+            log(f"  retrying in {delay:.1g} s ({type(last).__name__}: {_short(last)})")
+            time.sleep(delay)
+        try:
+            return _read_once(location, timeout_s)
+        except (_Missing, DownloadError):
+            raise
+        except Exception as e:  # tensorstore reports network failures as ValueError
+            last = e
+    assert last is not None
+    raise last
+
+
+def _short(err: BaseException | None, limit: int = 300) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------------------- cache
+def _entry_dir(root: Path, info: ModelInfo) -> Path:
+    return root / "models" / f"{info.name}-{info.sha256[:16]}"
+
+
+def _is_complete(entry: Path, sha256: str) -> bool:
+    try:
+        marker = json.loads((entry / COMPLETE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("sha256") == sha256 and (entry / CHECKPOINT / ckpt.MANIFEST).is_file()
+
+
+def _temp_name(name: str) -> str:
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
+    return f".tmp-{name}.{host}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+
+
+def _owner_dead(path: Path) -> bool:
+    """Whether the temporary ``path`` belongs to no running download."""
+    try:
+        age = time.time() - path.lstat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age > STALE_AFTER_S:
+        return True
+    parts = path.name.split(".")
+    # .tmp-<name>.<host>.<pid>.<uuid>[.tar]; names may contain dots, so count from the end.
+    stem = parts[:-1] if path.name.endswith(".tar") else parts
+    if len(stem) < 4 or not stem[-2].isdigit():
+        return False
+    host, pid = stem[-3], int(stem[-2])
+    if host != re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _clean_litter(models: Path) -> None:
+    """Remove unfinished downloads of dead processes and entries on their way out."""
+    if not models.is_dir():
+        return
+    for p in models.iterdir():
+        if p.name.startswith(".trash-") or (p.name.startswith(".tmp-") and _owner_dead(p)):
+            _remove(p)
+
+
+def _discard(entry: Path) -> None:
+    """Move an entry out of the way atomically, then delete it."""
+    if not entry.exists():
+        return
+    trash = entry.with_name(f".trash-{entry.name}-{uuid.uuid4().hex[:12]}")
+    try:
+        os.rename(entry, trash)
+    except FileNotFoundError:
+        return
+    _remove(trash)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _install(models: Path, info: ModelInfo, payload: bytes, source: str, *, force: bool = False) -> Path:
+    """Write, verify, unpack and atomically publish one downloaded archive; returns the entry."""
+    entry = _entry_dir(models.parent, info)
+    base = _temp_name(info.name)
+    archive = models / f"{base}.tar"
+    staging = models / base
+    try:
+        with open(archive, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        size = archive.stat().st_size
+        digest = ckpt.file_sha256(archive)
+        if size != info.size_bytes or digest != info.sha256:
+            raise ChecksumMismatchError(
+                f"{source}: got {size} bytes with sha256 {digest}, expected {info.size_bytes} bytes with sha256 {info.sha256}"
+            )
+        staging.mkdir()
+        ckpt.unpack_checkpoint(archive, staging / CHECKPOINT)
+        ckpt.verify_checkpoint(staging / CHECKPOINT)
+        marker = {
+            "name": info.name,
+            "sha256": info.sha256,
+            "size_bytes": info.size_bytes,
+            "source": source,
+            "downloaded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        (staging / COMPLETE).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+        _fsync(staging / COMPLETE)
+        _fsync(staging)
+        if force or not _is_complete(entry, info.sha256):
+            _discard(entry)  # replaced by a verified copy; a racing writer's complete entry is kept
+        try:
+            os.rename(staging, entry)
+        except OSError:
+            # Another process published the same entry meanwhile; theirs is as good as ours.
+            if not _is_complete(entry, info.sha256):
+                raise
+        _fsync(models)
+        return entry
+    finally:
+        archive.unlink(missing_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def download(
+    name: str,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    registry=None,
+    attempts: int = 3,
+    backoff_s: float = 1.0,
+    timeout_s: float | None = None,
+    quiet: bool = False,
+) -> Path:
+    """The unpacked checkpoint step dir of pretrained model ``name`` in the cache.
+
+    A complete cache entry (its marker names the registry's sha256) is returned without
+    network access unless ``force`` (which replaces it only once a new copy is verified). Otherwise each location is read in turn, each tried
+    ``attempts`` times with backoff ``backoff_s · 2^k`` seconds and a per-attempt
+    ``timeout_s`` (default 120 s plus 1 s per MiB); the first archive with the right size
+    and sha256 is unpacked and published atomically.
+
+    Raises UnknownModelError, ChecksumMismatchError (every location that answered sent
+    other bytes), DownloadError (nothing reachable; every location and its error listed).
+    """
+    if attempts < 1:
+        raise ValueError(f"attempts must be at least 1, got {attempts}")
+    info = model_info(name, registry)
+    root = cache_root(cache_dir)
+    models = root / "models"
+    entry = _entry_dir(root, info)
+    if not force and _is_complete(entry, info.sha256):
+        return entry / CHECKPOINT
+    # An entry without a valid marker was not published by a finished download: never used.
+    # With ``force`` the old entry stays until the new one is ready (see _install).
+    if not force and entry.exists():
+        _discard(entry)
+    models.mkdir(parents=True, exist_ok=True)
+    _clean_litter(models)
+    if timeout_s is None:
+        timeout_s = 120.0 + info.size_bytes / 2**20
+
+    def log(msg):
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    failures: list[tuple[str, str]] = []
+    mismatches = 0
+    for location in info.locations:
+        label = location if isinstance(location, str) else json.dumps(location, sort_keys=True)
+        log(f"zoo: downloading {info.name} ({_human_size(info.size_bytes)}) from {label}")
+        try:
+            payload = _read_location(location, attempts=attempts, backoff_s=backoff_s, timeout_s=timeout_s, log=log)
+            entry = _install(models, info, payload, label, force=force)
+        except ChecksumMismatchError as e:
+            mismatches += 1
+            failures.append((label, str(e)))
+            log(f"  checksum mismatch: {e}")
+            continue
+        except Exception as e:
+            failures.append((label, _short(e) if isinstance(e, _Missing) else f"{type(e).__name__}: {_short(e)}"))
+            log(f"  failed: {_short(e)}")
+            continue
+        return entry / CHECKPOINT
+    listing = "\n".join(f"  - {loc}: {err}" for loc, err in failures)
+    if mismatches:
+        raise ChecksumMismatchError(
+            f"pretrained model {info.name!r}: no location gave the archive with sha256 {info.sha256} "
+            f"({mismatches} sent other bytes; nothing was cached):\n{listing}"
+        )
+    raise DownloadError(
+        f"pretrained model {info.name!r} could not be downloaded from any of its {len(info.locations)} "
+        f"location(s) ({attempts} attempt(s) each) and is not in the cache {root}:\n{listing}"
+    )
+
+
+def resolve_checkpoint(name_or_path, *, cache_dir=None, registry=None) -> Path:
+    """A checkpoint folder for ``name_or_path``: an existing path as it is, else a downloaded registry model."""
+    path = Path(os.fspath(name_or_path)).expanduser()
+    if path.exists():
+        return path
+    name = os.fspath(name_or_path)
+    models = load_registry(registry)
+    if name not in models:
+        raise _unknown(name, list(models), as_path=True)
+    return download(name, cache_dir=cache_dir, registry=registry)
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------- writing the registry
+HEADER = """\
+# Pretrained models of the zoo (read by zoo/pretrained.py; `tools/zoo list --models`).
+# Entries are written by `tools/release-model`: sha256 and size_bytes are those of the
+# packed checkpoint (.tar); metrics are the training run's final evaluation (metrics.json).
+# locations are tried in order: a path relative to the repository root, or any URL or
+# kvstore spec table tensorstore reads (file://, http(s)://, gs://, s3://).
+"""
+
+
+def _toml_key(key: str) -> str:
+    return key if re.match(r"^[A-Za-z0-9_-]+$", key) else json.dumps(key)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _dump_registry(entries: Sequence[Mapping[str, Any]]) -> str:
+    lines = [HEADER]
+    for entry in entries:
+        lines.append("[[models]]")
+        tables = {k: v for k, v in entry.items() if isinstance(v, Mapping)}
+        for key, value in entry.items():
+            if key not in tables:
+                lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+        for key, table in tables.items():
+            lines.append(f"\n[models.{_toml_key(key)}]")
+            lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _same(a, b) -> bool:
+    """Structural equality in which NaN equals NaN (and tuples equal lists)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def write_registry(entries: Sequence[Mapping[str, Any]], registry=None) -> Path:
+    """Write raw entries as the registry file (atomically), after validating each."""
+    path = registry_path(registry)
+    for i, raw in enumerate(entries):
+        _check_entry(dict(raw), f"entry {i}")
+    text = _dump_registry(entries)
+    if not _same([dict(e) for e in entries], tomllib.loads(text).get("models", [])):  # the writer must round-trip
+        raise RegistryError("internal error: the registry text does not read back as written")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:12]}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------- releasing
+def _run_step_dir(workdir_or_checkpoint) -> tuple[Path, Path | None]:
+    """(step dir, the run's workdir if found) for a workdir, a checkpoint root or a step dir."""
+    p = Path(workdir_or_checkpoint)
+    if (p / ckpt.MANIFEST).is_file():
+        step = p
+    else:
+        step = ckpt.latest_checkpoint(p / "checkpoint") or ckpt.latest_checkpoint(p)
+        if step is None:
+            raise ckpt.CheckpointNotFoundError(f"no checkpoint in {p} (looked in {p / 'checkpoint'} and {p})")
+    for candidate in (step.parent.parent, step.parent, p):
+        if (candidate / "metrics.json").is_file():
+            return step, candidate
+    return step, None
+
+
+def _read_log(workdir: Path | None) -> list[dict]:
+    if workdir is None or not (workdir / "log.jsonl").is_file():
+        return []
+    records = []
+    for line in (workdir / "log.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a crash
+    return records
+
+
+def _binding(config: str, name: str) -> str | None:
+    m = re.search(rf"^{re.escape(name)}\s*=\s*(.+)$", config, flags=re.MULTILINE)
+    return m.group(1).strip() if m else None
+
+
+def this_machine() -> str:
+    """A short description of the machine running now: CPU count and JAX's devices."""
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    devices = jax.devices()
+    accel = "" if jax.default_backend() == "cpu" else f", {len(devices)}× {devices[0].device_kind}"
+    return f"{os.cpu_count()} CPU cores ({cpu}){accel}, JAX {jax.__version__} on {jax.default_backend()}"
+
+
+def draft_recipe(workdir_or_checkpoint, *, machine: str | None = None) -> str:
+    """A recipe text from a run's stored config and log: loss, steps, batch, optimizer, wall time, machine.
+
+    ``machine`` defaults to :func:`this_machine`, which is right only when releasing on
+    the machine that trained the model.
+    """
+    step_dir, workdir = _run_step_dir(workdir_or_checkpoint)
+    info = ckpt.read_checkpoint_info(step_dir)
+    cfg = info.config
+    loss = (_binding(cfg, "train.loss") or info.metadata.get("loss", "?")).lstrip("@").rstrip("()")
+    opt = (_binding(cfg, "train.optimizer") or "?").lstrip("@").rstrip("()")
+    lr = _binding(cfg, f"{opt}.learning_rate") or _binding(cfg, "learning_rate")
+    batch = _binding(cfg, "train.batch_size") or "256 (default)"
+    parts = [f"{loss}, {info.step} steps, batch {batch}, {opt}" + (f" lr {lr}" if lr else "")]
+    log = _read_log(workdir)
+    train_s = max((r["time_s"] for r in log if isinstance(r.get("time_s"), (int, float))), default=None)
+    compile_s = sum(r["compile_s"] for r in log if isinstance(r.get("compile_s"), (int, float)))
+    if train_s is not None:
+        parts.append(f"{train_s:.0f} s training" + (f" (+{compile_s:.0f} s compilation)" if compile_s else ""))
+    parts.append(machine or this_machine())
+    return "; ".join(parts)
+
+
+def release(
+    workdir_or_checkpoint,
+    name: str,
+    *,
+    gin_file,
+    recipe: str | None = None,
+    dest="assets/models",
+    registry=None,
+    locations: Sequence[str | Mapping[str, Any]] = (),
+    machine: str | None = None,
+) -> ModelInfo:
+    r"""Pack a run's latest checkpoint as ``dest/<name>.tar`` and write its registry entry.
+
+    ``workdir_or_checkpoint`` is a training workdir (``WORKDIR/checkpoint`` is used), a
+    checkpoint root or one step dir. The metrics come from the run's ``metrics.json``,
+    which must describe the released step (the last step in ``log.jsonl``). ``dest`` and a
+    relative ``gin_file`` resolve against the repository root. The entry's locations are
+    the archive (relative to the repository when inside it) followed by ``locations``
+    (mirrors). An existing entry of the same name is replaced in place. ``recipe``
+    defaults to :func:`draft_recipe`.
+    """
+    from zoo.config import ConfigError, resolve_gin_file
+
+    if not _NAME.match(name):
+        raise RegistryError(f"model name {name!r} must be letters, digits, '_', '.', '-'")
+    step_dir, workdir = _run_step_dir(workdir_or_checkpoint)
+    info = ckpt.verify_checkpoint(step_dir)
+    if workdir is None:
+        raise RegistryError(f"no metrics.json beside {step_dir}: evaluate the run (tools/evaluate) before releasing it")
+    log = _read_log(workdir)
+    last_step = max((r["step"] for r in log if isinstance(r.get("step"), int)), default=None)
+    if last_step is not None and last_step != info.step:
+        raise RegistryError(
+            f"{workdir}/metrics.json describes the run's last step {last_step}, but the checkpoint is step {info.step}"
+        )
+    raw_metrics = json.loads((workdir / "metrics.json").read_text())
+    metrics = {}
+    for key in METRIC_KEYS:
+        if key in raw_metrics:
+            value = raw_metrics[key]
+            metrics[key] = int(value) if key.startswith("n_") else float(value)  # "nan"/"inf" strings too
+    for key in ("nll", "ess_q", "ess_p", "n_samples_q", "n_samples_p"):
+        if key not in metrics:
+            raise RegistryError(f"{workdir}/metrics.json lacks {key}")
+
+    try:
+        given = Path(gin_file)
+        gin_path = given if given.is_file() else _repo_path(str(gin_file))
+        gin_path = gin_path if gin_path.is_file() else resolve_gin_file(gin_file)
+    except ConfigError as e:
+        raise RegistryError(str(e)) from None
+    gin_rel = _relative_to_repo(gin_path)
+
+    dest_dir = _repo_path(str(dest))
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    archive = ckpt.pack_checkpoint(step_dir, dest_dir / f"{name}.tar")
+    sha = ckpt.file_sha256(archive)
+    entry = {
+        "name": name,
+        "system": info.metadata.get("system", "?"),
+        "gin": gin_rel,
+        "recipe": recipe if recipe is not None else draft_recipe(step_dir, machine=machine),
+        "size_bytes": archive.stat().st_size,
+        "sha256": sha,
+        "locations": [_relative_to_repo(archive), *locations],
+        "step": info.step,
+        "created": info.created,
+        "zoo_version": info.zoo_version,
+        "metrics": metrics,
+    }
+    path = registry_path(registry)
+    entries = _read_registry_file(path)
+    names = [e.get("name") for e in entries]
+    if name in names:
+        old = entries[names.index(name)]
+        if old.get("sha256") == sha and not locations:
+            entry["locations"] = list(old.get("locations", entry["locations"]))
+        entries[names.index(name)] = entry
+    else:
+        entries.append(entry)
+    write_registry(entries, path)
+    return _check_entry(entry, name)
+
+
+def _relative_to_repo(path: Path) -> str:
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(REPO_ROOT.resolve()).as_posix()
+    except ValueError:
+        return str(path)
