@@ -115,6 +115,15 @@ def test_rewrite_replaces_the_old_set_and_rejects_nan(dw_store):
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".dw")]
 
 
+def test_a_folder_that_is_not_a_data_set_is_never_replaced(tmp_path):
+    dw = DoubleWell()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "precious.txt").write_text("keep")
+    with pytest.raises(DatasetError, match="refusing to replace"):
+        storage.write_dataset(tmp_path / "work", _random_splits(dw), system=dw)
+    assert (tmp_path / "work" / "precious.txt").read_text() == "keep"
+
+
 def test_registered_as_dataset():
     from zoo.registry import lookup
 

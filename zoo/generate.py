@@ -183,7 +183,7 @@ def generate_data(
     progress: bool = True,
     plots: bool = True,
 ) -> dict | None:
-    """Sample ``system`` by MCMC into ``output_dir`` (default: ``workdir``); returns the manifest.
+    """Sample ``system`` by MCMC into ``output_dir`` (default: ``<workdir>/dataset``); returns the manifest.
 
     The chain state lives in ``workdir`` and is saved after every chunk, so a killed call
     resumes where it stopped (``resume=True``). Returns None while the run is incomplete
@@ -191,7 +191,9 @@ def generate_data(
     shuffled with ``seed``.
     """
     workdir = Path(workdir)
-    output_dir = workdir if output_dir is None else Path(output_dir)
+    output_dir = workdir / "dataset" if output_dir is None else Path(output_dir)
+    if output_dir.resolve() == workdir.resolve():
+        raise ValueError(f"output_dir must differ from the workdir {workdir} (the data set directory is replaced as a whole)")
     counts = {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
     if any(n < 1 for n in counts.values()):
         raise ValueError(f"every split needs at least one sample, got {counts}")

@@ -599,9 +599,11 @@ def run_chains(
         )
         _save_atomic(path, st)
         if bar is not None:
-            bar.update(n)
             n_chunks = math.ceil(s.burn_in / s.chunk) + math.ceil(sampling_steps / s.chunk)
-            bar.set_postfix_str(f"chunk {_chunk_index(done, s)}/{n_chunks} {phase}, acc {acc_mean:.3f}, h {np.median(step_size):.3g}")
+            bar.set_postfix_str(
+                f"chunk {_chunk_index(done, s)}/{n_chunks} {phase}, acc {acc_mean:.3f}, h {np.median(step_size):.3g}", refresh=False
+            )
+            bar.update(n)
     if bar is not None:
         bar.close()
 

@@ -124,7 +124,8 @@ def write_dataset(directory, splits: dict, *, system, extra: dict | None = None)
 
     Positions have shape (n, *event_shape) or (n, dim); they are stored in the system's
     event shape. The directory is assembled beside the target and swapped in by renames,
-    so an interrupted write leaves either the old data set or the new one.
+    so an interrupted write leaves either the old data set or the new one; an existing
+    non-empty directory without a manifest is refused rather than replaced.
     """
     import zoo
 
@@ -132,6 +133,9 @@ def write_dataset(directory, splits: dict, *, system, extra: dict | None = None)
     unknown = set(splits) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown split(s) {sorted(unknown)}; expected {SPLITS}")
+    if directory.exists() and not (directory / MANIFEST).is_file() and any(directory.iterdir()):
+        # The directory is swapped out whole: never do that to a folder that is not a data set.
+        raise DatasetError(f"refusing to replace {directory}: it is not empty and holds no {MANIFEST}")
     shape = tuple(system.event_shape)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))

@@ -5,9 +5,10 @@ Example (from the repository root)::
     tools/generate-data --gin=data_lj13 --workdir=runs/data_lj13 \\
         --gin_param="generate_data.output_dir='assets/data/lj13'"
 
-A killed run continues from its last saved chunk when started again with the same
-workdir (``--no-resume`` starts over). The gin configuration actually used is written to
-``<workdir>/operative_config.gin`` (and beside the data when they go elsewhere).
+The data go to ``<workdir>/dataset`` unless ``generate_data.output_dir`` is bound. A killed
+run continues from its last saved chunk when started again with the same workdir
+(``--no-resume`` starts over). The gin configuration actually used is written to
+``<workdir>/operative_config.gin`` and beside the data.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="generate-data", description=__doc__.splitlines()[0])
     p.add_argument("--gin", action="append", default=[], metavar="FILE", help="gin file (path or bare name in gin/); repeatable")
     p.add_argument("--gin_param", action="append", default=[], metavar="BINDING", help="gin binding, e.g. generate_data.seed=1; repeatable")
-    p.add_argument("--workdir", required=True, help="folder for the chain state, logs and (by default) the data set")
+    p.add_argument("--workdir", required=True, help="folder for the chain state and the config; the data go to <workdir>/dataset unless generate_data.output_dir is bound")
     p.add_argument(
         "--resume",
         action=argparse.BooleanOptionalAction,
