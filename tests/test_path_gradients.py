@@ -1,0 +1,261 @@
+"""Path-gradient estimator: augmented adjoint vs autodiff and finite differences, backsolve vs
+direct differentiation, sticking the landing, unbiasedness against maximum likelihood, the
+mean-free base, and the loss wrappers."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from zoo.data import Batch
+from zoo.fields import AbstractVectorField, MLPField
+from zoo.flows import CNF, MeanFreeNormal, StandardNormal
+from zoo.losses import MaximumLikelihood, PathGradientForwardKL, grad_log_prob, path_gradient
+from zoo.systems import GaussianMixture2D
+
+
+def _flow(seed=3, *, width=16, depth=2, **kwargs):
+    field = MLPField(2, width=width, depth=depth, key=jax.random.PRNGKey(seed))
+    return CNF(field, StandardNormal(2), **kwargs)
+
+
+class ProjectedMLP(AbstractVectorField):
+    """An MLP field whose output is projected onto the mean-free subspace (not equivariant)."""
+
+    mlp: MLPField
+    base: MeanFreeNormal
+
+    @property
+    def dim(self):
+        return self.mlp.dim
+
+    def __call__(self, t, x):
+        return self.base.project(self.mlp(t, x))
+
+
+def _mean_free_flow(seed=4, **kwargs):
+    base = MeanFreeNormal(n_particles=3, spatial_dim=2)
+    return CNF(ProjectedMLP(MLPField(6, width=16, depth=2, key=jax.random.PRNGKey(seed)), base), base, **kwargs)
+
+
+def _flat(grads):
+    return ravel_pytree(eqx.filter(grads, eqx.is_inexact_array))[0]
+
+
+@eqx.filter_jit
+def _per_sample_pg(model, x, forces, eps=None, adjoint="backsolve"):
+    """(n, n_params) path gradients, one sample at a time."""
+
+    def one(xi, fi, ei):
+        def surrogate(m):
+            e = None if ei is None else ei[None]
+            return path_gradient(m, xi[None], fi[None], eps=e, adjoint=adjoint).surrogate[0]
+
+        return _flat(eqx.filter_grad(surrogate)(model))
+
+    return jax.vmap(one)(x, forces, eps)
+
+
+@eqx.filter_jit
+def _per_sample_ml(model, x):
+    """(n, n_params) gradients of −log q_θ(x_i) through the solver."""
+    return jax.vmap(lambda xi: _flat(eqx.filter_grad(lambda m: -m.log_prob_single(xi))(model)))(x)
+
+
+@eqx.filter_jit
+def _batch_pg(model, x, forces, *, adjoint, eps=None):
+    return _flat(eqx.filter_grad(lambda m: jnp.mean(path_gradient(m, x, forces, eps=eps, adjoint=adjoint).surrogate))(model))
+
+
+# ----------------------------------------------------------------------------- ∇_x log q_θ
+def test_grad_log_q_matches_autodiff_and_finite_differences(x64, key):
+    model = _flow(n_steps=30)
+    x = 1.5 * jax.random.normal(key, (6, 2))
+    adjoint, z, log_q = eqx.filter_jit(eqx.filter_vmap(grad_log_prob, in_axes=(None, 0)))(model, x)
+    autodiff = jax.jit(jax.vmap(jax.grad(model.log_prob_single)))(x)
+    log_prob = jax.jit(jax.vmap(model.log_prob_single))
+    h = 1e-5
+    fd = np.stack([(log_prob(x + h * e) - log_prob(x - h * e)) / (2 * h) for e in jnp.eye(2)], axis=-1)
+    assert np.abs(autodiff).min() > 1e-2  # a nontrivial gradient
+    np.testing.assert_allclose(fd, autodiff, atol=1e-8)
+    # Continuous adjoint vs the discrete gradient: agree to RK4 tolerance.
+    np.testing.assert_allclose(adjoint, autodiff, atol=1e-8)
+    np.testing.assert_allclose(log_q, model.log_prob(x), atol=1e-8)
+    np.testing.assert_allclose(z, jax.vmap(model.inverse)(x), atol=1e-12)
+
+
+def test_grad_log_q_hutchinson_matches_autodiff_with_the_same_noise(x64, key):
+    model = _flow(n_steps=30, divergence="hutchinson")
+    x = 1.5 * jax.random.normal(key, (6, 2))
+    eps = model.hutchinson_noise(jax.random.PRNGKey(11), 6, x.dtype)
+    terms = eqx.filter_jit(path_gradient)(model, x, jnp.zeros_like(x), eps=eps)
+    autodiff = jax.jit(jax.vmap(jax.grad(model.log_prob_single)))(x, eps)
+    np.testing.assert_allclose(terms.grad_log_q, autodiff, atol=1e-8)
+    np.testing.assert_allclose(terms.log_q, jax.jit(jax.vmap(model.log_prob_single))(x, eps), atol=1e-8)
+    # The noise matters: the exact-divergence gradient differs (so the check above can fail).
+    exact_model = CNF(model.field, model.base, n_steps=30, divergence="exact")
+    exact = jax.jit(jax.vmap(jax.grad(exact_model.log_prob_single)))(x)
+    assert np.abs(terms.grad_log_q - exact).max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- θ-adjoint
+# The per-sample and batch tests below share one model and one sample count, so the
+# compiled estimators are reused across tests (compilation dominates their run time).
+N = 400
+
+
+def _gmm_batch(seed=5, n=N):
+    target = GaussianMixture2D()
+    x = target.sample(jax.random.PRNGKey(seed), n)
+    return x, jax.vmap(target.force)(x)
+
+
+def test_backsolve_matches_direct_differentiation(x64):
+    model = _flow(n_steps=15)
+    x, forces = _gmm_batch()
+    backsolve = _batch_pg(model, x, forces, adjoint="backsolve")
+    direct = _batch_pg(model, x, forces, adjoint="direct")
+    assert np.linalg.norm(direct) > 1e-2
+    np.testing.assert_allclose(backsolve, direct, atol=1e-7 * np.abs(direct).max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kwargs,rtol",
+    [({"n_steps": 20, "divergence": "hutchinson"}, 1e-7), ({"solver": "dopri5", "rtol": 1e-11, "atol": 1e-11}, 1e-5)],
+)
+def test_backsolve_matches_direct_per_sample(x64, key, kwargs, rtol):
+    # dopri5: differentiating through the adaptive solver is the less accurate of the two
+    # (at rtol = atol = 1e-9 it is 1.5e-5 from a 200-step RK4 reference, backsolve 2e-6).
+    model = _flow(**kwargs)
+    x, forces = _gmm_batch(n=8)
+    eps = model.hutchinson_noise(jax.random.PRNGKey(1), 8, x.dtype) if model.needs_key else None
+    backsolve = _per_sample_pg(model, x, forces, eps)
+    direct = _per_sample_pg(model, x, forces, eps, adjoint="direct")
+    assert np.linalg.norm(direct, axis=1).min() > 1e-2
+    np.testing.assert_allclose(backsolve, direct, atol=rtol * np.abs(direct).max())
+
+
+# ----------------------------------------------------------------------------- properties
+def test_sticks_the_landing(x64, key):
+    """u = −log q_θ: every per-sample path gradient vanishes; maximum-likelihood gradients do not."""
+    model = _flow(n_steps=15)
+    x = 1.5 * jax.random.normal(key, (N, 2))
+    forces = jax.jit(jax.vmap(jax.grad(model.log_prob_single)))(x)  # F = −∇u = ∇ log q_θ
+    pg = np.linalg.norm(_per_sample_pg(model, x, forces), axis=1)
+    ml = np.linalg.norm(_per_sample_ml(model, x), axis=1)
+    assert ml.min() > 1e-2
+    assert pg.max() < 1e-7 * np.median(ml), (pg.max(), np.median(ml))
+    assert (pg < 1e-6 * ml).all()
+
+
+def test_mean_path_gradient_equals_maximum_likelihood_gradient(x64):
+    """E_μ[g_PG] = −E_μ[∇_θ log q_θ] on a mixture the model does not fit, by z-scores of the
+    per-sample differences in the mean-gradient direction and in random directions."""
+    model = _flow(n_steps=15)
+    x, forces = _gmm_batch()
+    pg = np.asarray(_per_sample_pg(model, x, forces))
+    ml = np.asarray(_per_sample_ml(model, x))
+    mean_ml = ml.mean(0)
+    rng = np.random.default_rng(0)
+    directions = [mean_ml / np.linalg.norm(mean_ml)] + [u / np.linalg.norm(u) for u in rng.normal(size=(5, ml.shape[1]))]
+    for u in directions:
+        d = (pg - ml) @ u
+        se = d.std(ddof=1) / np.sqrt(N)
+        assert abs(d.mean()) < 4.0 * se, (d.mean(), se)
+    # The signal is there: the mean gradient is many standard errors from zero ...
+    u = directions[0]
+    assert (ml @ u).mean() > 8 * (ml @ u).std(ddof=1) / np.sqrt(N)
+    # ... and the test has power: dropping the force term (a plausible bug) is detected.
+    se = ((pg - ml) @ u).std(ddof=1) / np.sqrt(N)
+    biased = np.asarray(_batch_pg(model, x, jnp.zeros_like(forces), adjoint="backsolve")) @ u
+    assert abs(biased - (ml @ u).mean()) > 5 * se
+    # The batched estimator is the mean of the per-sample ones.
+    np.testing.assert_allclose(_batch_pg(model, x, forces, adjoint="backsolve"), pg.mean(0), atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- mean-free base
+def test_mean_free_base_stays_on_the_subspace(x64, key):
+    model = _mean_free_flow(n_steps=20)
+    base = model.base
+    x = 1.3 * base.sample(key, 6)
+    # Forces with a centre-of-mass component: c must still be mean-free.
+    forces = -x + 0.7
+    terms = eqx.filter_jit(path_gradient)(model, x, forces)
+
+    def particle_mean(v):
+        return np.abs(np.asarray(v).reshape(-1, 3, 2).mean(axis=1)).max()
+
+    assert particle_mean(terms.grad_log_q) < 1e-12
+    assert particle_mean(terms.c) < 1e-12
+    assert particle_mean(terms.z) < 1e-12
+    autodiff = base.project(jax.jit(jax.vmap(jax.grad(model.log_prob_single)))(x))
+    assert np.abs(autodiff).max() > 1e-2
+    np.testing.assert_allclose(terms.grad_log_q, autodiff, atol=1e-8)
+    # The projected force gives the same path gradient (the COM part is invisible to the flow).
+    backsolve = _batch_pg(model, x, forces, adjoint="backsolve")
+    assert np.linalg.norm(backsolve) > 1e-2
+    np.testing.assert_allclose(_batch_pg(model, x, base.project(forces), adjoint="backsolve"), backsolve, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_mean_free_backsolve_matches_direct(x64, key):
+    model = _mean_free_flow(n_steps=20)
+    x = 1.3 * model.base.sample(key, 6)
+    forces = -x + 0.7
+    backsolve = _batch_pg(model, x, forces, adjoint="backsolve")
+    direct = _batch_pg(model, x, forces, adjoint="direct")
+    np.testing.assert_allclose(backsolve, direct, atol=1e-7 * np.abs(direct).max())
+
+
+# ----------------------------------------------------------------------------- loss wrappers
+def test_missing_forces_raise_a_clear_error(key):
+    model = _flow()
+    x = jax.random.normal(key, (4, 2))
+    with pytest.raises(ValueError, match="batch.forces is None"):
+        PathGradientForwardKL()(model, Batch(x), key)
+    with pytest.raises(ValueError, match="forces"):
+        path_gradient(model, x, None)
+    with pytest.raises(ValueError, match="shape"):
+        path_gradient(model, x, jnp.zeros((4, 3)))
+    with pytest.raises(ValueError, match="energy"):
+        PathGradientForwardKL(force_source="energy")
+    with pytest.raises(ValueError, match="PRNG key"):
+        path_gradient(_flow(divergence="hutchinson"), x, jnp.zeros_like(x))
+    assert PathGradientForwardKL.needs_forces and not MaximumLikelihood.needs_forces
+
+
+def test_force_sources_agree(key):
+    target = GaussianMixture2D()
+    model = _flow()
+    x = target.sample(key, 32)
+    batch = Batch(x, jax.vmap(target.force)(x))
+    data_loss = PathGradientForwardKL()
+    energy_loss = PathGradientForwardKL(force_source="energy", energy=target.energy)
+    np.testing.assert_allclose(energy_loss.forces(Batch(x)), data_loss.forces(batch), rtol=1e-5, atol=1e-6)
+    # The surrogate's value ⟨c, T_θ(z)⟩ sees the forces; its gradient path is shared.
+    v_data, aux_data = eqx.filter_jit(data_loss)(model, batch, key)
+    v_energy, aux_energy = eqx.filter_jit(energy_loss)(model, Batch(x), key)
+    np.testing.assert_allclose(v_energy, v_data, rtol=1e-5)
+    np.testing.assert_allclose(aux_energy["c_norm"], aux_data["c_norm"], rtol=1e-5)
+    # GaussianMixture2D has log Z = 0, so kl_plus_log_z is the forward KL: mean(log p − log q).
+    kl = jnp.mean(-jax.vmap(target.energy)(x)) + aux_data["nll"]
+    np.testing.assert_allclose(aux_energy["kl_plus_log_z"], kl, rtol=1e-5)
+    assert "kl_plus_log_z" not in aux_data
+    assert abs(float(aux_data["c_norm"]) - float(aux_data["grad_log_q_norm"])) > 1e-2
+
+
+def test_loss_aux_and_maximum_likelihood(key):
+    target = GaussianMixture2D()
+    model = _flow(divergence="hutchinson")
+    x = target.sample(key, 32)
+    batch = Batch(x, jax.vmap(target.force)(x))
+    loss, aux = eqx.filter_jit(PathGradientForwardKL())(model, batch, key)
+    nll = -model.log_prob(x, key=key).mean()  # same key → same Hutchinson noise
+    np.testing.assert_allclose(aux["nll"], nll, rtol=1e-4)
+    assert aux["reconstruction_error"] < 1e-3
+    ml, ml_aux = eqx.filter_jit(MaximumLikelihood())(model, batch, key)
+    np.testing.assert_allclose(ml, nll, rtol=1e-6)
+    np.testing.assert_allclose(ml_aux["nll"], nll, rtol=1e-6)
