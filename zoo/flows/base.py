@@ -60,21 +60,27 @@ class StandardNormal(AbstractBase):
 
 @register("base")
 class MeanFreeNormal(AbstractBase):
-    r"""Standard normal on the centre-of-mass-free subspace of N particles in d dimensions.
+    r"""Isotropic normal N(0, s²) on the centre-of-mass-free subspace of N particles in d dimensions.
 
     Samples have zero mean over particles. The log density is a density on the
     (N-1)·d dimensional subspace itself (its own Lebesgue measure, with an orthonormal
     basis), so it includes the normalising constant:
 
-    $$\log q_0(z) = -\tfrac12\|z\|^2 - \tfrac{(N-1)d}{2}\log 2\pi \qquad (\bar z = 0).$$
+    $$\log q_0(z) = -\frac{\|z\|^2}{2s^2} - \tfrac{(N-1)d}{2}\log(2\pi s^2) \qquad (\bar z = 0).$$
 
-    bgflow's ``MeanFreeNormalDistribution`` drops the constant (its ``_log_Z`` term is
-    commented out), so its NLLs are ours minus ``(N-1)d/2 · log 2π``
-    (= 33.08 for LJ13, 97.68 for LJ55, 5.51 for DW4).
+    ``scale`` s (default 1) matches the base to the data's length unit, e.g. about 0.1 nm
+    for a small molecule in nanometres. bgflow's ``MeanFreeNormalDistribution`` (s = 1)
+    drops the constant (its ``_log_Z`` term is commented out), so its NLLs are ours minus
+    ``(N-1)d/2 · log 2π`` (= 33.08 for LJ13, 97.68 for LJ55, 5.51 for DW4).
     """
 
     n_particles: int = eqx.field(static=True)
     spatial_dim: int = eqx.field(static=True)
+    scale: float = eqx.field(static=True, default=1.0)
+
+    def __check_init__(self):
+        if self.n_particles < 2 or self.spatial_dim < 1 or not self.scale > 0:
+            raise ValueError(f"MeanFreeNormal needs n_particles >= 2, spatial_dim >= 1, scale > 0; got {self.n_particles}, {self.spatial_dim}, {self.scale}")
 
     @property
     def dim(self) -> int:
@@ -92,10 +98,10 @@ class MeanFreeNormal(AbstractBase):
 
     def log_prob(self, z: Vector) -> Scalar:
         z = self.project(z)
-        return -0.5 * jnp.sum(z**2) - 0.5 * self.subspace_dim * math.log(2 * math.pi)
+        return -0.5 * jnp.sum(z**2) / self.scale**2 - 0.5 * self.subspace_dim * math.log(2 * math.pi * self.scale**2)
 
     def sample(self, key: PRNGKeyArray, n: int) -> Array:
-        return self.project(jax.random.normal(key, (n, self.dim)))
+        return self.scale * self.project(jax.random.normal(key, (n, self.dim)))
 
     def score(self, z: Vector) -> Vector:
-        return -self.project(z)
+        return -self.project(z) / self.scale**2
