@@ -69,10 +69,13 @@ def check_system(manifest: dict, system, *, where: str = "") -> None:
         raise DatasetError(f"manifest {where} records no system")
     if have["name"] != want["name"]:
         raise DatasetError(f"data set {where} holds samples of {have['name']}, but the configured system is {want['name']}")
+    # Settings that change how a target is evaluated, not its Boltzmann density (an atom
+    # encoding, a worker count), do not invalidate stored samples.
+    ignored = set(getattr(system, "data_independent_fields", ()))
     diffs = [
         f"{k}: stored {have.get('params', {}).get(k)!r}, configured {v!r}"
         for k, v in want["params"].items()
-        if have.get("params", {}).get(k) != v
+        if k not in ignored and have.get("params", {}).get(k) != v
     ]
     if diffs:
         raise DatasetError(f"data set {where} was generated for {have['name']} with other parameters: " + "; ".join(diffs))
