@@ -171,6 +171,12 @@ class _AlanineDipeptide(AbstractParticleSystem):
     def default_base(self) -> AbstractBase:
         return MeanFreeNormal(self.n_particles, self.spatial_dim)
 
+    def write_views(self, arrays: dict, workdir, *, prefix: str = "") -> dict:
+        """Ramachandran maps, bond lengths and the φ free-energy difference (data, model, reweighted)."""
+        from zoo.views import molecule_views
+
+        return molecule_views(arrays, workdir, prefix=prefix, dihedrals=dihedrals, bonds=bonds(), elements=ELEMENTS, n_atoms=N_ATOMS)
+
     def field_kwargs(self) -> dict:
         return {**super().field_kwargs(), "atom_types": encoding(self.encoding)}
 
