@@ -1,6 +1,6 @@
-"""Cost of a path-gradient training step against a flow-matching step (2-D mixture, MLP CNF).
+"""Cost of a path-gradient training step against a flow-matching step (2-D MLP CNF, LJ13 EGNN CNF).
 
-Run: ``python -m benchmarks.pg_vs_fm [--batch 256] [--repeats 30] [--out benchmarks/pg_vs_fm.json]``.
+Run: ``python -m benchmarks.pg_vs_fm [--model mlp2d|lj13] [--batch N] [--repeats 30] [--out PATH]``.
 
 One training step is value_and_grad of the loss plus an optax Adam update, compiled with
 ``eqx.filter_jit`` (lower + compile timed separately, then the compiled executable is
@@ -16,6 +16,13 @@ buffer size (``memory_analysis().temp_size_in_bytes``) for the backsolve adjoint
 direct adjoint (diffrax's RecursiveCheckpointAdjoint keeps O(√n) checkpoints of the small
 2-D state, so it is nearly flat too) and, for contrast, for reverse mode through an
 unrolled RK4 scan that stores every stage (linear in n).
+
+``--model lj13`` times the same step for LJ13 instead: EGNNField (13 particles in 3-D,
+hidden 64, 3 layers) in a CNF on MeanFreeNormal(13, 3), RK4 with 15 steps, Hutchinson
+divergence, batch 64 by default (the path-gradient paper's LJ13 batch), data (positions and
+forces) from the stored ``assets/data/lj13`` set; memory is that of the PG step (backsolve
+adjoint) at 15 and 30 RK4 steps. Its JSON goes to ``benchmarks/pg_vs_fm_lj13.json`` unless
+``--out`` says otherwise.
 """
 
 from __future__ import annotations
@@ -32,11 +39,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from zoo.data import Batch
-from zoo.fields import MLPField
-from zoo.flows import CNF, StandardNormal
+from zoo.data import Batch, stored_dataset
+from zoo.fields import EGNNField, MLPField
+from zoo.flows import CNF, MeanFreeNormal, StandardNormal
 from zoo.losses import AbstractLoss, FlowMatching, PathGradientForwardKL, path_gradient
-from zoo.systems import GaussianMixture2D
+from zoo.systems import GaussianMixture2D, LennardJones
 
 
 def _rk4_unrolled(field, x, n_steps: int):
@@ -102,28 +109,70 @@ def make_model(n_steps: int = 15, seed: int = 0) -> CNF:
     return CNF(field, StandardNormal(2), solver="rk4", n_steps=n_steps, divergence="exact")
 
 
+def make_lj13_model(n_steps: int = 15, seed: int = 0) -> CNF:
+    field = EGNNField(n_particles=13, spatial_dim=3, hidden=64, n_layers=3, key=jax.random.PRNGKey(seed))
+    return CNF(field, MeanFreeNormal(13, 3), solver="rk4", n_steps=n_steps, divergence="hutchinson")
+
+
+def lj13_batch(n: int) -> Batch:
+    """The first n training samples of the stored LJ13 set: flat positions and forces (n, 39)."""
+    data = stored_dataset(LennardJones(), path="assets/data/lj13", n_train=n, n_val=1, n_test=1)
+    return Batch(x=jnp.asarray(data.train.positions), forces=jnp.asarray(data.train.forces))
+
+
+MODELS = {
+    # name: (default batch, default memory steps, default JSON path, description)
+    "mlp2d": (256, [15, 30, 60, 120], "benchmarks/pg_vs_fm.json",
+              "MLPField 4x64 ELU, RK4 15 steps, exact divergence, 2-D GaussianMixture2D"),
+    "lj13": (64, [15, 30], "benchmarks/pg_vs_fm_lj13.json",
+             "EGNNField 13x3 hidden 64 3 layers, MeanFreeNormal, RK4 15 steps, Hutchinson divergence, "
+             "LennardJones (stored assets/data/lj13)"),
+}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--model", choices=sorted(MODELS), default="mlp2d")
+    parser.add_argument("--batch", type=int, default=None, help="default 256 (mlp2d), 64 (lj13)")
     parser.add_argument("--repeats", type=int, default=30, help="interleaved timing rounds")
     parser.add_argument("--fm-calls", type=int, default=20, help="FM calls per round")
-    parser.add_argument("--memory-steps", type=int, nargs="+", default=[15, 30, 60, 120])
-    parser.add_argument("--out", default="benchmarks/pg_vs_fm.json")
+    parser.add_argument("--memory-steps", type=int, nargs="+", default=None,
+                        help="default 15 30 60 120 (mlp2d), 15 30 (lj13)")
+    parser.add_argument("--out", default=None, help="JSON path; '' writes none")
     args = parser.parse_args(argv)
+    default_batch, default_memory_steps, default_out, description = MODELS[args.model]
+    args.batch = default_batch if args.batch is None else args.batch
+    args.memory_steps = default_memory_steps if args.memory_steps is None else args.memory_steps
+    args.out = default_out if args.out is None else args.out
 
-    system = GaussianMixture2D()
     key = jax.random.PRNGKey(0)
-    x = system.sample(jax.random.PRNGKey(1), args.batch)
-    batch = Batch(x=x, forces=jax.vmap(system.force)(x))
-    model = make_model()
+    if args.model == "mlp2d":
+        system = GaussianMixture2D()
+        x = system.sample(jax.random.PRNGKey(1), args.batch)
+        batch = Batch(x=x, forces=jax.vmap(system.force)(x))
+        model_fn = make_model
+        # Rounds interleave the losses so that all of them see the same load on a shared
+        # machine; each round times one PG call and a block of FM calls (FM is ~100x faster).
+        losses = {
+            "FM": (FlowMatching(), args.fm_calls),
+            "PG (backsolve)": (PathGradientForwardKL(adjoint="backsolve"), 1),
+            "PG (direct)": (PathGradientForwardKL(adjoint="direct"), 1),
+        }
+        memory_losses = (
+            ("backsolve", PathGradientForwardKL(adjoint="backsolve")),
+            ("direct (diffrax RecursiveCheckpointAdjoint)", PathGradientForwardKL(adjoint="direct")),
+            ("unrolled RK4 scan (no checkpoints)", UnrolledPathGradient()),
+        )
+    else:
+        batch = lj13_batch(args.batch)
+        model_fn = make_lj13_model
+        losses = {
+            "FM": (FlowMatching(), args.fm_calls),
+            "PG (backsolve)": (PathGradientForwardKL(adjoint="backsolve"), 1),
+        }
+        memory_losses = (("backsolve", PathGradientForwardKL(adjoint="backsolve")),)
+    model = model_fn()
 
-    # Rounds interleave the losses so that all of them see the same load on a shared
-    # machine; each round times one PG call and a block of FM calls (FM is ~100x faster).
-    losses = {
-        "FM": (FlowMatching(), args.fm_calls),
-        "PG (backsolve)": (PathGradientForwardKL(adjoint="backsolve"), 1),
-        "PG (direct)": (PathGradientForwardKL(adjoint="direct"), 1),
-    }
     timing, compiled = {}, {}
     for name, (loss_fn, _) in losses.items():
         step, opt_state, compile_s, temp = compile_step(loss_fn, model, batch, key)
@@ -151,19 +200,16 @@ def main(argv=None) -> dict:
         entry["cpu_ratio_to_fm"] = entry["cpu_ms"] / timing["FM"]["cpu_ms"]
 
     memory = {}
-    for name, loss_fn in (
-        ("backsolve", PathGradientForwardKL(adjoint="backsolve")),
-        ("direct (diffrax RecursiveCheckpointAdjoint)", PathGradientForwardKL(adjoint="direct")),
-        ("unrolled RK4 scan (no checkpoints)", UnrolledPathGradient()),
-    ):
+    for name, loss_fn in memory_losses:
         memory[name] = {}
         for n_steps in args.memory_steps:
-            _, _, _, temp = compile_step(loss_fn, make_model(n_steps), batch, key)
+            _, _, _, temp = compile_step(loss_fn, model_fn(n_steps), batch, key)
             memory[name][n_steps] = temp
 
     result = {
         "batch": args.batch,
-        "model": "MLPField 4x64 ELU, RK4 15 steps, exact divergence, 2-D GaussianMixture2D",
+        "model": description,
+        "model_name": args.model,
         "device": str(jax.devices()[0]),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
@@ -174,7 +220,7 @@ def main(argv=None) -> dict:
     }
 
     print(
-        f"\nTraining step (value_and_grad + Adam), batch {args.batch}, {result['device']} ({os.cpu_count()} cores), "
+        f"\n{args.model}: {description}\nTraining step (value_and_grad + Adam), batch {args.batch}, {result['device']} ({os.cpu_count()} cores), "
         f"median of {args.repeats} interleaved rounds; load average {os.getloadavg()[0]:.1f}\n"
     )
     print("| loss | wall (ms) | wall IQR (ms) | × FM (wall) | CPU (ms) | × FM (CPU) | compile (s) | temp memory (MiB) |")
