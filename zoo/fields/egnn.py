@@ -16,6 +16,13 @@ $[h_i, h_j, r^2, a]$; it is evaluated as $W_i h_i + W_j h_j + w_r r^2 + w_a a + 
 each node once and broadcast-adding over the pairs (the same function with half the
 pair-level matrix work). Parameters and their initialisation follow the reference
 (PyTorch ``Linear`` defaults; the last layer of φ_x bias-free, Xavier-uniform with gain 0.001).
+
+One implementation with an explicit batch axis serves two entry points: ``__call__`` (one
+sample, plain autodiff, forward mode included: the CNF's exact divergence) and
+``batched`` (training: the pair messages get a hand-written reverse pass that reuses the
+forward sigmoids). Flow-matching losses evaluate ``batched`` chunk by chunk with the
+gradient accumulated in the same pass (:mod:`zoo.losses.chunked`), which keeps a chunk's
+pair tensors in cache; ``benchmarks/egnn.py`` measures the effect.
 """
 
 from __future__ import annotations
@@ -61,6 +68,100 @@ class _Dense(eqx.Module):
         return y if self.bias is None else y + self.bias
 
 
+# ---------------------------------------------------------------------------- pair messages
+def _pair_forward(pi, pj, r2, a, wr, wa, w2, b2, wq, bq, w3, b3, w4):
+    r"""Messages and coordinate weights of one layer on dense pair tensors (any leading batch axes).
+
+    Inputs: node projections ``pi`` $= W_i h_i + b$ and ``pj`` $= W_j h_j$ (b, N, H), squared
+    distances ``r2`` and edge attributes ``a`` (b, N, N), and the weights of φ_e (``wr``, ``wa``:
+    the r² and a rows of its first layer; ``w2``, ``b2``: its second layer), of the optional
+    attention gate (``wq`` (H, 1), ``bq``; None without attention) and of φ_x (``w3``, ``b3``,
+    ``w4``). Returns ``(phi, agg)``: φ_x(m_ij) before any tanh (b, N, N) and Σ_{j≠i} m_ij
+    (b, N, H), plus the intermediates the hand-written backward pass reuses.
+    """
+    n = pi.shape[-2]
+    pre = pi[..., :, None, :] + pj[..., None, :, :] + r2[..., None] * wr + a[..., None] * wa
+    s1 = jax.nn.sigmoid(pre)
+    a1 = pre * s1
+    z2 = a1 @ w2 + b2
+    s2 = jax.nn.sigmoid(z2)
+    m_raw = z2 * s2
+    if wq is not None:
+        gate = jax.nn.sigmoid(m_raw @ wq + bq)  # (b, N, N, 1)
+        m = m_raw * gate
+    else:
+        gate = None
+        m = m_raw
+    z3 = m @ w3 + b3
+    s3 = jax.nn.sigmoid(z3)
+    a3 = z3 * s3
+    phi = a3 @ w4  # (..., N, N)
+    offdiag = (1.0 - jnp.eye(n, dtype=m.dtype))[:, :, None]
+    # Σ_{j≠i} m_ij as a masked sum: one fused reduction, no gather or scatter.
+    agg = jnp.sum(m * offdiag, axis=-2)
+    saved = (r2, a, wr, wa, w2, wq, w3, w4, s1, a1, s2, m_raw, gate, m, s3, a3)
+    return (phi, agg), saved
+
+
+def _pair_messages(*args):
+    """Plain-autodiff version (any transformation, forward mode included)."""
+    return _pair_forward(*args)[0]
+
+
+def _per_sample_weight_grad(x, g):
+    """Σ over all pairs of x_p g_pᵀ for (b, N, N, H) arrays, as b small products then a sum.
+
+    XLA's CPU backend evaluates one (H × b·N²)·(b·N² × H) product slowly (it transposes an
+    operand and runs the long contraction on one thread); b batched products are faster.
+    """
+    b, h = x.shape[0], x.shape[-1]
+    return jnp.einsum("bpi,bpk->bik", x.reshape(b, -1, h), g.reshape(b, -1, g.shape[-1])).sum(0)
+
+
+def _pair_messages_backward(saved, cotangents):
+    r"""Reverse pass of :func:`_pair_forward`, written out with silu'(z) = s + a(1 − s) from the saved s = σ(z), a = z s."""
+    r2, a, wr, wa, w2, wq, w3, w4, s1, a1, s2, m_raw, gate, m, s3, a3 = saved
+    g_phi, g_agg = cotangents
+    n = r2.shape[-1]
+    dw4 = _per_sample_weight_grad(a3, g_phi[..., None])[:, 0]
+    dz3 = (g_phi[..., None] * w4) * (s3 + a3 * (1.0 - s3))
+    dw3 = _per_sample_weight_grad(m, dz3)
+    db3 = jnp.sum(dz3, axis=(0, 1, 2))
+    offdiag = (1.0 - jnp.eye(n, dtype=m.dtype))[:, :, None]
+    dm = dz3 @ w3.T + g_agg[:, :, None, :] * offdiag
+    if wq is not None:
+        dq = jnp.sum(dm * m_raw, axis=-1, keepdims=True) * gate * (1.0 - gate)  # (b, N, N, 1)
+        dwq = _per_sample_weight_grad(m_raw, dq)
+        dbq = jnp.sum(dq, axis=(0, 1, 2))
+        dm = dm * gate + dq * wq[:, 0]
+    else:
+        dwq = dbq = None
+    dz2 = dm * (s2 + m_raw * (1.0 - s2))
+    dw2 = _per_sample_weight_grad(a1, dz2)
+    db2 = jnp.sum(dz2, axis=(0, 1, 2))
+    dpre = (dz2 @ w2.T) * (s1 + a1 * (1.0 - s1))
+    dpi = jnp.sum(dpre, axis=2)
+    dpj = jnp.sum(dpre, axis=1)
+    dr2 = dpre @ wr
+    da = dpre @ wa
+    dwr = _per_sample_weight_grad(r2[..., None], dpre)[0]
+    dwa = _per_sample_weight_grad(a[..., None], dpre)[0]
+    return dpi, dpj, dr2, da, dwr, dwa, dw2, db2, dwq, dbq, dw3, db3, dw4
+
+
+@jax.custom_vjp
+def _pair_messages_fast(*args):
+    """Same function as :func:`_pair_messages`, with a hand-written reverse pass (reverse mode only).
+
+    The reverse pass reuses the forward sigmoids instead of recomputing them and keeps no
+    other intermediates; in chunked training (:mod:`zoo.losses.chunked`) they stay in cache.
+    """
+    return _pair_forward(*args)[0]
+
+
+_pair_messages_fast.defvjp(_pair_forward, _pair_messages_backward)
+
+
 class _EGCL(eqx.Module):
     """One equivariant graph convolution layer (coordinates and, unless last, node features)."""
 
@@ -96,31 +197,34 @@ class _EGCL(eqx.Module):
 
     def __call__(
         self,
-        h: Float[Array, "n hidden"],
-        x: Float[Array, "n d"],
-        edge_attr: Float[Array, "n n"],
-    ) -> tuple[Float[Array, "n hidden"], Float[Array, "n d"]]:
+        h: Float[Array, "*b n hidden"],
+        x: Float[Array, "*b n d"],
+        edge_attr: Float[Array, "*b n n"],
+        *,
+        fast: bool = False,
+    ) -> tuple[Float[Array, "*b n hidden"], Float[Array, "*b n d"]]:
+        """One sample (no batch axis) or, with ``fast=True``, a batch with one leading axis."""
         hd = self.hidden
         w = self.edge_in.weight
-        diff = x[:, None, :] - x[None, :, :]  # (N, N, d): x_i − x_j
-        r2 = jnp.sum(diff**2, axis=-1)  # (N, N)
+        diff = x[..., :, None, :] - x[..., None, :, :]  # (*b, N, N, d): x_i − x_j
+        r2 = jnp.sum(diff**2, axis=-1)  # (*b, N, N)
         # First linear of φ_e, fused: per-node projections broadcast over the pairs.
-        hi = h @ w[:hd] + self.edge_in.bias  # (N, H)
-        hj = h @ w[hd : 2 * hd]  # (N, H)
-        pre = hi[:, None, :] + hj[None, :, :] + r2[..., None] * w[2 * hd] + edge_attr[..., None] * w[2 * hd + 1]
-        m = jax.nn.silu(self.edge_out(jax.nn.silu(pre)))  # (N, N, H)
-        if self.att is not None:
-            m = m * jax.nn.sigmoid(self.att(m))
-        phi = jax.nn.silu(self.coord_in(m)) @ self.coord_out  # (N, N)
+        pi = h @ w[:hd] + self.edge_in.bias
+        pj = h @ w[hd : 2 * hd]
+        att_w, att_b = (self.att.weight, self.att.bias) if self.att is not None else (None, None)
+        messages = _pair_messages_fast if fast else _pair_messages
+        phi, agg = messages(
+            pi, pj, r2, edge_attr, w[2 * hd], w[2 * hd + 1],
+            self.edge_out.weight, self.edge_out.bias, att_w, att_b,
+            self.coord_in.weight, self.coord_in.bias, self.coord_out,
+        )  # fmt: skip
         if self.tanh:
             phi = jnp.tanh(phi) * self.coords_range
         # The diagonal has x_i − x_j = 0, so it contributes nothing to the coordinate sum.
         scale = phi / (jnp.sqrt(r2 + _NORM_EPS) + 1.0)
-        x = x + jnp.einsum("ijd,ij->id", diff, scale)
+        x = x + jnp.einsum("...ijd,...ij->...id", diff, scale)
         if self.node_in is None:
             return h, x
-        # Σ_{j≠i} m_ij: the full row sum minus the diagonal term (cheaper than a mask product).
-        agg = jnp.sum(m, axis=1) - jnp.diagonal(m, axis1=0, axis2=1).T
         h = h + self.node_out(jax.nn.silu(self.node_in(jnp.concatenate([h, agg], axis=-1))))
         return h, x
 
@@ -207,24 +311,44 @@ class EGNNField(AbstractVectorField):
         """Width of the raw node features: one-hot atom type (if any) plus t."""
         return (self.n_atom_types or 0) + 1
 
-    def _initial_nodes(self, t, dtype) -> Float[Array, "n hidden"]:
-        t = jnp.asarray(t, dtype)
+    def _initial_nodes(self, t: Float[Array, " *b"]) -> Float[Array, "*b n hidden"]:
         # The input layer on [one-hot(type_i), t] is a learned per-type row plus t·w + b.
-        h = t * self.embedding.weight[-1] + self.embedding.bias
+        h = t[..., None, None] * self.embedding.weight[-1] + self.embedding.bias  # (*b, 1, H)
         if self.atom_types is None:
-            return jnp.broadcast_to(h, (self.n_particles, self.hidden))
-        rows = self.embedding.weight[np.asarray(self.atom_types)]
-        return rows + h
+            return jnp.broadcast_to(h, (*t.shape, self.n_particles, self.hidden))
+        return h + self.embedding.weight[np.asarray(self.atom_types)]
+
+    def _forward(self, t: Float[Array, " *b"], x: Float[Array, "*b dim"], *, fast: bool) -> Float[Array, "*b dim"]:
+        """One sample (t scalar, x (dim,)) or a batch (t (b,), x (b, dim))."""
+        x0 = x.reshape(*x.shape[:-1], self.n_particles, self.spatial_dim)
+        edge_attr = jnp.sum((x0[..., :, None, :] - x0[..., None, :, :]) ** 2, axis=-1)
+        h = self._initial_nodes(t.astype(x.dtype))
+        xl = x0
+        for layer in self.layers:
+            h, xl = layer(h, xl, edge_attr, fast=fast)
+        v = xl - x0
+        v = v - jnp.mean(v, axis=-2, keepdims=True)
+        return v.reshape(x.shape)
 
     def __call__(self, t: Time, x: Vector) -> Vector:
         if x.shape != (self.dim,):
             raise ValueError(f"EGNNField takes one flat sample of shape ({self.dim},), got {x.shape}")
-        x0 = x.reshape(self.n_particles, self.spatial_dim)
-        edge_attr = jnp.sum((x0[:, None, :] - x0[None, :, :]) ** 2, axis=-1)
-        h = self._initial_nodes(t, x.dtype)
-        xl = x0
-        for layer in self.layers:
-            h, xl = layer(h, xl, edge_attr)
-        v = xl - x0
-        v = v - jnp.mean(v, axis=0, keepdims=True)
-        return v.reshape(self.dim)
+        return self._forward(jnp.asarray(t, x.dtype), x, fast=False)
+
+    def batched(self, t: Float[Array, " b"], x: Float[Array, "b dim"]) -> Float[Array, "b dim"]:
+        """v for a batch, t (b,) and x (b, dim) → (b, dim): the same function as ``vmap(self)``.
+
+        The pair messages use a hand-written reverse pass, so this path supports reverse-mode
+        differentiation (training) but not forward mode; ``__call__`` supports both.
+        """
+        x = jnp.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"EGNNField.batched takes a batch of shape (b, {self.dim}), got {x.shape}")
+        t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))
+        return self._forward(t, x, fast=True)
+
+    def train_chunk_size(self, batch_size: int) -> int:
+        """Samples per chunk in chunked training: about 1500 pair rows (b·N²), so a chunk's
+        (b, N, N, H) tensors stay in the core's L2 cache; a divisor of ``batch_size``."""
+        target = max(1, 1500 // (self.n_particles * self.n_particles))
+        return max(c for c in range(1, min(target, batch_size) + 1) if batch_size % c == 0)

@@ -19,12 +19,20 @@ import jax.numpy as jnp
 from zoo._types import Array, PRNGKeyArray
 from zoo.data import Batch
 from zoo.losses.base import AbstractLoss
+from zoo.losses.chunked import chunked_squared_error
 from zoo.losses.coupling import exact_assignment, squared_distances
 from zoo.registry import register
 
 
-def fm_regression(model, x0: Array, x1: Array, key: PRNGKeyArray, *, sigma_min: float, sigma: float) -> Array:
-    """The flow-matching MSE for given pairs (x0[i], x1[i])."""
+def fm_regression(
+    model, x0: Array, x1: Array, key: PRNGKeyArray, *, sigma_min: float, sigma: float, chunk_size: int | None = None
+) -> Array:
+    """The flow-matching MSE for given pairs (x0[i], x1[i]).
+
+    ``chunk_size`` samples (at most; a divisor of b) are evaluated and differentiated at a time, see
+    :func:`zoo.losses.chunked.chunked_squared_error`; None asks the field
+    (``field.train_chunk_size(b)``), else the whole batch is one chunk.
+    """
     t_key, eps_key = jax.random.split(key)
     b = x1.shape[0]
     t = jax.random.uniform(t_key, (b, 1), dtype=x1.dtype)
@@ -32,8 +40,12 @@ def fm_regression(model, x0: Array, x1: Array, key: PRNGKeyArray, *, sigma_min: 
     if sigma > 0:
         xt = xt + sigma * model.base.sample(eps_key, b).astype(x1.dtype)
     ut = x1 - (1.0 - sigma_min) * x0
-    vt = jax.vmap(model.field)(t[:, 0], xt)
-    return jnp.mean((vt - ut) ** 2)
+    if chunk_size is None:
+        preferred = getattr(model.field, "train_chunk_size", None)
+        chunk_size = preferred(b) if preferred is not None else b
+    # The largest divisor of b not above the request (a last, smaller batch still works).
+    chunk_size = max(c for c in range(1, min(max(chunk_size, 1), b) + 1) if b % c == 0)
+    return chunked_squared_error(model.field, t[:, 0], xt, ut, chunk_size)
 
 
 @register("loss")
@@ -42,6 +54,8 @@ class FlowMatching(AbstractLoss):
 
     sigma_min: float = eqx.field(static=True, default=0.0)
     sigma: float = eqx.field(static=True, default=0.0)
+    #: Samples evaluated at a time (a divisor of the batch size); None: the field's choice.
+    chunk_size: int | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         if not (0.0 <= self.sigma_min < 1.0) or self.sigma < 0:
@@ -60,7 +74,9 @@ class FlowMatching(AbstractLoss):
         noise_key, pair_key, fm_key = jax.random.split(key, 3)
         x0 = model.base.sample(noise_key, x1.shape[0]).astype(x1.dtype)
         x0, x1 = self.pair(x0, x1, pair_key, base=model.base)
-        loss = fm_regression(model, x0, x1, fm_key, sigma_min=self.sigma_min, sigma=self.sigma)
+        loss = fm_regression(
+            model, x0, x1, fm_key, sigma_min=self.sigma_min, sigma=self.sigma, chunk_size=self.chunk_size
+        )
         return loss, {"fm_loss": loss}
 
 

@@ -1,0 +1,231 @@
+"""EGNN flow-matching training steps (LJ13, LJ55) and the equivariant-OT pairing, against the PyTorch reference.
+
+Run: ``python -m benchmarks.egnn [--repeats 20] [--only lj13_3 lj13_5 lj55_3 eqot] [--out benchmarks/egnn.json]``.
+
+One training step is value_and_grad of the flow-matching loss plus an optax Adam update,
+compiled once with ``eqx.filter_jit`` (lower + compile timed separately), then called on a
+fixed batch: median wall time (and process CPU time) of ``--repeats`` rounds after two
+warm-up calls. Rounds interleave the variants so that all of them see the same load.
+
+Variants of the same loss (equal values and gradients, tested in tests/test_equivariance.py):
+
+- ``vmap``: ``jax.vmap`` of the single-sample EGNN over the whole batch, plain autodiff
+  (what the field does without help; the first version of this module).
+- ``zoo``: ``FlowMatching()`` as shipped: the batch in chunks of ``field.train_chunk_size``
+  samples, each evaluated through ``EGNNField.batched`` (pair messages with a hand-written
+  reverse pass) and differentiated in the same pass (``zoo.losses.chunked``).
+
+The PyTorch reference (bgflow EGNN + torchdiffeq, hidden 64, 2 threads, quiet machine):
+LJ13 3 layers 0.21 s (PERFORMANCE.md; 0.38 s in the issue's table), 5 layers 0.40 s (0.55 s),
+LJ55 3 layers batch 64 1.63 s (2.6 s). The data are random mean-free configurations:
+the step's cost does not depend on their values. The machine is shared: the table records
+the 1-minute load average; compare variants within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+from zoo.data import Batch
+from zoo.fields import EGNNField
+from zoo.flows import CNF, MeanFreeNormal
+from zoo.losses import AbstractLoss, EquivariantOTFlowMatching, FlowMatching
+from zoo.losses.equivariant import aligned_cost_matrix
+
+#: (name, particles, layers, batch, reference seconds: PERFORMANCE.md, issue table)
+CASES = {
+    "lj13_3": (13, 3, 256, 0.21, 0.38),
+    "lj13_5": (13, 5, 256, 0.40, 0.55),
+    "lj55_3": (55, 3, 64, 1.63, 2.6),
+}
+
+
+class VmapFlowMatching(AbstractLoss):
+    """FM with ``vmap`` of the single-sample field over the whole batch (the baseline)."""
+
+    def __call__(self, model, batch, key):
+        x1 = batch.x
+        noise_key, _, fm_key = jax.random.split(key, 3)
+        x0 = model.base.sample(noise_key, x1.shape[0]).astype(x1.dtype)
+        t = jax.random.uniform(jax.random.split(fm_key)[0], (x1.shape[0], 1), dtype=x1.dtype)
+        xt = (1.0 - t) * x0 + t * x1
+        loss = jnp.mean((jax.vmap(model.field)(t[:, 0], xt) - (x1 - x0)) ** 2)
+        return loss, {}
+
+
+def make_step(loss_fn, optimizer):
+    def step(model, opt_state, batch, key):
+        params = eqx.filter(model, eqx.is_inexact_array)
+        (value, _), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model, batch, key)
+        updates, opt_state = optimizer.update(eqx.filter(grads, eqx.is_inexact_array), opt_state, params)
+        return eqx.apply_updates(model, updates), opt_state, value
+
+    return eqx.filter_jit(step)
+
+
+def compile_call(fn, *args):
+    """Lower and compile ``eqx.filter_jit(fn)``; returns (compiled, seconds)."""
+    t0 = time.perf_counter()
+    compiled = eqx.filter_jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def timed(compiled, *args) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    jax.block_until_ready(compiled(*args))
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def run_interleaved(calls: dict, repeats: int, warmup: int = 2) -> dict:
+    """``calls``: name -> zero-argument callable; returns name -> {wall_ms, cpu_ms, iqr}."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: ([], []) for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            wall, cpu = fn()
+            samples[name][0].append(wall)
+            samples[name][1].append(cpu)
+    out = {}
+    for name, (walls, cpus) in samples.items():
+        q = statistics.quantiles(walls, n=4) if len(walls) > 1 else [walls[0]] * 3
+        out[name] = {
+            "wall_ms": 1e3 * statistics.median(walls),
+            "wall_ms_iqr": [1e3 * q[0], 1e3 * q[2]],
+            "wall_ms_min": 1e3 * min(walls),
+            "cpu_ms": 1e3 * statistics.median(cpus),
+        }
+    return out
+
+
+def training_step_case(name: str, repeats: int, seed: int = 0) -> dict:
+    n, layers, b, ref, ref_issue = CASES[name]
+    key = jax.random.PRNGKey(seed)
+    model = CNF(EGNNField(n, 3, hidden=64, n_layers=layers, key=key), MeanFreeNormal(n, 3))
+    batch = Batch(x=model.base.sample(jax.random.PRNGKey(seed + 1), b))
+    optimizer = optax.adam(1e-4)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    variants = {"vmap": VmapFlowMatching(), "zoo": FlowMatching()}
+    result, calls = {}, {}
+    for vname, loss_fn in variants.items():
+        step = make_step(loss_fn, optimizer)
+        t0 = time.perf_counter()
+        compiled = step.lower(model, opt_state, batch, key).compile()
+        result[vname] = {"compile_s": time.perf_counter() - t0}
+        calls[vname] = lambda c=compiled: timed(c, model, opt_state, batch, key)
+    for vname, timing in run_interleaved(calls, repeats).items():
+        result[vname].update(timing)
+        result[vname]["speedup_vs_reference"] = 1e3 * ref / timing["wall_ms"]
+        result[vname]["speedup_vs_issue_reference"] = 1e3 * ref_issue / timing["wall_ms"]
+    return {
+        "particles": n,
+        "layers": layers,
+        "batch": b,
+        "chunk_size": model.field.train_chunk_size(b),
+        "reference_s": ref,
+        "issue_reference_s": ref_issue,
+        "variants": result,
+    }
+
+
+def eqot_case(repeats: int, n: int = 13, b: int = 256, seed: int = 0) -> dict:
+    """EQ-OT pairing of one LJ13 batch: the B×B aligned costs (B² Hungarian + Kabsch), the
+    batch assignment and the alignment; and the whole EQ-OT FM training step."""
+    base = MeanFreeNormal(n, 3)
+    x0 = base.sample(jax.random.PRNGKey(seed), b)
+    x1 = base.sample(jax.random.PRNGKey(seed + 1), b)
+    loss = EquivariantOTFlowMatching()
+    cost, cost_compile = compile_call(lambda a, c: aligned_cost_matrix(a, c, n, 3)[0], x0, x1)
+    pair, pair_compile = compile_call(lambda a, c: loss.pair(a, c, None, base=base)[0], x0, x1)
+
+    key = jax.random.PRNGKey(seed)
+    model = CNF(EGNNField(n, 3, n_layers=3, key=key), base)
+    optimizer = optax.adam(1e-4)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    step = make_step(loss, optimizer)
+    batch = Batch(x=x1)
+    t0 = time.perf_counter()
+    step_c = step.lower(model, opt_state, batch, key).compile()
+    step_compile = time.perf_counter() - t0
+    timing = run_interleaved(
+        {
+            "aligned cost matrix (B² assignments + Kabsch)": lambda: timed(cost, x0, x1),
+            "pair(): cost matrix + batch assignment + alignment": lambda: timed(pair, x0, x1),
+            "EQ-OT FM training step (pairing + zoo FM step)": lambda: timed(step_c, model, opt_state, batch, key),
+        },
+        max(3, repeats // 4),
+        warmup=1,
+    )
+    compiles = [cost_compile, pair_compile, step_compile]
+    for entry, c in zip(timing.values(), compiles):
+        entry["compile_s"] = c
+    return {"particles": n, "batch": b, "problems": b * b, "timing": timing}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20, help="interleaved timing rounds")
+    parser.add_argument("--only", nargs="+", default=[*CASES, "eqot"], choices=[*CASES, "eqot"])
+    parser.add_argument("--out", default="benchmarks/egnn.json")
+    args = parser.parse_args(argv)
+
+    load_start = os.getloadavg()[0]
+    cases = {name: training_step_case(name, args.repeats) for name in CASES if name in args.only}
+    eqot = eqot_case(args.repeats) if "eqot" in args.only else None
+    result = {
+        "device": str(jax.devices()[0]),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "load_average_1min": [load_start, os.getloadavg()[0]],
+        "repeats": args.repeats,
+        "training_steps": cases,
+        "eqot": eqot,
+    }
+
+    print(
+        f"\nEGNN FM training step (value_and_grad + Adam), hidden 64, {result['device']} ({os.cpu_count()} cores), "
+        f"median of {args.repeats} interleaved rounds; 1-min load average {load_start:.1f} → {os.getloadavg()[0]:.1f}\n"
+    )
+    print(
+        "| case | variant | wall (ms) | wall IQR (ms) | CPU (ms) | compile (s) | reference (s) | speed-up vs reference |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, case in cases.items():
+        label = f"LJ{case['particles']} {case['layers']}L b{case['batch']}"
+        for vname, e in case["variants"].items():
+            lo, hi = e["wall_ms_iqr"]
+            chunk = f" (chunks of {case['chunk_size']})" if vname == "zoo" else ""
+            print(
+                f"| {label} | {vname}{chunk} | {e['wall_ms']:.1f} | {lo:.1f}–{hi:.1f} | {e['cpu_ms']:.1f} | "
+                f"{e['compile_s']:.1f} | {case['reference_s']:.2f} / {case['issue_reference_s']:.2f} | "
+                f"{e['speedup_vs_reference']:.2f}× / {e['speedup_vs_issue_reference']:.2f}× |"
+            )
+    if eqot is not None:
+        print(f"\nEquivariant OT pairing, LJ{eqot['particles']} batch {eqot['batch']} ({eqot['problems']} particle assignments)\n")
+        print("| work | wall (ms) | CPU (ms) | compile (s) |")
+        print("|---|---:|---:|---:|")
+        for name, e in eqot["timing"].items():
+            print(f"| {name} | {e['wall_ms']:.0f} | {e['cpu_ms']:.0f} | {e['compile_s']:.1f} |")
+
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"\nwrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
