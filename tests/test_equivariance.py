@@ -242,7 +242,7 @@ def test_flow_matching_loss_is_independent_of_the_chunking(key):
         np.testing.assert_allclose(value, out[16][0], rtol=1e-5)
         for a, b_ in zip(jax.tree.leaves(grads), jax.tree.leaves(out[16][1])):
             np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5 * float(jnp.abs(b_).max()))
-    assert field.train_chunk_size(256) == 32 and EGNNField(13, 3, key=key).train_chunk_size(256) == 8
+    assert field.train_chunk_size(256) == 64 and EGNNField(13, 3, key=key).train_chunk_size(256) == 8
     assert EGNNField(55, 3, key=key).train_chunk_size(64) == 1
 
 

@@ -55,7 +55,7 @@ def linear_assignment(cost: Float[Array, "n n"]) -> Int[Array, " n"]:
     inf = jnp.asarray(jnp.inf, dtype)
     # Index 0 is a dummy row/column: p[0] holds the entering row, column 0 is the search root.
     padded = jnp.full((n + 1, n + 1), inf, dtype).at[1:, 1:].set(cost.astype(dtype))
-    cols = jnp.arange(n + 1)
+    cols = jnp.arange(n + 1, dtype=jnp.int32)
 
     def add_row(i, carry):
         u, v, p = carry
@@ -64,22 +64,22 @@ def linear_assignment(cost: Float[Array, "n n"]) -> Int[Array, " n"]:
         def search(_, s):
             u, v, minv, way, used, rows, j0, done = s
             i0 = p[j0]
-            used_new = used | (cols == j0)
-            rows_new = rows | (cols == i0)  # rows in the tree: the rows of the used columns
+            used = used | (cols == j0)
+            rows = rows | (cols == i0)  # rows in the tree: the rows of the used columns
             reduced = padded[i0] - u[i0] - v
-            better = ~used_new & (reduced < minv)
-            minv_new = jnp.where(better, reduced, minv)
-            way_new = jnp.where(better, j0, way)
-            masked = jnp.where(used_new, inf, minv_new)
-            j1 = jnp.argmin(masked)
-            delta = masked[j1]
-            u_new = jnp.where(rows_new, u + delta, u)
-            v_new = jnp.where(used_new, v - delta, v)
-            minv_new = jnp.where(used_new, minv_new, minv_new - delta)
-            new = (u_new, v_new, minv_new, way_new, used_new, rows_new, j1, p[j1] == 0)
-            old = (u, v, minv, way, used, rows, j0, done)
-            # A finished search keeps its state: the loop runs a fixed number of steps.
-            return jax.tree.map(lambda a, b: jnp.where(done, a, b), old, new)
+            better = ~used & (reduced < minv)
+            minv = jnp.where(better, reduced, minv)
+            way = jnp.where(better, j0, way)
+            masked = jnp.where(used, inf, minv)
+            j1 = jnp.argmin(masked).astype(jnp.int32)
+            # A finished search idles (the loop has a fixed length): with delta = 0 and j0 kept,
+            # every update below is a no-op (its i0 is the dummy row, whose costs are inf).
+            delta = jnp.where(done, jnp.zeros((), dtype), masked[j1])
+            j1 = jnp.where(done, j0, j1)
+            u = jnp.where(rows, u + delta, u)
+            v = jnp.where(used, v - delta, v)
+            minv = jnp.where(used, minv, minv - delta)
+            return u, v, minv, way, used, rows, j1, done | (p[j1] == 0)
 
         start = (
             u,
