@@ -68,3 +68,28 @@ def test_nll_and_kl_against_scipy():
     # Analytic KL(N(0,1) ‖ N(μ, s²)) = log s + (1 + μ²)/(2 s²) − 1/2.
     analytic = math.log(1.2) + (1 + 0.09) / (2 * 1.44) - 0.5
     assert kl_exact(p.logpdf(x), q.logpdf(x)) == pytest.approx(analytic, abs=5e-3)
+
+
+def test_evaluate_flow_counts_failed_energies():
+    """A target whose energy engine fails (u = +inf) on part of space: counted, weight zero, no crash."""
+    import jax
+    import jax.numpy as jnp
+
+    from zoo.data import exact_samples
+    from zoo.fields import MLPField
+    from zoo.flows import CNF, StandardNormal
+    from zoo.metrics import evaluate_flow
+    from zoo.systems import GaussianMixture2D
+
+    class HalfBroken(GaussianMixture2D):
+        def energy(self, x):
+            return jnp.where(self.flat(x)[0] > 0, jnp.inf, super().energy(x))
+
+    system = HalfBroken()
+    data = exact_samples(GaussianMixture2D(), n_train=64, n_val=64, n_test=64)
+    flow = CNF(MLPField(2, width=8, depth=1, key=jax.random.PRNGKey(0)), StandardNormal(2), n_steps=2)
+    metrics, arrays = evaluate_flow(flow, system, data, key=jax.random.PRNGKey(1), n_samples=256, n_target=64)
+    broken = int((arrays["x_model"][:, 0] > 0).sum())
+    assert 0 < broken < 256
+    assert metrics["n_nonfinite_q"] == broken
+    assert 0 < metrics["ess_q"] <= 1 - broken / 256 + 1e-9

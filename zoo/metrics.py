@@ -28,17 +28,16 @@ from scipy.special import logsumexp
 from zoo.registry import register
 
 
-def _clean_model_log_w(log_w) -> tuple[np.ndarray, int]:
+def _clean_model_log_w(log_w) -> np.ndarray:
+    """Model-sample log weights with every non-finite entry (NaN, ±inf) set to −inf (weight 0)."""
     log_w = np.asarray(log_w, dtype=np.float64)
-    bad = ~np.isfinite(log_w) & ~(log_w == -np.inf)
-    log_w = np.where(np.isfinite(log_w), log_w, -np.inf)
-    return log_w, int(bad.sum() + 0)
+    return np.where(np.isfinite(log_w), log_w, -np.inf)
 
 
 @register("metric")
 def ess_q(log_w) -> float:
     """Relative Kish ESS in [0, 1] from log weights of model samples (non-finite → weight 0)."""
-    log_w, _ = _clean_model_log_w(log_w)
+    log_w = _clean_model_log_w(log_w)
     n = log_w.shape[0]
     if n == 0:
         raise ValueError("ESS needs at least one sample")
@@ -147,7 +146,6 @@ def evaluate_flow(
     model = sample_and_log_prob_chunked(flow, sample_key, n_samples, chunk_size=chunk_size, progress=progress)
     u_model = energies_chunked(system, model["x"])
     log_w_q = -u_model - model["log_q"]
-    _, n_bad_q = _clean_model_log_w(log_w_q)
 
     density = log_prob_chunked(flow, target, key=density_key, chunk_size=chunk_size, progress=progress)
     u_target = energies_chunked(system, target)
@@ -161,7 +159,8 @@ def evaluate_flow(
         "fm_loss": fm_loss_on(flow, dataset.split(split).positions, fm_loss or FlowMatching(), fm_key),
         "n_samples_q": int(n_samples),
         "n_samples_p": int(target.shape[0]),
-        "n_nonfinite_q": n_bad_q + int((~np.isfinite(model["log_q"])).sum()),
+        # Model samples with no usable weight: failed energy (u = +inf), NaN or infinite log q.
+        "n_nonfinite_q": int((~np.isfinite(log_w_q)).sum()),
         "n_nonfinite_p": int((~np.isfinite(density["log_q"])).sum()),
     }
     if system.log_z is not None:
