@@ -40,6 +40,7 @@ def evaluation(
     divergence: str | None = None,
     solver: str | None = None,
     n_solver_steps: int | None = None,
+    metrics_file: str | None = None,
 ) -> dict:
     """Compute the metrics of ``flow`` and write ``{prefix}metrics.json`` and the plots in ``workdir``.
 
@@ -65,7 +66,7 @@ def evaluation(
         progress=progress,
     )
     metrics.update(write_views(flow, system, arrays, workdir, prefix=prefix))
-    write_json(workdir / f"{prefix}metrics.json", metrics)
+    write_json(workdir / (metrics_file or f"{prefix}metrics.json"), metrics)
     print(f"{prefix or ''}metrics: {format_metrics(metrics)}")
     if records:
         plots.loss_curves([r for r in records if "loss" in r], workdir / f"{prefix}loss_curve.png")

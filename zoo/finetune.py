@@ -79,7 +79,7 @@ def finetune(
     print(f"loaded {path} (step {restored.step}) for {type(system).__name__}")
     full_config = gin.config_str()
 
-    before = evaluation(flow, system, dataset, workdir, prefix="before_")
+    before = evaluation(flow, system, dataset, workdir, prefix="before_", metrics_file="metrics_before.json")
 
     def periodic_eval(model, step):
         from zoo.losses.fm import FlowMatching
