@@ -87,6 +87,34 @@ def write_views(flow, system, arrays: dict, workdir: Path, *, prefix: str = "") 
     return extra(arrays, workdir, prefix=prefix) if extra is not None else {}
 
 
+def fit_tracking_fm(flow, system, dataset, loss, optimizer, workdir: Path, *, metadata: dict | None = None, **fit_kwargs):
+    """:func:`zoo.train.fit` with the held-out FM loss as its periodic evaluation.
+
+    Checkpoints store every parsed gin binding (not only the operative ones so far), so
+    that evaluating a checkpoint later uses the same evaluation settings as this run.
+    Returns the model and every record of the run's log (across resumes).
+    """
+    from zoo.losses.fm import FlowMatching
+    from zoo.metrics import fm_loss_on
+
+    def periodic_eval(model, step):
+        return {"val_fm_loss": fm_loss_on(model, dataset.val.positions, FlowMatching(), jax.random.PRNGKey(step))}
+
+    flow, _ = fit(
+        flow,
+        dataset,
+        loss,
+        optimizer,
+        workdir=workdir,
+        evaluate=periodic_eval,
+        config=gin.config_str(),
+        metadata={"system": type(system).__name__, "zoo_version": zoo.__version__, **(metadata or {})},
+        **fit_kwargs,
+    )
+    records = [json.loads(line) for line in (Path(workdir) / "log.jsonl").read_text().splitlines() if line]
+    return flow, records
+
+
 @gin.configurable
 def train(
     workdir: Path,
@@ -113,23 +141,14 @@ def train(
     dataset = config.make_dataset(system)
     init_key = jax.random.fold_in(jax.random.PRNGKey(seed), 10**6)
     flow = config.make_flow(system, key=init_key)
-    # The checkpoint stores every parsed binding (not only the operative ones so far), so
-    # that evaluating a checkpoint later uses the same evaluation settings as this run.
-    full_config = gin.config_str()
     (workdir / "operative_config.gin").write_text(gin.operative_config_str())
-
-    def periodic_eval(model, step):
-        from zoo.metrics import fm_loss_on
-        from zoo.losses.fm import FlowMatching
-
-        return {"val_fm_loss": fm_loss_on(model, dataset.val.positions, FlowMatching(), jax.random.PRNGKey(step))}
-
-    flow, records = fit(
+    flow, all_records = fit_tracking_fm(
         flow,
+        system,
         dataset,
         loss,
         optimizer,
-        workdir=workdir,
+        workdir,
         n_steps=n_steps,
         time_budget_s=time_budget_s,
         batch_size=batch_size,
@@ -138,15 +157,11 @@ def train(
         seed=seed,
         log_every=log_every,
         eval_every=eval_every,
-        evaluate=periodic_eval,
         checkpoint_every=checkpoint_every,
-        config=full_config,
-        metadata={"system": type(system).__name__, "zoo_version": zoo.__version__},
         resume=resume,
         progress=progress,
         n_devices=n_devices,
     )
-    all_records = [json.loads(line) for line in (workdir / "log.jsonl").read_text().splitlines() if line]
     metrics = evaluation(flow, system, dataset, workdir, records=all_records)
     # The operative config is complete only now (every configurable has been called).
     (workdir / "operative_config.gin").write_text(gin.operative_config_str())

@@ -8,18 +8,15 @@ plots and the checkpoint.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import gin
 import jax
 
-import zoo
 from zoo import checkpoint as ckpt
 from zoo import config, plots
-from zoo.experiment import evaluation
-from zoo.train import fit
+from zoo.experiment import evaluation, fit_tracking_fm
 
 REPORT_KEYS = ("kl", "nll", "ess_q", "ess_p", "path_length", "fm_loss")
 HIGHER_IS_BETTER = {"ess_q", "ess_p"}
@@ -77,22 +74,17 @@ def finetune(
     restored = ckpt.load_checkpoint(path, model_like=flow_like)
     flow = restored.model
     print(f"loaded {path} (step {restored.step}) for {type(system).__name__}")
-    full_config = gin.config_str()
 
     before = evaluation(flow, system, dataset, workdir, prefix="before_", metrics_file="metrics_before.json")
 
-    def periodic_eval(model, step):
-        from zoo.losses.fm import FlowMatching
-        from zoo.metrics import fm_loss_on
-
-        return {"val_fm_loss": fm_loss_on(model, dataset.val.positions, FlowMatching(), jax.random.PRNGKey(step))}
-
-    flow, records = fit(
+    flow, all_records = fit_tracking_fm(
         flow,
+        system,
         dataset,
         loss,
         optimizer,
-        workdir=workdir,
+        workdir,
+        metadata={"pretrained": str(path)},
         n_steps=n_steps,
         time_budget_s=time_budget_s,
         batch_size=batch_size,
@@ -101,15 +93,11 @@ def finetune(
         seed=seed,
         log_every=log_every,
         eval_every=eval_every,
-        evaluate=periodic_eval,
         checkpoint_every=checkpoint_every,
-        config=full_config,
-        metadata={"system": type(system).__name__, "zoo_version": zoo.__version__, "pretrained": str(path)},
         resume=resume,
         progress=progress,
         n_devices=n_devices,
     )
-    all_records = [json.loads(line) for line in (workdir / "log.jsonl").read_text().splitlines() if line]
     after = evaluation(flow, system, dataset, workdir, records=all_records)
     _fm_curve(all_records, workdir / "fm_loss_during_finetuning.png")
     (workdir / "operative_config.gin").write_text(gin.operative_config_str())
