@@ -1,7 +1,7 @@
 """Fine-tuning a pretrained flow (path gradients, or any registered loss) and comparing recipes.
 
-``finetune`` loads a checkpoint (a path, or a registry name once ``zoo.pretrained`` resolves
-it), evaluates it, trains it further for a budget in steps or wall-clock seconds,
+``finetune`` loads a checkpoint (a path, or a registry name resolved by ``zoo.pretrained``),
+evaluates it, trains it further for a budget in steps or wall-clock seconds,
 evaluates again, and writes ``metrics_before.json``, ``metrics.json``, ``report.md``,
 plots and the checkpoint.
 """
@@ -17,25 +17,14 @@ import jax
 from zoo import checkpoint as ckpt
 from zoo import config, plots
 from zoo.experiment import evaluation, fit_tracking_fm
+from zoo.pretrained import resolve_checkpoint
 
 REPORT_KEYS = ("kl", "nll", "ess_q", "ess_p", "path_length", "fm_loss")
 HIGHER_IS_BETTER = {"ess_q", "ess_p"}
 
 
-def resolve_pretrained(name_or_path) -> Path:
-    """A checkpoint folder for a path or (when the registry module exists) a model name."""
-    path = Path(str(name_or_path)).expanduser()
-    if path.exists():
-        return path
-    try:
-        from zoo.pretrained import resolve_checkpoint
-    except ImportError:  # pragma: no cover - the registry lands separately
-        raise FileNotFoundError(f"pretrained checkpoint {str(name_or_path)!r} not found") from None
-    return resolve_checkpoint(str(name_or_path))
-
-
 def stored_config(pretrained) -> tuple[Path, str]:
-    path = resolve_pretrained(pretrained)
+    path = resolve_checkpoint(pretrained)
     return path, ckpt.read_checkpoint_info(path).config
 
 
@@ -67,7 +56,7 @@ def finetune(
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    path = resolve_pretrained(pretrained)
+    path = resolve_checkpoint(pretrained)
     system = config.make_system()
     dataset = config.make_dataset(system)
     flow_like = config.make_flow(system, key=jax.random.PRNGKey(0))
