@@ -224,7 +224,9 @@ def test_missing_forces_raise_a_clear_error(key):
         PathGradientForwardKL(force_source="energy")
     with pytest.raises(ValueError, match="PRNG key"):
         path_gradient(_flow(divergence="hutchinson"), x, jnp.zeros_like(x))
-    assert PathGradientForwardKL.needs_forces and not MaximumLikelihood.needs_forces
+    assert PathGradientForwardKL().needs_forces and not MaximumLikelihood().needs_forces
+    # With forces from the energy, training data without forces are accepted.
+    assert not PathGradientForwardKL(force_source="energy", energy=GaussianMixture2D().energy).needs_forces
 
 
 def test_force_sources_agree(key):

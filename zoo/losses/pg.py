@@ -36,7 +36,7 @@ centre-of-mass-free subspace with ``model.base.project``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar, NamedTuple
+from typing import NamedTuple
 
 import diffrax
 import equinox as eqx
@@ -236,7 +236,6 @@ class PathGradientForwardKL(AbstractLoss):
     force_source: str = eqx.field(static=True, default="data")
     energy: Callable | None = None
 
-    needs_forces: ClassVar[bool] = True  # with force_source='energy' batch.forces is not read
 
     def __check_init__(self):
         if self.adjoint not in ADJOINTS:
@@ -245,6 +244,11 @@ class PathGradientForwardKL(AbstractLoss):
             raise ValueError(f"unknown force_source {self.force_source!r}; expected one of {FORCE_SOURCES}")
         if self.force_source == "energy" and self.energy is None:
             raise ValueError("force_source='energy' needs an energy callable (e.g. energy=system.energy)")
+
+    @property
+    def needs_forces(self) -> bool:
+        """Data forces are read only with ``force_source='data'``; the energy supplies its own."""
+        return self.force_source == "data"
 
     def forces(self, batch: Batch) -> Array:
         """F = −∇u for the batch (n, dim), from the data set or from the energy."""
