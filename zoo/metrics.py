@@ -144,10 +144,13 @@ def evaluate_flow(
         target = target[:n_target]
 
     model = sample_and_log_prob_chunked(flow, sample_key, n_samples, chunk_size=chunk_size, progress=progress)
+    x_unfolded = model["x"]
+    model["x"], model["log_q"] = system.fold(flow, model["x"], model["log_q"])
     u_model = energies_chunked(system, model["x"])
     log_w_q = -u_model - model["log_q"]
 
     density = log_prob_chunked(flow, target, key=density_key, chunk_size=chunk_size, progress=progress)
+    _, density["log_q"] = system.fold(flow, target, density["log_q"])
     u_target = energies_chunked(system, target)
     log_w_p = -u_target - density["log_q"]
 
@@ -162,6 +165,13 @@ def evaluate_flow(
         # Model samples with no usable weight: failed energy (u = +inf), NaN or infinite log q.
         "n_nonfinite_q": int((~np.isfinite(log_w_q)).sum()),
         "n_nonfinite_p": int((~np.isfinite(density["log_q"])).sum()),
+        # Model samples the target's fold moved (AD2: mirror images inverted onto L).
+        "n_folded_q": int(np.any(model["x"] != x_unfolded, axis=-1).sum()),
+        # How the log densities were computed: the numbers depend on it (Hutchinson adds
+        # variance to log w, which lowers the ESS), so it travels with them.
+        "divergence": flow.divergence,
+        "solver": flow.solver,
+        "n_solver_steps": int(flow.n_steps),
     }
     if system.log_z is not None:
         metrics["kl"] = kl_exact(-u_target - system.log_z, density["log_q"])

@@ -85,6 +85,8 @@ COMPLETE = "COMPLETE"
 CHECKPOINT = "checkpoint"
 REQUIRED_FIELDS = ("name", "system", "gin", "recipe", "metrics", "size_bytes", "sha256", "locations")
 METRIC_KEYS = ("nll", "ess_q", "ess_p", "path_length", "kl", "fm_loss", "n_samples_q", "n_samples_p")
+#: How the released metrics were computed (the entry's ``evaluation`` table).
+EVALUATION_KEYS = ("divergence", "solver", "n_solver_steps")
 # Temporary files older than this are taken to belong to a dead download even when their
 # owner cannot be checked (another host sharing the cache).
 STALE_AFTER_S = 24 * 3600
@@ -760,6 +762,9 @@ def release(
         "zoo_version": info.zoo_version,
         "metrics": metrics,
     }
+    evaluation = {k: raw_metrics[k] for k in EVALUATION_KEYS if k in raw_metrics}
+    if evaluation:
+        entry["evaluation"] = evaluation
     path = registry_path(registry)
     entries = _read_registry_file(path)
     names = [e.get("name") for e in entries]

@@ -49,15 +49,17 @@ def _list_models() -> None:
     def num(m, key, fmt):
         return format(m[key], fmt) if key in m else "-"
 
-    header = ("name", "system", "recipe", "NLL", "ESS-q", "ESS-p", "path len", "size")
+    header = ("name", "system", "recipe", "NLL", "ESS-q", "ESS-p", "path len", "evaluated with", "size")
     rows = []
     for info in models.values():
         m = info.metrics
         recipe = info.summary if len(info.summary) <= 60 else info.summary[:59] + "…"
         size = pretrained._human_size(info.size_bytes)
-        rows.append((info.name, info.system, recipe, num(m, "nll", ".3f"), num(m, "ess_q", ".3f"), num(m, "ess_p", ".3f"), num(m, "path_length", ".3f"), size))
+        divergence = info.extra.get("evaluation", {}).get("divergence", "?")
+        counts = f"{divergence}, n={m.get('n_samples_q', '?')}/{m.get('n_samples_p', '?')}"
+        rows.append((info.name, info.system, recipe, num(m, "nll", ".3f"), num(m, "ess_q", ".3f"), num(m, "ess_p", ".3f"), num(m, "path_length", ".3f"), counts, size))
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-    right = {3, 4, 5, 6, 7}
+    right = {3, 4, 5, 6, 8}
     for row in (header, *rows):
         print("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
     print(f"\n{len(rows)} model(s) in {pretrained.registry_path()}; metrics from each run's final evaluation.")
