@@ -126,6 +126,79 @@ def test_units_by_hand():
 # Classical target (OpenMM)
 
 
+# ---------------------------------------------------------------------------------------
+# Chirality: the data are L; an E(3)-equivariant flow's mirror images are folded onto L
+
+
+def _mdtraj_handedness(xyz):
+    """Handedness from mdtraj's own geometry: the sign of the improper dihedral N–CA–C–CB."""
+    import mdtraj
+
+    traj = mdtraj.Trajectory(np.asarray(xyz, np.float32).reshape(-1, 22, 3), alanine.topology())
+    return np.sign(mdtraj.compute_dihedrals(traj, [[6, 8, 14, 10]])[:, 0])
+
+
+def test_handedness_flips_under_reflection_and_agrees_with_mdtraj(frames):
+    h = alanine.handedness(frames)
+    assert np.all(h == alanine.l_handedness())  # MD from the L structure never inverts
+    mirror = frames.reshape(-1, 22, 3) * np.array([1.0, 1.0, -1.0])  # a plane reflection
+    assert np.all(alanine.handedness(mirror) == -h)
+    assert np.all(alanine.handedness(-frames) == -h)  # inversion is improper too
+    rng = np.random.default_rng(3)
+    rotated = frames.reshape(-1, 22, 3) @ random_rotation(rng).T
+    assert np.all(alanine.handedness(rotated) == h)
+    # A second computation: the improper dihedral's sign separates the two enantiomers alike.
+    improper = _mdtraj_handedness(frames)
+    assert np.all(_mdtraj_handedness(-frames) == -improper) and len(np.unique(improper)) == 1
+
+
+def test_shipped_data_sets_are_all_l():
+    for folder in (CLASSICAL, XTB):
+        for split in ("train", "val", "test"):
+            positions = ad2_data.read_arrays(folder, split)["positions"]
+            assert np.all(alanine.handedness(positions) == alanine.l_handedness()), (folder.name, split)
+
+
+def _tiny_flow(field_kind: str):
+    from zoo.fields import EGNNField, MLPField
+    from zoo.flows import CNF, MeanFreeNormal
+
+    key = jax.random.PRNGKey(0)
+    if field_kind == "egnn":
+        field = EGNNField(22, 3, hidden=8, n_layers=1, atom_types=alanine.encoding("tbg"), key=key)
+    else:
+        field = MLPField(66, width=8, depth=1, key=key)
+    return CNF(field, MeanFreeNormal(22, 3, scale=0.16), n_steps=2)
+
+
+def test_fold_maps_mirror_images_onto_l_and_doubles_the_density(frames):
+    system = alanine.AlanineDipeptideClassical()
+    flow = _tiny_flow("egnn")
+    # Premise of the fold: the EGNN flow gives x and −x the same density.
+    x = jnp.asarray(frames[:6], jnp.float32) - jnp.asarray(frames[:6], jnp.float32).reshape(6, 22, 3).mean(1).repeat(22, 0).reshape(6, 66)
+    np.testing.assert_allclose(flow.log_prob(x), flow.log_prob(-x), rtol=1e-5, atol=1e-3)
+    mixed = np.concatenate([np.asarray(x[:3]), -np.asarray(x[3:])])
+    log_q = np.arange(6.0)
+    folded, folded_log_q = system.fold(flow, mixed, log_q)
+    assert np.all(alanine.handedness(folded) == alanine.l_handedness())
+    np.testing.assert_array_equal(folded[:3], mixed[:3])
+    np.testing.assert_array_equal(folded[3:], -mixed[3:])
+    np.testing.assert_allclose(folded_log_q, log_q + math.log(2.0))
+    # Switched off, or for a field without the symmetry, nothing changes.
+    off = alanine.AlanineDipeptideClassical(fold_mirror_images=False)
+    for sys_, flow_ in ((off, flow), (system, _tiny_flow("mlp"))):
+        same_x, same_log_q = sys_.fold(flow_, mixed, log_q)
+        np.testing.assert_array_equal(same_x, mixed)
+        np.testing.assert_array_equal(same_log_q, log_q)
+
+
+def test_classical_energy_is_mirror_symmetric(classical, frames):
+    """Why the fold keeps weights valid: the mirror image has the same energy."""
+    u, _ = classical.energies_and_forces(frames[:8])
+    u_mirror, _ = classical.energies_and_forces(-frames[:8])
+    np.testing.assert_allclose(u_mirror, u, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def classical():
     pytest.importorskip("openmm")

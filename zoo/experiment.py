@@ -194,6 +194,7 @@ def sample_to_file(flow, system, out: Path, *, n: int = 10000, seed: int = 0, ch
     from zoo.metrics import energies_chunked
 
     res = sample_and_log_prob_chunked(flow, jax.random.PRNGKey(seed), n, chunk_size=chunk_size, progress=True)
+    res["x"], res["log_q"] = system.fold(flow, res["x"], res["log_q"])
     u = energies_chunked(system, res["x"])
     np.savez_compressed(
         out,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from typing import ClassVar
 
 import equinox as eqx
 
@@ -14,6 +15,10 @@ class AbstractVectorField(eqx.Module):
 
     ``__call__`` takes ONE sample; batch with ``jax.vmap``.
     """
+
+    #: Whether v(t, −x) = −v(t, x) exactly (an E(n)-equivariant field, reflections included):
+    #: with a symmetric base the flow's density is then the same for x and its mirror image.
+    reflection_equivariant: ClassVar[bool] = False
 
     @property
     @abc.abstractmethod

@@ -28,6 +28,7 @@ pair tensors in cache; ``benchmarks/egnn.py`` measures the effect.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -241,6 +242,9 @@ class EGNNField(AbstractVectorField):
 
     ``__call__(t, x)`` takes one flat sample (N·d,) and returns the mean-free velocity (N·d,).
     """
+
+    # Messages see only distances and coordinates enter as differences: O(d) equivariant.
+    reflection_equivariant: ClassVar[bool] = True
 
     embedding: _Dense
     layers: tuple[_EGCL, ...]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import math
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -15,6 +16,9 @@ from zoo.registry import register
 
 class AbstractBase(eqx.Module):
     """A base density q_0 on vectors of length ``dim``: sampler, log density and score."""
+
+    #: Whether q_0(−z) = q_0(z) (centred Gaussians): see ``AbstractVectorField.reflection_equivariant``.
+    reflection_symmetric: ClassVar[bool] = False
 
     @property
     @abc.abstractmethod
@@ -41,6 +45,8 @@ class AbstractBase(eqx.Module):
 @register("base")
 class StandardNormal(AbstractBase):
     r"""Isotropic standard normal on R^dim: $\log q_0(z) = -\|z\|^2/2 - (d/2)\log 2\pi$."""
+
+    reflection_symmetric: ClassVar[bool] = True
 
     n_dim: int = eqx.field(static=True)
 
@@ -73,6 +79,8 @@ class MeanFreeNormal(AbstractBase):
     drops the constant (its ``_log_Z`` term is commented out), so its NLLs are ours minus
     ``(N-1)d/2 · log 2π`` (= 33.08 for LJ13, 97.68 for LJ55, 5.51 for DW4).
     """
+
+    reflection_symmetric: ClassVar[bool] = True
 
     n_particles: int = eqx.field(static=True)
     spatial_dim: int = eqx.field(static=True)

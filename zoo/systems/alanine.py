@@ -47,6 +47,7 @@ ATOMIC_NUMBERS = tuple({"H": 1, "C": 6, "N": 7, "O": 8}[e] for e in ELEMENTS)
 PHI_ATOMS = (4, 6, 8, 14)  # C(ACE)–N–CA–C
 PSI_ATOMS = (6, 8, 14, 16)  # N–CA–C–N(NME)
 BACKBONE_ATOMS = (4, 6, 8, 14, 16)  # the atoms of φ and ψ
+CHIRAL_ATOMS = (8, 6, 14, 10)  # the stereocentre CA and its N, C and CB neighbours
 ENCODINGS = ("tbg", "efm")
 
 # GFN2-xTB total energies of AD2 are about −33 Hartree (≈ −3.5·10⁴ k_BT): subtracting this
@@ -135,6 +136,26 @@ def dihedrals(x: Array) -> tuple[Scalar, Scalar]:
     return dihedral(*p[np.array(PHI_ATOMS)]), dihedral(*p[np.array(PSI_ATOMS)])
 
 
+def handedness(x) -> np.ndarray:
+    """Sign of the signed volume (N − CA)·((C − CA) × (CB − CA)) at the CA stereocentre.
+
+    ``x`` is a batch (n, 66) or (n, 22, 3), or one configuration; mirror images have
+    opposite signs. Compare with :func:`l_handedness`, the sign of the shipped L structure.
+    """
+    p = np.asarray(x, dtype=np.float64).reshape(-1, N_ATOMS, 3)
+    ca, n, c, cb = (p[:, i] for i in CHIRAL_ATOMS)
+    volume = np.einsum("bi,bi->b", n - ca, np.cross(c - ca, cb - ca))
+    return np.sign(volume)
+
+
+@functools.cache
+def l_handedness() -> float:
+    """The handedness of L-alanine, read off the shipped PDB (so no sign convention is assumed)."""
+    import mdtraj
+
+    return float(handedness(mdtraj.load(str(PDB_PATH)).xyz[0])[0])
+
+
 class _AlanineDipeptide(AbstractParticleSystem):
     """Shared parts of the AD2 targets: 22 atoms in 3-D, nm, engine-backed energy."""
 
@@ -142,9 +163,10 @@ class _AlanineDipeptide(AbstractParticleSystem):
     spatial_dim: int = eqx.field(static=True, default=3, init=False)
 
     encoding: eqx.AbstractVar[str]
+    fold_mirror_images: eqx.AbstractVar[bool]
     # Settings that change how the target is evaluated or fed to a field, not the Boltzmann
     # density: a stored data set is valid for any value of these.
-    data_independent_fields: ClassVar[tuple[str, ...]] = ("encoding", "platform", "n_workers")
+    data_independent_fields: ClassVar[tuple[str, ...]] = ("encoding", "platform", "n_workers", "fold_mirror_images")
 
     def __check_init__(self):
         if self.encoding not in ENCODINGS:
@@ -171,6 +193,24 @@ class _AlanineDipeptide(AbstractParticleSystem):
     def default_base(self) -> AbstractBase:
         return MeanFreeNormal(self.n_particles, self.spatial_dim)
 
+    def fold(self, flow, x, log_q) -> tuple:
+        r"""Fold the D enantiomer onto L: the target is L-alanine dipeptide only.
+
+        The energy is mirror-symmetric, but the data (MD from the L structure, which never
+        inverts) hold one enantiomer. A reflection-equivariant field on a symmetric base
+        gives $x$ and its mirror image $-x$ the same density, so half of its samples are
+        D-alanine dipeptide. Inverting those ($x \to -x$) samples the folded density
+        $q'(x) = q(x) + q(-x) = 2q(x)$ on the L side: log q' = log q + log 2, for model and
+        target samples alike. Flows without that symmetry are returned unchanged (their
+        D samples stay, as they would in any observable). ``fold_mirror_images=False``
+        turns this off.
+        """
+        x, log_q = np.asarray(x), np.asarray(log_q)
+        if not (self.fold_mirror_images and flow.field.reflection_equivariant and flow.base.reflection_symmetric):
+            return x, log_q
+        mirrored = handedness(x) != l_handedness()
+        return np.where(mirrored[:, None], -x, x), log_q + np.log(2.0)
+
     def write_views(self, arrays: dict, workdir, *, prefix: str = "") -> dict:
         """Ramachandran maps, bond lengths and the φ free-energy difference (data, model, reweighted)."""
         from zoo.views import molecule_views
@@ -190,6 +230,7 @@ class AlanineDipeptideClassical(_AlanineDipeptide):
     """
 
     encoding: str = eqx.field(static=True, default="tbg")
+    fold_mirror_images: bool = eqx.field(static=True, default=True)
     temperature: float = eqx.field(static=True, default=300.0)
     platform: str = eqx.field(static=True, default="Reference")
 
@@ -208,6 +249,7 @@ class AlanineDipeptideXTB(_AlanineDipeptide):
     """
 
     encoding: str = eqx.field(static=True, default="tbg")
+    fold_mirror_images: bool = eqx.field(static=True, default=True)
     temperature: float = eqx.field(static=True, default=300.0)
     n_workers: int = eqx.field(static=True, default=2)
     energy_offset: float = eqx.field(static=True, default=XTB_ENERGY_OFFSET_HARTREE)

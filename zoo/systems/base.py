@@ -66,6 +66,15 @@ class AbstractTarget(eqx.Module):
     def has_exact_sampler(self) -> bool:
         return type(self).sample is not AbstractTarget.sample
 
+    def fold(self, flow, x, log_q) -> tuple:
+        """Map a flow's samples onto the part of space the target describes.
+
+        ``x`` (n, dim) and ``log_q`` (n,) are model samples or target samples (NumPy);
+        returns them with ``log_q`` the log density of the folded flow. The identity here;
+        see the alanine dipeptide targets, whose data hold one mirror image of the molecule.
+        """
+        return x, log_q
+
     def default_base(self) -> AbstractBase:
         """The base density a flow for this target starts from."""
         return StandardNormal(self.dim)
