@@ -171,6 +171,17 @@ def test_finetune_with_path_gradients_end_to_end(tmp_path):
     assert "| nll |" in (run / "report.md").read_text()
 
 
+#: Bindings that shrink an EGNN experiment to seconds: tiny field, 2 solver steps, 16 samples.
+TINY_EGNN_RUN = [
+    "--gin_param=EGNNField.hidden = 8",
+    "--gin_param=EGNNField.n_layers = 1",
+    "--gin_param=CNF.n_steps = 2",
+    "--gin_param=evaluation.n_samples = 16",
+    "--gin_param=evaluation.n_target = 16",
+    "--gin_param=evaluation.progress = False",
+]
+
+
 def test_alanine_dipeptide_fm_then_path_gradient_finetune(tmp_path):
     """The molecular route on the shipped small classical set: FM pre-training of a tiny TBG
     EGNN, then tools/finetune with ad2_classical_pg.gin: report, Ramachandran maps, folded
@@ -178,14 +189,7 @@ def test_alanine_dipeptide_fm_then_path_gradient_finetune(tmp_path):
     pytest.importorskip("openmm")
     from zoo.cli import finetune, train
 
-    small = [
-        "--gin_param=EGNNField.hidden = 8",
-        "--gin_param=EGNNField.n_layers = 1",
-        "--gin_param=CNF.n_steps = 2",
-        "--gin_param=evaluation.n_samples = 16",
-        "--gin_param=evaluation.n_target = 16",
-        "--gin_param=evaluation.progress = False",
-    ]
+    small = TINY_EGNN_RUN
     train.main(["--gin=ad2_classical_fm.gin", f"--workdir={tmp_path / 'fm'}", "--gin_param=train.n_steps = 3", "--gin_param=train.batch_size = 16", "--gin_param=train.progress = False", *small])
     finetune.main(
         [
@@ -227,12 +231,7 @@ def test_particle_configs_train_end_to_end(system, variant, tmp_path):
             "--gin_param=train.n_steps = 2",
             "--gin_param=train.batch_size = 16",
             "--gin_param=train.progress = False",
-            "--gin_param=EGNNField.hidden = 8",
-            "--gin_param=EGNNField.n_layers = 1",
-            "--gin_param=CNF.n_steps = 2",
-            "--gin_param=evaluation.n_samples = 16",
-            "--gin_param=evaluation.n_target = 16",
-            "--gin_param=evaluation.progress = False",
+            *TINY_EGNN_RUN,
         ]
     )
     metrics = json.loads((workdir / "metrics.json").read_text())
