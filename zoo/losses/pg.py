@@ -154,6 +154,11 @@ def _transport_backsolve_bwd(residuals, cotangent, perturbed, field, x_end, mode
 
         def velocity(p, y):
             f = eqx.combine(p, static)
+            # Reverse mode only here, so a field's batched fast path (the EGNN's hand-written
+            # pair-message VJP) applies; the augmented solve needs forward mode and cannot use it.
+            batched = getattr(f, "batched", None)
+            if batched is not None:
+                return batched(jnp.full((y.shape[0],), t, y.dtype), y)
             return jax.vmap(lambda yi: f(t, yi))(y)
 
         v, vjp = jax.vjp(velocity, params, x)
