@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import equinox as eqx
@@ -36,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from benchmarks._timing import compile_call, run_interleaved, timed
 from zoo.data import Batch
 from zoo.fields import EGNNField
 from zoo.flows import CNF, MeanFreeNormal
@@ -71,42 +71,6 @@ def make_step(loss_fn, optimizer):
         return eqx.apply_updates(model, updates), opt_state, value
 
     return eqx.filter_jit(step)
-
-
-def compile_call(fn, *args):
-    """Lower and compile ``eqx.filter_jit(fn)``; returns (compiled, seconds)."""
-    t0 = time.perf_counter()
-    compiled = eqx.filter_jit(fn).lower(*args).compile()
-    return compiled, time.perf_counter() - t0
-
-
-def timed(compiled, *args) -> tuple[float, float]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    jax.block_until_ready(compiled(*args))
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def run_interleaved(calls: dict, repeats: int, warmup: int = 2) -> dict:
-    """``calls``: name -> zero-argument callable; returns name -> {wall_ms, cpu_ms, iqr}."""
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    samples = {name: ([], []) for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            wall, cpu = fn()
-            samples[name][0].append(wall)
-            samples[name][1].append(cpu)
-    out = {}
-    for name, (walls, cpus) in samples.items():
-        q = statistics.quantiles(walls, n=4) if len(walls) > 1 else [walls[0]] * 3
-        out[name] = {
-            "wall_ms": 1e3 * statistics.median(walls),
-            "wall_ms_iqr": [1e3 * q[0], 1e3 * q[2]],
-            "wall_ms_min": 1e3 * min(walls),
-            "cpu_ms": 1e3 * statistics.median(cpus),
-        }
-    return out
 
 
 def training_step_case(name: str, repeats: int, seed: int = 0) -> dict:

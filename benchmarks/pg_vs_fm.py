@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import equinox as eqx
@@ -39,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from benchmarks._timing import run_interleaved
 from zoo.data import Batch, stored_dataset
 from zoo.fields import EGNNField, MLPField
 from zoo.flows import CNF, MeanFreeNormal, StandardNormal
@@ -173,25 +173,16 @@ def main(argv=None) -> dict:
         memory_losses = (("backsolve", PathGradientForwardKL(adjoint="backsolve")),)
     model = model_fn()
 
-    timing, compiled = {}, {}
-    for name, (loss_fn, _) in losses.items():
+    timing, calls = {}, {}
+    for name, (loss_fn, n_calls) in losses.items():
         step, opt_state, compile_s, temp = compile_step(loss_fn, model, batch, key)
-        compiled[name] = (step, opt_state)
         timing[name] = {"compile_s": compile_s, "temp_bytes": temp}
-        for _ in range(2):  # warm-up
-            time_calls(step, model, opt_state, batch, key, 1)
-    samples = {name: ([], []) for name in losses}
-    for r in range(args.repeats):
-        for name, (_, calls) in losses.items():
-            step, opt_state = compiled[name]
-            wall, cpu = time_calls(step, model, opt_state, batch, jax.random.fold_in(key, r), calls)
-            samples[name][0].append(wall)
-            samples[name][1].append(cpu)
-    for name, (walls, cpus) in samples.items():
+        calls[name] = lambda s=step, o=opt_state, c=n_calls: time_calls(s, model, o, batch, key, c)
+    for name, summary in run_interleaved(calls, args.repeats).items():
         timing[name].update(
-            step_ms=1e3 * statistics.median(walls),
-            step_ms_iqr=[1e3 * q for q in statistics.quantiles(walls, n=4)[::2]],
-            cpu_ms=1e3 * statistics.median(cpus),
+            step_ms=summary["wall_ms"],
+            step_ms_iqr=summary["wall_ms_iqr"],
+            cpu_ms=summary["cpu_ms"],
             rounds=args.repeats,
             calls_per_round=losses[name][1],
         )

@@ -1,0 +1,275 @@
+"""The benchmark suite: training, path-gradient and sampling costs of every shipped model size.
+
+Run: ``python -m benchmarks [--only mlp2d dw4 lj13_3 lj13_5 lj55_3 ad2] [--repeats 5]
+[--quick] [--out benchmarks/results_<device>.json]``.
+
+Each case is built from its shipped gin config (so the numbers describe what the tools
+run) and times, after warm-up, with compilation reported separately:
+
+- **FM step**: one optimiser step of ``zoo.train``'s compiled update (flow-matching loss,
+  forward + backward + Adam) at the case's training batch — the PyTorch reference's
+  configuration where it has one.
+- **PG step**: the same update with ``PathGradientForwardKL`` (backsolve adjoint) at RK4
+  with 15 steps, the divergence the ``*_pg.gin`` configs fine-tune with (Hutchinson for the
+  particle systems and molecules, exact for the 2-D MLP) and the case's path-gradient batch, beside an FM step at that same batch:
+  their ratio is the cost of a path gradient at equal batch (target ≤ 150×).
+- **Sampling with log density**: ``sample_and_log_prob_chunked`` for one chunk at RK4 with
+  20 steps, with the Hutchinson and the exact divergence; the per-sample time scaled to
+  the reference's sample count (1000 LJ13 samples in batches of 100, 50 LJ55 samples).
+- **PG memory**: the compiled PG step's temporary buffer size against the number of RK4
+  steps (flat for the continuous adjoint).
+
+The reference (bgflow EGNN + torchdiffeq, ``../shared/PERFORMANCE.md`` quiet, 2 threads; the
+issue's table one thread with the other core busy) is printed beside each number it has.
+The machine and its load average are recorded; compare ratios measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks._timing import machine, run_interleaved, timed
+from zoo import config
+from zoo.data import Batch
+from zoo.flows.cnf import sample_and_log_prob_chunked
+from zoo.losses import FlowMatching, PathGradientForwardKL
+from zoo.train import make_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One model size: its gin config and batch sizes, and the reference seconds it has."""
+
+    label: str
+    gin: str
+    bindings: tuple = ()
+    fm_batch: int = 256
+    pg_batch: int = 64
+    pg_divergence: str = "hutchinson"  # as the *_pg.gin fine-tuning configs train
+    sample_batch: int = 100  # samples per compiled sampling chunk
+    exact_sample_batch: int | None = None  # a smaller chunk for the (costly) exact divergence
+    reference_samples: int = 1000  # the sample count the sampling reference is quoted for
+    exact_sampling: bool = True
+    memory_steps: tuple = ()
+    reference: dict = dataclasses.field(default_factory=dict)  # work -> (quiet 2 threads, issue)
+
+
+CASES = {
+    "mlp2d": Case("2-D GMM, MLP 4×64", "gmm_fm.gin", fm_batch=256, pg_batch=256, pg_divergence="exact", sample_batch=1000, memory_steps=(15, 30, 60)),
+    "dw4": Case("DW4, EGNN 3L h32", "dw4_fm.gin", fm_batch=256, pg_batch=256, sample_batch=1000),
+    "lj13_3": Case(
+        "LJ13, EGNN 3L h64",
+        "lj13_fm.gin",
+        memory_steps=(15, 30, 60),
+        reference={"fm": (0.21, 0.38), "sample_hutchinson": (74.0, 100.0), "sample_exact": (1009.0, None)},
+    ),
+    "lj13_5": Case("LJ13, EGNN 5L h64", "lj13_fm.gin", ("EGNNField.n_layers = 5",), exact_sampling=False, reference={"fm": (0.40, 0.55)}),
+    "lj55_3": Case(
+        "LJ55, EGNN 3L h64",
+        "lj55_fm.gin",
+        fm_batch=64,
+        pg_batch=8,
+        sample_batch=50,
+        reference_samples=50,
+        exact_sampling=False,
+        reference={"fm": (1.63, 2.6), "sample_hutchinson": (126.0, None)},
+    ),
+    "ad2": Case(
+        "AD2, TBG EGNN 5L h64 att+tanh",
+        "ad2_classical_fm.gin",
+        fm_batch=128,
+        pg_batch=50,
+        sample_batch=100,
+        exact_sample_batch=10,
+    ),
+}
+
+QUICK = {"fm_batch": 16, "pg_batch": 4, "sample_batch": 8, "exact_sample_batch": 4, "memory_steps": (15, 30)}
+
+
+def build(case: Case):
+    """(system, flow, data positions and forces) from the case's gin config."""
+    config.parse([case.gin], case.bindings)
+    system = config.make_system()
+    flow = config.make_flow(system, key=jax.random.PRNGKey(0))
+    n = max(case.fm_batch, case.pg_batch)
+    try:
+        data = config.make_dataset(system).train
+        x, forces = np.asarray(data.positions[:n]), data.forces
+        forces = None if forces is None else np.asarray(forces[:n])
+    except (OSError, ValueError, FileNotFoundError):
+        x, forces = None, None  # e.g. LJ55, whose data set lives in the cache, not in assets/
+    if x is None or x.shape[0] < n:
+        x = np.asarray(flow.base.sample(jax.random.PRNGKey(1), n))
+        forces = None
+    if forces is None:
+        forces = np.asarray(jax.vmap(system.force)(jnp.asarray(x)))
+    return system, flow, x.reshape(n, -1), forces.reshape(n, -1)
+
+
+def _step_call(loss, flow, x, forces, batch: int):
+    """A compiled training step on a fixed batch, and its compile seconds."""
+    optimizer = optax.adam(1e-4)
+    opt_state = optimizer.init(jax.tree.map(lambda a: a, _params(flow)))
+    step = make_step(loss, optimizer, 1)
+    micro = Batch(x=jnp.asarray(x[None, :batch]), forces=jnp.asarray(forces[None, :batch]))
+    key = jax.random.PRNGKey(2)
+    t0 = time.perf_counter()
+    compiled = step.lower(flow, opt_state, micro, key).compile()
+    compile_s = time.perf_counter() - t0
+    stats = compiled.compiled.memory_analysis() if hasattr(compiled, "compiled") else None
+    temp = None if stats is None else int(stats.temp_size_in_bytes)
+    return (lambda: timed(compiled, flow, opt_state, micro, key)), compile_s, temp
+
+
+def _params(flow):
+    import equinox as eqx
+
+    return eqx.filter(flow, eqx.is_inexact_array)
+
+
+def _sample_call(flow, batch: int):
+    """One chunk of ``sample_and_log_prob_chunked``; compile seconds from the first call."""
+    key = jax.random.PRNGKey(3)
+
+    def call():
+        return timed(lambda: sample_and_log_prob_chunked(flow, key, batch, chunk_size=batch)["log_q"])
+
+    first, _ = call()
+    return call, first
+
+
+def run_case(name: str, case: Case, repeats: int) -> dict:
+    system, flow, x, forces = build(case)
+    pg_flow = dataclasses.replace(flow, solver="rk4", n_steps=15, divergence=case.pg_divergence)
+    calls, compile_s, repeats_by = {}, {}, {}
+    expensive = max(2, repeats // 2)
+
+    calls["fm"], compile_s["fm"], _ = _step_call(FlowMatching(), flow, x, forces, case.fm_batch)
+    repeats_by["fm"] = repeats
+    if case.pg_batch != case.fm_batch:
+        calls["fm_at_pg_batch"], compile_s["fm_at_pg_batch"], _ = _step_call(FlowMatching(), flow, x, forces, case.pg_batch)
+        repeats_by["fm_at_pg_batch"] = repeats
+    calls["pg"], compile_s["pg"], pg_temp = _step_call(PathGradientForwardKL(), pg_flow, x, forces, case.pg_batch)
+    repeats_by["pg"] = expensive
+
+    sampling = {"sample_hutchinson": ("hutchinson", case.sample_batch)}
+    if case.exact_sampling:
+        sampling["sample_exact"] = ("exact", case.exact_sample_batch or case.sample_batch)
+    for work, (divergence, batch) in sampling.items():
+        sampler = dataclasses.replace(flow, solver="rk4", n_steps=20, divergence=divergence)
+        calls[work], compile_s[work] = _sample_call(sampler, batch)
+        repeats_by[work] = expensive
+
+    timing = run_interleaved(calls, repeats_by, warmup=1)
+    for work, entry in timing.items():
+        # Sampling: the first call compiled and ran once; the compile estimate subtracts a run.
+        entry["compile_s"] = compile_s[work] - (entry["wall_ms"] / 1e3 if work.startswith("sample") else 0.0)
+    fm_equal = timing.get("fm_at_pg_batch", timing["fm"])
+    result = {
+        "label": case.label,
+        "gin": case.gin,
+        "bindings": list(case.bindings),
+        "dim": flow.dim,
+        "batches": {"fm": case.fm_batch, "pg": case.pg_batch, "sample_hutchinson": case.sample_batch, "sample_exact": sampling.get("sample_exact", (None, None))[1]},
+        "timing": timing,
+        "pg_divergence": case.pg_divergence,
+        "pg_over_fm": timing["pg"]["wall_ms"] / fm_equal["wall_ms"],
+        "pg_over_fm_cpu": timing["pg"]["cpu_ms"] / fm_equal["cpu_ms"],
+        "pg_temp_bytes": pg_temp,
+        "reference_samples": case.reference_samples,
+        "reference": case.reference,
+    }
+    for work, (_, batch) in sampling.items():
+        result[f"{work}_s_per_reference"] = timing[work]["wall_ms"] / 1e3 / batch * case.reference_samples
+    if case.memory_steps:
+        result["pg_memory_by_steps"] = {
+            str(n): _step_call(PathGradientForwardKL(), dataclasses.replace(pg_flow, n_steps=n), x, forces, case.pg_batch)[2]
+            for n in case.memory_steps
+        }
+    return result
+
+
+def _speedup(ours_s: float, reference) -> str:
+    if not reference:
+        return ""
+    return " / ".join("–" if r is None else f"{r:g} s → {r / ours_s:.1f}×" for r in reference)
+
+
+def table(results: dict, info: dict) -> str:
+    lines = [
+        f"Benchmarks on {info['device']} ({info['cpu_model']}, {info['cpu_count']} cores), JAX {info['jax']}; "
+        f"1-min load average {info['load_average_1min']:.1f} at the start, {info.get('load_average_end', float('nan')):.1f} at the end. "
+        "Medians over interleaved rounds; compilation excluded (own column). Reference: PyTorch bgflow/torchdiffeq "
+        "(quiet 2 threads / the issue's 1 thread with the other core busy) → our speed-up.",
+        "",
+        "| case | work | batch | wall | CPU | compile (s) | reference → speed-up |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for name, r in results.items():
+        t, ref = r["timing"], r["reference"]
+        rows = [("FM step", "fm", r["batches"]["fm"], _speedup(t["fm"]["wall_ms"] / 1e3, ref.get("fm")))]
+        if "fm_at_pg_batch" in t:
+            rows.append(("FM step", "fm_at_pg_batch", r["batches"]["pg"], ""))
+        rows.append((f"PG step, RK4-15, {r['pg_divergence']} ({r['pg_over_fm']:.0f}× FM wall, {r['pg_over_fm_cpu']:.0f}× CPU)", "pg", r["batches"]["pg"], ""))
+        for work, label in (("sample_hutchinson", "sample + log q, Hutchinson, RK4-20"), ("sample_exact", "sample + log q, exact, RK4-20")):
+            if work in t:
+                per_ref = r[f"{work}_s_per_reference"]
+                extra = f"{per_ref:.1f} s per {r['reference_samples']}"
+                speed = _speedup(per_ref, ref.get(work))
+                rows.append((label, work, r["batches"][work], extra + (f"; {speed}" if speed else "")))
+        for label, work, batch, note in rows:
+            e = t[work]
+            lines.append(
+                f"| {r['label']} | {label} | {batch} | {_ms(e['wall_ms'])} | {_ms(e['cpu_ms'])} | {e['compile_s']:.1f} | {note} |"
+            )
+    memory = {r["label"]: r["pg_memory_by_steps"] for r in results.values() if r.get("pg_memory_by_steps")}
+    if memory:
+        lines += ["", "Temporary memory of one compiled PG step (backsolve adjoint) against RK4 steps, MiB:", ""]
+        for label, row in memory.items():
+            cells = ", ".join(f"{n} steps {'n/a' if v is None else f'{v / 2**20:.1f}'}" for n, v in row.items())
+            lines.append(f"- {label}: {cells}")
+    return "\n".join(lines) + "\n"
+
+
+def _ms(ms: float) -> str:
+    return f"{ms / 1e3:.2f} s" if ms >= 1000 else f"{ms:.1f} ms"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds for the fast work (half for PG and sampling)")
+    parser.add_argument("--quick", action="store_true", help="tiny batches, 1 round: checks that every case runs")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results_<platform>.json; '' for none)")
+    args = parser.parse_args(argv)
+    info = machine()
+    results = {}
+    for name in args.only:
+        case = CASES[name]
+        if args.quick:
+            case = dataclasses.replace(case, **QUICK)
+        print(f"[{name}] {case.label} ...", flush=True)
+        results[name] = run_case(name, case, 1 if args.quick else args.repeats)
+    info["load_average_end"] = os.getloadavg()[0]
+    text = table(results, info)
+    print("\n" + text)
+    out = args.out if args.out is not None else ("" if args.quick else f"benchmarks/results_{jax.devices()[0].platform}.json")
+    if out:
+        with open(out, "w") as f:
+            json.dump({"machine": info, "results": results, "table": text}, f, indent=1)
+        print(f"wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
