@@ -20,7 +20,8 @@ import numpy as np
 import optax
 
 import zoo
-from zoo import config, plots
+from zoo import config
+from zoo.experiment import write_views
 from zoo.metrics import evaluate_flow, fm_loss_on
 from zoo.registry import register
 from zoo.train import fit
@@ -150,8 +151,10 @@ def compare(
             results[recipe.name].append(metrics)
             curves[recipe.name].append(curve)
             print(f"{recipe.name} seed {seed}: " + ", ".join(f"{k}={metrics[k]:.4g}" for k in ("kl", "nll", "ess_q", "ess_p") if k in metrics) + f" ({offset_step} steps)")
-            if seed == seeds[0] and system.dim == 2:
-                plots.density_2d(flow, system, workdir / f"density_{_slug(recipe.name)}.png", samples=arrays["x_model"][:2000])
+            if seed == seeds[0]:
+                # The system's views of the first seed: 2-D densities, energy histograms of model
+                # samples (reweighted and not) against data, pair distances, Ramachandran maps.
+                metrics.update(write_views(for_evaluation(flow), system, arrays, workdir, prefix=f"{_slug(recipe.name)}_"))
     table = summarise(results, time_budget_s=time_budget_s, seeds=seeds)
     (workdir / "table.md").write_text(table)
     (workdir / "results.json").write_text(json.dumps({"budget_s": time_budget_s, "seeds": list(seeds), "results": results, "curves": curves}, indent=1))
