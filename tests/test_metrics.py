@@ -1,6 +1,7 @@
 """ESS, NLL and KL estimators against analytic Gaussian cases."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -93,3 +94,24 @@ def test_evaluate_flow_counts_failed_energies():
     assert 0 < broken < 256
     assert metrics["n_nonfinite_q"] == broken
     assert 0 < metrics["ess_q"] <= 1 - broken / 256 + 1e-9
+
+
+def test_density_hist_with_no_mass_in_range_draws_a_legend_entry_only():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from zoo.plots import density_hist
+
+    fig, ax = plt.subplots()
+    bins = np.linspace(0.0, 1.0, 11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no division by an empty histogram's zero mass
+        density_hist(ax, np.array([5.0, 6.0]), bins, label="outside")
+        density_hist(ax, np.array([0.2, 0.5]), bins, weights=np.array([0.0, 0.0]), label="weightless")
+        density_hist(ax, np.array([0.2, 0.5]), bins, label="inside")
+    labels = [t.get_text() for t in ax.legend().get_texts()]
+    assert labels == ["outside (none in range)", "weightless (none in range)", "inside"]
+    assert len(ax.patches) == 10  # only the histogram inside the range drew bars
+    plt.close(fig)

@@ -67,6 +67,21 @@ def density_2d(flow, system, path: Path, *, samples: np.ndarray | None = None, l
     return _save(fig, path)
 
 
+def density_hist(ax, values: np.ndarray, bins: np.ndarray, *, weights: np.ndarray | None = None, label: str, **style) -> None:
+    """A normalised histogram, or only a legend entry when nothing falls inside ``bins``.
+
+    A model far from the data (or one dominating weight outside the data's range) leaves
+    the bins empty; matplotlib would then divide by zero and draw nothing unexplained.
+    """
+    values = np.asarray(values).ravel()
+    mass = np.ones_like(values) if weights is None else np.asarray(weights).ravel()
+    inside = (values >= bins[0]) & (values <= bins[-1])
+    if not np.any(mass[inside] > 0):
+        ax.plot([], [], label=f"{label} (none in range)", **{k: v for k, v in style.items() if k in ("lw", "color")})
+        return
+    ax.hist(values, bins=bins, weights=weights, density=True, label=label, **style)
+
+
 def energy_histogram(u_target: np.ndarray, u_model: np.ndarray, log_w: np.ndarray, path: Path, *, title: str = "") -> Path:
     """Energy histograms of data, model samples, and model samples reweighted to the target."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -74,11 +89,11 @@ def energy_histogram(u_target: np.ndarray, u_model: np.ndarray, log_w: np.ndarra
     lo, hi = np.percentile(u_target, [0.1, 99.9])
     span = hi - lo
     bins = np.linspace(lo - 0.3 * span, hi + 0.5 * span, 80)
-    ax.hist(u_target, bins=bins, density=True, alpha=0.5, label="data")
-    ax.hist(u_model[finite], bins=bins, density=True, histtype="step", lw=1.5, label="model")
+    density_hist(ax, u_target, bins, alpha=0.5, label="data")
+    density_hist(ax, u_model[finite], bins, histtype="step", lw=1.5, label="model")
     if finite.any():
         w = np.exp(log_w[finite] - log_w[finite].max())
-        ax.hist(u_model[finite], bins=bins, weights=w, density=True, histtype="step", lw=1.5, label="model, reweighted")
+        density_hist(ax, u_model[finite], bins, weights=w, histtype="step", lw=1.5, label="model, reweighted")
     ax.set_xlabel("energy u / k_BT")
     ax.set_ylabel("density")
     ax.set_title(title)

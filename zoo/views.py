@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
+from zoo.plots import density_hist  # noqa: E402
+
 
 def normalised_weights(log_w: np.ndarray) -> np.ndarray:
     """Self-normalised importance weights; non-finite log weights get weight zero."""
@@ -73,9 +75,9 @@ def bond_histograms(data: np.ndarray, model: np.ndarray, weights: np.ndarray, na
         lo, hi = np.percentile(data[:, k], [0.5, 99.5])
         span = hi - lo
         bins = np.linspace(lo - 0.5 * span, hi + 0.5 * span, 60)
-        ax.hist(data[:, k], bins=bins, density=True, alpha=0.5, label="data")
-        ax.hist(model[:, k], bins=bins, density=True, histtype="step", lw=1.5, label="model")
-        ax.hist(model[:, k], bins=bins, weights=weights, density=True, histtype="step", lw=1.5, label="reweighted")
+        density_hist(ax, data[:, k], bins, alpha=0.5, label="data")
+        density_hist(ax, model[:, k], bins, histtype="step", lw=1.5, label="model")
+        density_hist(ax, model[:, k], bins, weights=weights, histtype="step", lw=1.5, label="reweighted")
         ax.set_title(names[k])
         ax.set_xlabel("length (nm)")
     axes[0, 0].legend(fontsize=8)
@@ -127,10 +129,10 @@ def pair_distance_histogram(arrays: dict, workdir: Path, *, prefix: str, n_parti
     w_pairs = np.repeat(w, d_model.shape[1])
     fig, ax = plt.subplots(figsize=(6, 4))
     bins = np.linspace(0, np.percentile(d_data, 99.9) * 1.1, 100)
-    ax.hist(d_data.ravel(), bins=bins, density=True, alpha=0.5, label="data")
-    ax.hist(d_model.ravel(), bins=bins, density=True, histtype="step", lw=1.5, label="model")
+    density_hist(ax, d_data, bins, alpha=0.5, label="data")
+    density_hist(ax, d_model, bins, histtype="step", lw=1.5, label="model")
     if w.sum() > 0:
-        ax.hist(d_model.ravel(), bins=bins, weights=w_pairs, density=True, histtype="step", lw=1.5, label="model, reweighted")
+        density_hist(ax, d_model, bins, weights=w_pairs, histtype="step", lw=1.5, label="model, reweighted")
     ax.set_xlabel("inter-particle distance")
     ax.set_ylabel("density")
     ax.legend()
