@@ -32,6 +32,7 @@ import json
 import os
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,7 +120,7 @@ def build(case: Case):
 def _step_call(loss, flow, x, forces, batch: int):
     """A compiled training step on a fixed batch, and its compile seconds."""
     optimizer = optax.adam(1e-4)
-    opt_state = optimizer.init(jax.tree.map(lambda a: a, _params(flow)))
+    opt_state = optimizer.init(eqx.filter(flow, eqx.is_inexact_array))
     step = make_step(loss, optimizer, 1)
     micro = Batch(x=jnp.asarray(x[None, :batch]), forces=jnp.asarray(forces[None, :batch]))
     key = jax.random.PRNGKey(2)
@@ -129,12 +130,6 @@ def _step_call(loss, flow, x, forces, batch: int):
     stats = compiled.compiled.memory_analysis() if hasattr(compiled, "compiled") else None
     temp = None if stats is None else int(stats.temp_size_in_bytes)
     return (lambda: timed(compiled, flow, opt_state, micro, key)), compile_s, temp
-
-
-def _params(flow):
-    import equinox as eqx
-
-    return eqx.filter(flow, eqx.is_inexact_array)
 
 
 def _sample_call(flow, batch: int):
