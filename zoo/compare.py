@@ -99,14 +99,15 @@ def compare(
     curves: dict[str, list[list[dict]]] = {r.name: [] for r in recipes}
     # One optimiser object per stage, reused across seeds, so jit caches are reused too.
     optimizers = {(r.name, i): optax.adam(s.learning_rate) for r in recipes for i, s in enumerate(r.stages)}
+
+    def for_evaluation(model):
+        return model if eval_divergence is None else dataclasses.replace(model, divergence=eval_divergence)
+
     for recipe in recipes:
         for seed in seeds:
             flow = config.make_flow(system, key=jax.random.fold_in(jax.random.PRNGKey(seed), 10**6))
             offset_s, offset_step, curve = 0.0, 0, []
             track_key = jax.random.PRNGKey(10_000 + seed)
-
-            def for_evaluation(model):
-                return model if eval_divergence is None else dataclasses.replace(model, divergence=eval_divergence)
 
             def evaluate(model, step):
                 return _tracked(for_evaluation(model), system, dataset, n_track, track_key)
@@ -138,8 +139,9 @@ def compare(
                 offset_s += last["time_s"]
                 offset_step += last["step"]
                 curve.append({"time_s": offset_s, "step": offset_step, "stage": i, **evaluate(flow, offset_step)})
+            eval_flow = for_evaluation(flow)
             metrics, arrays = evaluate_flow(
-                for_evaluation(flow),
+                eval_flow,
                 system,
                 dataset,
                 key=jax.random.PRNGKey(1234 + seed),
@@ -147,14 +149,14 @@ def compare(
                 n_target=n_eval_samples,
                 chunk_size=eval_chunk_size,
             )
-            metrics.update({"seed": seed, "train_time_s": offset_s, "steps": offset_step, "divergence": for_evaluation(flow).divergence})
+            metrics.update({"seed": seed, "train_time_s": offset_s, "steps": offset_step})
             results[recipe.name].append(metrics)
             curves[recipe.name].append(curve)
             print(f"{recipe.name} seed {seed}: " + ", ".join(f"{k}={metrics[k]:.4g}" for k in ("kl", "nll", "ess_q", "ess_p") if k in metrics) + f" ({offset_step} steps)")
             if seed == seeds[0]:
                 # The system's views of the first seed: 2-D densities, energy histograms of model
                 # samples (reweighted and not) against data, pair distances, Ramachandran maps.
-                metrics.update(write_views(for_evaluation(flow), system, arrays, workdir, prefix=f"{_slug(recipe.name)}_"))
+                metrics.update(write_views(eval_flow, system, arrays, workdir, prefix=f"{_slug(recipe.name)}_"))
     table = summarise(results, time_budget_s=time_budget_s, seeds=seeds)
     (workdir / "table.md").write_text(table)
     (workdir / "results.json").write_text(json.dumps({"budget_s": time_budget_s, "seeds": list(seeds), "results": results, "curves": curves}, indent=1))

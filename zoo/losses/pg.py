@@ -241,7 +241,6 @@ class PathGradientForwardKL(AbstractLoss):
     force_source: str = eqx.field(static=True, default="data")
     energy: Callable | None = None
 
-
     def __check_init__(self):
         if self.adjoint not in ADJOINTS:
             raise ValueError(f"unknown adjoint {self.adjoint!r}; expected one of {ADJOINTS}")
