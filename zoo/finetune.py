@@ -111,6 +111,9 @@ def write_report(workdir: Path, before: dict, after: dict, *, title: str, record
             mark = "" if key in ("path_length", "fm_loss") or math.isclose(a, b) else (" (better)" if better else " (worse)")
             lines.append(f"| {key} | {b:.4g} | {a:.4g} | {a - b:+.3g}{mark} |")
     lines.append(f"| samples (q / p) | {before['n_samples_q']} / {before['n_samples_p']} | {after['n_samples_q']} / {after['n_samples_p']} | |")
+    if "divergence" in after:
+        # The ESS depends on how log q was computed (Hutchinson noise in log w lowers it).
+        lines += ["", f"Log densities: {after['divergence']} divergence, {after['solver']} with {after['n_solver_steps']} steps."]
     steps = [r for r in records if "loss" in r]
     if steps:
         lines += ["", f"{steps[-1]['step']} optimiser steps in {steps[-1]['time_s']:.1f} s of training."]
