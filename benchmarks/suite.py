@@ -210,6 +210,9 @@ def table(results: dict, info: dict) -> str:
         "| case | work | batch | wall | CPU | compile (s) | reference → speed-up |",
         "|---|---|---:|---:|---:|---:|---|",
     ]
+    dates = {r["measured"]["date"] for r in results.values() if "measured" in r}
+    if len(dates) > 1:
+        lines.insert(1, "Merged table: " + "; ".join(f"{r['label']} measured {r['measured']['date']} (load {r['measured']['load_average_1min'][0]:.1f})" for r in results.values() if "measured" in r) + ".")
     for name, r in results.items():
         t, ref = r["timing"], r["reference"]
         rows = [("FM step", "fm", r["batches"]["fm"], _speedup(t["fm"]["wall_ms"] / 1e3, ref.get("fm")))]
@@ -236,6 +239,13 @@ def table(results: dict, info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merged(results: dict, path) -> dict:
+    """``results`` over the cases of the JSON at ``path`` that were not run now, in suite order."""
+    with open(path) as f:
+        kept = {k: v for k, v in json.load(f)["results"].items() if k not in results}
+    return {k: results.get(k) or kept[k] for k in CASES if k in results or k in kept}
+
+
 def _ms(ms: float) -> str:
     return f"{ms / 1e3:.2f} s" if ms >= 1000 else f"{ms:.1f} ms"
 
@@ -246,6 +256,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds for the fast work (half for PG and sampling)")
     parser.add_argument("--quick", action="store_true", help="tiny batches, 1 round: checks that every case runs")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results_<platform>.json; '' for none)")
+    parser.add_argument("--merge", action="store_true", help="keep the other cases of an existing JSON, replacing only those run now")
     args = parser.parse_args(argv)
     info = machine()
     results = {}
@@ -254,11 +265,16 @@ def main(argv=None) -> dict:
         if args.quick:
             case = dataclasses.replace(case, **QUICK)
         print(f"[{name}] {case.label} ...", flush=True)
+        load_before = os.getloadavg()[0]
         results[name] = run_case(name, case, 1 if args.quick else args.repeats)
+        # Cases of a merged table were measured at different times: each carries its own.
+        results[name]["measured"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_average_1min": [load_before, os.getloadavg()[0]]}
     info["load_average_end"] = os.getloadavg()[0]
+    out = args.out if args.out is not None else ("" if args.quick else f"benchmarks/results_{jax.devices()[0].platform}.json")
+    if args.merge and out and os.path.exists(out):
+        results = merged(results, out)
     text = table(results, info)
     print("\n" + text)
-    out = args.out if args.out is not None else ("" if args.quick else f"benchmarks/results_{jax.devices()[0].platform}.json")
     if out:
         with open(out, "w") as f:
             json.dump({"machine": info, "results": results, "table": text}, f, indent=1)

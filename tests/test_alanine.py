@@ -457,3 +457,71 @@ def test_generate_xtb_short_run_resumes(tmp_path, frames):
     np.testing.assert_allclose(f, arrays["forces"].reshape(2, -1), rtol=1e-3, atol=0.05)
     with pytest.raises(ValueError, match="differ"):
         ad2_data.generate_xtb(tmp_path, frames[:10], **{**kw, "time_fs": 8.0})
+
+
+def test_phi_positive_entries_counts_crossings_not_wraps():
+    from zoo.ad2_generate import phi_positive_entries
+
+    # −2 → 1 enters φ > 0 (once, leaving and re-entering counts twice); 3.1 → −3.1 → 3.1
+    # wraps through ±π and is no entry.
+    phi = np.array([-2.0, -0.5, 1.0, 1.2, -1.0, 0.5, 3.1, -3.1, 3.1, -3.0])
+    assert phi_positive_entries(phi) == 2
+
+
+def test_generate_data_tool_runs_the_classical_md_generator(tmp_path):
+    """tools/generate-data --gin=data_ad2_classical: partial, resumed, then a data set split in time."""
+    pytest.importorskip("openmm")
+    from zoo.cli import generate_data
+
+    tiny = [
+        "--gin_param=ad2_classical_md.n_frames = 10",
+        "--gin_param=ad2_classical_md.chunk_frames = 5",
+        "--gin_param=ad2_classical_md.equilibration_ps = 0.1",
+        "--gin_param=ad2_classical_md.save_every_ps = 0.01",
+        f"--gin_param=ad2_classical_md.output_dir = '{tmp_path / 'set'}'",
+    ]
+    args = ["--gin=data_ad2_classical", f"--workdir={tmp_path / 'work'}", "--no_progress", *tiny]
+    assert generate_data.main([*args, "--max_chunks=1"]) == 0
+    assert not (tmp_path / "set").exists() and ad2_data.progress(tmp_path / "work" / "md")["frames"] == 5
+    assert generate_data.main(args) == 0
+    manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
+    info = manifest["ad2"]
+    assert {k: v["n"] for k, v in info["splits"].items()} == {"train": 7, "val": 1, "test": 2}
+    assert set(info["phi_positive_entries"]) == {"all", "train", "val", "test"}
+    assert info["statistics"]["n"] == 10 and info["generator"]["frames"] == 10
+    # split in time: train holds the run's first frames, test its last
+    train = ad2_data.read_arrays(tmp_path / "set", "train")
+    assert list(train["source_index"]) == list(range(7))
+    assert list(ad2_data.read_arrays(tmp_path / "set", "test")["source_index"]) == [8, 9]
+    ds = ad2_data.ad2_dataset(path=str(tmp_path / "set"))
+    assert ds.train.positions.shape == (7, 66) and ds.train.forces is not None
+    for name in ("README.md", "operative_config.gin", "plots/ramachandran.png", "plots/energy_histogram.png"):
+        assert (tmp_path / "set" / name).is_file(), name
+
+
+def test_generate_data_tool_runs_the_xtb_generator(tmp_path):
+    pytest.importorskip("tblite")
+    from zoo.cli import generate_data
+
+    args = [
+        "--gin=data_ad2_xtb",
+        f"--workdir={tmp_path / 'work'}",
+        "--no_progress",
+        "--gin_param=ad2_xtb_relaxed.n_train = 2",
+        "--gin_param=ad2_xtb_relaxed.n_val = 1",
+        "--gin_param=ad2_xtb_relaxed.n_test = 1",
+        "--gin_param=ad2_xtb_relaxed.time_fs = 2.0",
+        "--gin_param=ad2_xtb_relaxed.chunk_states = 1",
+        "--gin_param=ad2_xtb_relaxed.n_workers = 0",
+        "--gin_param=ad2_xtb_relaxed.plots = False",
+        f"--gin_param=ad2_xtb_relaxed.output_dir = '{tmp_path / 'set'}'",
+    ]
+    assert generate_data.main([*args, "--max_chunks=1"]) == 0  # one state per split: train incomplete
+    assert not (tmp_path / "set").exists()
+    assert generate_data.main(args) == 0
+    manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
+    assert {k: v["n"] for k, v in manifest["ad2"]["splits"].items()} == {"train": 2, "val": 1, "test": 1}
+    assert manifest["system"]["name"] == "AlanineDipeptideXTB"
+    x = ad2_data.read_arrays(tmp_path / "set", "train")
+    u, _ = alanine.AlanineDipeptideXTB(n_workers=0).energies_and_forces(x["positions"])
+    np.testing.assert_allclose(u, x["energies"], atol=1e-3)

@@ -1,5 +1,7 @@
 """The benchmark suite keeps running (its numbers are not tested: they belong to benchmarks/)."""
 
+import json
+
 import pytest
 
 from benchmarks import suite
@@ -14,11 +16,22 @@ def _check(results, names):
         assert r["pg_over_fm"] > 1  # a PG step solves three ODEs; an FM step evaluates the field once
 
 
-def test_quick_suite_on_the_2d_model(capsys):
-    results = suite.main(["--quick", "--only", "mlp2d"])
+def test_quick_suite_on_the_2d_model(capsys, tmp_path):
+    out = tmp_path / "results.json"
+    results = suite.main(["--quick", "--only", "mlp2d", "--out", str(out)])
     _check(results, ["mlp2d"])
     assert results["mlp2d"]["pg_memory_by_steps"]  # memory against solver steps is measured
     assert "| 2-D GMM, MLP 4×64 | FM step |" in capsys.readouterr().out
+
+    # --merge: the cases run now replace theirs; the file's other cases stay, in suite order.
+    saved = json.loads(out.read_text())
+    saved["results"]["dw4"] = dict(results["mlp2d"], label="an earlier DW4 run", measured={"date": "2026-01-01 00:00", "load_average_1min": [0.0, 0.0]})
+    out.write_text(json.dumps(saved))
+    rerun = dict(results["mlp2d"], label="a new 2-D run")
+    merged = suite.merged({"mlp2d": rerun}, out)
+    assert list(merged) == ["mlp2d", "dw4"] and merged["mlp2d"]["label"] == "a new 2-D run"
+    text = suite.table(merged, saved["machine"])
+    assert "an earlier DW4 run measured 2026-01-01 00:00" in text and "| a new 2-D run | FM step |" in text
 
 
 @pytest.mark.slow

@@ -87,6 +87,22 @@ def test_log_prob_matches_jax_jacobian_trace(x64, key):
     np.testing.assert_allclose(div, jnp.trace(jax.jacobian(lambda y: field(0.3, y))(x)), rtol=1e-10)
 
 
+@pytest.mark.parametrize("trace_chunk", [None, 1, 2, 3, 7, 50])
+def test_chunked_exact_trace_matches_jacobian_trace(x64, key, trace_chunk):
+    """Basis JVPs in chunks (7 = 3 + 3 + 1 for chunks of 3) sum to the full jacobian trace."""
+    field = MLPField(7, key=key)
+    flow = CNF(field, StandardNormal(7), trace_chunk=trace_chunk)
+    x = jax.random.normal(key, (7,))
+    v, div = flow.velocity_and_divergence(0.3, x, None)
+    np.testing.assert_allclose(div, jnp.trace(jax.jacobian(lambda y: field(0.3, y))(x)), rtol=1e-10)
+    np.testing.assert_allclose(v, field(0.3, x), rtol=1e-12)
+
+
+def test_trace_chunk_must_be_positive(key):
+    with pytest.raises(ValueError, match="trace_chunk"):
+        CNF(MLPField(2, key=key), StandardNormal(2), trace_chunk=0)
+
+
 def test_chunked_matches_unchunked(key):
     flow = CNF(MLPField(2, key=key), StandardNormal(2), n_steps=8)
     out = sample_and_log_prob_chunked(flow, key, 50, chunk_size=16)

@@ -145,20 +145,19 @@ def test_finetune_with_path_gradients_end_to_end(tmp_path):
         "--gin_param=CNF.n_steps = 4",
     ]
     train.main(["--gin=gmm_fm.gin", f"--workdir={tmp_path / 'fm'}", "--gin_param=train.n_steps = 20", "--gin_param=train.batch_size = 64", "--gin_param=train.progress = False", *small])
-    finetune.main(
-        [
-            "--gin=gmm_pg.gin",
-            f"--workdir={tmp_path / 'pg'}",
-            f"--pretrained={tmp_path / 'fm' / 'checkpoint'}",
-            "--steps=3",
-            "--gin_param=finetune.batch_size = 32",
-            "--gin_param=finetune.accumulation = 2",
-            "--gin_param=finetune.clip_norm = 1.0",
-            "--gin_param=finetune.progress = False",
-            "--gin_param=finetune.eval_every = 3",
-            *small,
-        ]
-    )
+    args = [
+        "--gin=gmm_pg.gin",
+        f"--workdir={tmp_path / 'pg'}",
+        f"--pretrained={tmp_path / 'fm' / 'checkpoint'}",
+        "--steps=3",
+        "--gin_param=finetune.batch_size = 32",
+        "--gin_param=finetune.accumulation = 2",
+        "--gin_param=finetune.clip_norm = 1.0",
+        "--gin_param=finetune.progress = False",
+        "--gin_param=finetune.eval_every = 3",
+        *small,
+    ]
+    finetune.main(args)
     run = tmp_path / "pg"
     for name in ("metrics_before.json", "metrics.json", "report.md", "before_density.png", "density.png", "fm_loss_during_finetuning.png"):
         assert (run / name).is_file(), name
@@ -169,6 +168,17 @@ def test_finetune_with_path_gradients_end_to_end(tmp_path):
     assert [r["step"] for r in steps if "loss" in r][-1] == 3
     assert all("c_norm" in r for r in steps if "loss" in r)
     assert "| nll |" in (run / "report.md").read_text()
+    assert before["pretrained"] == str(tmp_path / "fm" / "checkpoint")
+
+    # Resuming a finished run: the pretrained model's metrics are reused, not recomputed
+    # (its plots stay untouched), no step is added and the after-metrics come out the same.
+    stamp = (run / "before_density.png").stat().st_mtime_ns
+    finetune.main([*args, "--resume"])
+    assert (run / "before_density.png").stat().st_mtime_ns == stamp
+    assert json.loads((run / "metrics_before.json").read_text()) == before
+    steps = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "loss" in r][-1] == 3
+    assert json.loads((run / "metrics.json").read_text())["nll"] == pytest.approx(after["nll"], rel=1e-6)
 
 
 #: Bindings that shrink an EGNN experiment to seconds: tiny field, 2 solver steps, 16 samples.

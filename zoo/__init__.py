@@ -7,7 +7,7 @@ gradients of the forward KL, with the metrics to judge them as samplers.
 __version__ = "0.1.0"
 
 from zoo import data, fields, flows, losses, metrics, optim, systems  # noqa: E402  (registration side effects)
-from zoo import ad2_data  # noqa: E402,F401  (registers the AD2 data sets)
+from zoo import ad2_data, ad2_generate  # noqa: E402,F401  (registers the AD2 data sets and their generators)
 from zoo import generate, mcmc, storage  # noqa: E402,F401  (MCMC data sets; registers generate_data)
 from zoo.data import Batch, Dataset, Split  # noqa: E402
 from zoo.fields import AbstractVectorField, MLPField  # noqa: E402

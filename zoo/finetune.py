@@ -8,6 +8,7 @@ plots and the checkpoint.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -64,7 +65,15 @@ def finetune(
     flow = restored.model
     print(f"loaded {path} (step {restored.step}) for {type(system).__name__}")
 
-    before = evaluation(flow, system, dataset, workdir, prefix="before_", metrics_file="metrics_before.json")
+    from zoo.cli.common import write_json
+
+    before = _reusable_before(workdir, path) if resume else None
+    if before is None:
+        before = evaluation(flow, system, dataset, workdir, prefix="before_", metrics_file="metrics_before.json")
+        before["pretrained"] = str(path)
+        write_json(workdir / "metrics_before.json", before)
+    else:
+        print(f"resuming: the pretrained model's metrics are those of {workdir / 'metrics_before.json'}")
 
     flow, all_records = fit_tracking_fm(
         flow,
@@ -93,6 +102,19 @@ def finetune(
     report = write_report(workdir, before, after, title=f"Fine-tuning {pretrained} with {type(loss).__name__}", records=all_records)
     print(report)
     return flow, before, after
+
+
+def _reusable_before(workdir: Path, pretrained: Path) -> dict | None:
+    """The interrupted run's metrics of the same pretrained checkpoint, if it got that far.
+
+    The before-evaluation is the same computation every time (same checkpoint, seed and
+    settings), and with the exact divergence it can take longer than the fine-tuning itself.
+    """
+    file = workdir / "metrics_before.json"
+    if not file.is_file():
+        return None
+    before = json.loads(file.read_text())
+    return before if before.get("pretrained") == str(pretrained) else None
 
 
 def _fm_curve(records, path):

@@ -259,6 +259,17 @@ def generate_data(
     return {**manifest, "directory": str(output_dir)}
 
 
+@gin.configurable
+def generate(workdir, *, generator=generate_data, resume: bool = True, max_chunks: int | None = None, progress: bool = True):
+    """Run the data generator a gin file selects (``generate.generator``; MCMC by default).
+
+    The molecular generators (``@ad2_classical_md``, ``@ad2_xtb_relaxed`` in
+    ``zoo.ad2_generate``) take the same workdir, resume, max_chunks and progress arguments
+    and also return None while chunks remain.
+    """
+    return generator(workdir, resume=resume, max_chunks=max_chunks, progress=progress)
+
+
 def describe(manifest: dict) -> str:
     """A short human-readable account of a generated data set (written as README.md beside it)."""
     sysname = manifest["system"]["name"]

@@ -1,4 +1,4 @@
-"""Command line of ``tools/generate-data``: MCMC data sets for a target system, configured by gin.
+"""Command line of ``tools/generate-data``: MCMC and MD data sets for a target system, configured by gin.
 
 Example (from the repository root)::
 
@@ -38,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    import zoo.ad2_generate  # noqa: F401  (registers the molecular generators with gin)
     import zoo.generate  # noqa: F401  (registers generate_data with gin before parsing)
     from zoo.config import ConfigError, parse
-    from zoo.generate import generate_data
+    from zoo.generate import generate
 
     if not args.gin:
         print("generate-data: give at least one --gin file (e.g. --gin=data_lj13)", file=sys.stderr)
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     # The full parsed config now (a killed run still records it), the operative one at the end.
     (workdir / "operative_config.gin").write_text(gin.config_str())
-    manifest = generate_data(workdir, resume=args.resume, max_chunks=args.max_chunks, progress=not args.no_progress)
+    manifest = generate(workdir, resume=args.resume, max_chunks=args.max_chunks, progress=not args.no_progress)
     operative = gin.operative_config_str()
     (workdir / "operative_config.gin").write_text(operative)
     if manifest is None:
@@ -65,6 +66,9 @@ def main(argv=None) -> int:
 
 
 def _report(manifest: dict) -> None:
+    if "summary" in manifest:  # the molecular generators describe themselves
+        print(f"wrote {manifest['directory']}\n{manifest['summary']}")
+        return
     counts = {k: v["count"] for k, v in manifest["splits"].items()}
     d = manifest["diagnostics"]
     print(f"wrote {manifest['directory']}: {manifest['system']['name']} {counts}")

@@ -1,0 +1,218 @@
+"""``tools/generate-data`` entry points for alanine dipeptide (``gin/data_ad2_*.gin``).
+
+``generate.generator`` selects the generator a gin file runs; these two wrap the chunked,
+resumable generators of :mod:`zoo.ad2_data` and, once every chunk is done, write the data
+set (manifest, splits with forces, diagnostics, plots, README):
+
+- :func:`ad2_classical_md` — one unbiased OpenMM Langevin run at 300 K split in time
+  (train, then val, then test: blocks far apart in time are closer to independent than
+  shuffled neighbouring frames), with the φ > 0 fraction and the number of entries into
+  that state per split, beside the long reference runs' statistics;
+- :func:`ad2_xtb_relaxed` — classical states (from a stored classical set, split by split)
+  relaxed by short GFN2-xTB Langevin runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gin
+import numpy as np
+
+from zoo import ad2_data
+from zoo.systems import alanine
+
+
+def phi_positive_entries(phi: np.ndarray) -> int:
+    """Entries into φ > 0 along a trajectory: sign changes − → + that are not wraps through ±π."""
+    phi = np.asarray(phi)
+    step = np.diff(phi)
+    return int(np.sum((phi[:-1] < 0) & (phi[1:] > 0) & (np.abs(step) < np.pi)))
+
+
+def _prepare(workdir: Path, output_dir, resume: bool, caches: tuple[str, ...]) -> Path:
+    output_dir = workdir / "dataset" if output_dir is None else Path(output_dir)
+    if output_dir.resolve() == workdir.resolve():
+        raise ValueError(f"output_dir must differ from the workdir {workdir} (the data set directory is replaced as a whole)")
+    if not resume:
+        for name in caches:
+            shutil.rmtree(workdir / name, ignore_errors=True)
+    return output_dir
+
+
+def _finish(output_dir: Path, manifest_entry: dict, plots: bool) -> dict:
+    (output_dir / "operative_config.gin").write_text(gin.operative_config_str())
+    if plots:
+        write_plots(output_dir)
+    summary = describe(manifest_entry)
+    (output_dir / "README.md").write_text(summary + "\n")
+    return {"directory": str(output_dir), "summary": summary, "ad2": manifest_entry}
+
+
+@gin.configurable
+def ad2_classical_md(
+    workdir,
+    *,
+    output_dir=None,
+    n_frames: int = 500_000,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 1,
+    temperature: float = 300.0,
+    friction_per_ps: float = 1.0,
+    timestep_fs: float = 2.0,
+    save_every_ps: float = 1.0,
+    equilibration_ps: float = 100.0,
+    chunk_frames: int = 1000,
+    platform: str = "Reference",
+    resume: bool = True,
+    max_chunks: int | None = None,
+    progress: bool = True,
+    plots: bool = True,
+) -> dict | None:
+    """Unbiased classical MD into ``workdir/md`` (resumable); the data set when the run is complete.
+
+    Returns None while chunks remain (after ``max_chunks``). Frames are split in time:
+    the first ``1 - val_fraction - test_fraction`` go to train, then val, then test.
+    """
+    workdir = Path(workdir)
+    output_dir = _prepare(workdir, output_dir, resume, ("md",))
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in (0, 1) and sum below 1")
+    status = ad2_data.generate_classical(
+        workdir / "md",
+        n_frames=n_frames,
+        seed=seed,
+        temperature=temperature,
+        friction_per_ps=friction_per_ps,
+        timestep_fs=timestep_fs,
+        save_every_ps=save_every_ps,
+        equilibration_ps=equilibration_ps,
+        chunk_frames=chunk_frames,
+        platform=platform,
+        max_chunks=max_chunks,
+        log=print if progress else None,
+    )
+    if status["frames"] < n_frames:
+        return None
+    arrays = ad2_data.collect(workdir / "md")
+    n_test, n_val = round(test_fraction * n_frames), round(val_fraction * n_frames)
+    bounds = {"train": (0, n_frames - n_val - n_test), "val": (n_frames - n_val - n_test, n_frames - n_test), "test": (n_frames - n_test, n_frames)}
+    splits = {name: {k: v[a:b] for k, v in arrays.items()} for name, (a, b) in bounds.items()}
+    phi = ad2_data.phi_psi(arrays["positions"])[0]
+    meta = {
+        "description": "AD2 classical (ff99SB-ILDN + OBC, 300 K): one unbiased Langevin MD run, split in time (train, val, test)",
+        "generator": {**json.loads((workdir / "md" / "progress.json").read_text())["params"], **status},
+        "statistics": ad2_data.classical_statistics(arrays, temperature),
+        "phi_positive_entries": {
+            "all": phi_positive_entries(phi),
+            **{name: phi_positive_entries(phi[a:b]) for name, (a, b) in bounds.items()},
+        },
+        "simulated_ns": n_frames * save_every_ps / 1000,
+    }
+    entry = ad2_data.write_dataset(output_dir, splits, meta)
+    return _finish(output_dir, entry, plots)
+
+
+@gin.configurable
+def ad2_xtb_relaxed(
+    workdir,
+    *,
+    output_dir=None,
+    classical_dir: str = str(ad2_data.ASSET_DATA / "ad2_classical"),
+    n_train: int = 1800,
+    n_val: int = 200,
+    n_test: int = 600,
+    seed: int = 0,
+    time_fs: float = 100.0,
+    timestep_fs: float = 1.0,
+    friction_per_ps: float = 49.1,
+    chunk_states: int = 25,
+    n_workers: int = 2,
+    resume: bool = True,
+    max_chunks: int | None = None,
+    progress: bool = True,
+    plots: bool = True,
+) -> dict | None:
+    """GFN2-xTB relaxations of the classical set's states, split by split, into ``workdir/xtb``.
+
+    ``max_chunks`` counts rounds (one chunk of each split per round). Returns None while
+    states remain.
+    """
+    workdir = Path(workdir)
+    output_dir = _prepare(workdir, output_dir, resume, ("xtb",))
+    sizes = {"train": n_train, "val": n_val, "test": n_test}
+    status = ad2_data.generate_xtb_splits(
+        workdir / "xtb",
+        Path(classical_dir),
+        sizes=sizes,
+        seed=seed,
+        chunk_states=chunk_states,
+        max_rounds=max_chunks,
+        time_fs=time_fs,
+        timestep_fs=timestep_fs,
+        friction_per_ps=friction_per_ps,
+        n_workers=n_workers,
+        log=print if progress else None,
+    )
+    failed = sum(s["failed"] for s in status.values())
+    if any(status[name]["frames"] + _failed(workdir / "xtb" / name) < sizes[name] for name in sizes):
+        return None
+    entry = ad2_data.build_xtb_small_set(workdir / "xtb", output_dir, meta={"classical_source": str(classical_dir), "failed_relaxations": failed})
+    return _finish(output_dir, entry, plots)
+
+
+def _failed(cache_dir: Path) -> int:
+    return len(json.loads((cache_dir / "progress.json").read_text())["failed"])
+
+
+def describe(entry: dict) -> str:
+    """A few lines on a written AD2 data set: sizes, φ > 0 fractions, energies, entries."""
+    lines = [entry.get("description", "alanine dipeptide data set"), ""]
+    entries = entry.get("phi_positive_entries", {})
+    for name, s in entry["splits"].items():
+        extra = f", {entries[name]} entries into φ > 0" if name in entries else ""
+        lines.append(f"- {name}: {s['n']} frames, φ > 0 fraction {s['phi_positive_fraction']:.4f}{extra}, u = {s['energy_mean_kbt']:.2f} ± {s['energy_sd_kbt']:.2f} k_BT (mean ± sd)")
+    stats = entry.get("statistics")
+    if stats:
+        ref = stats["reference"]
+        lines += [
+            "",
+            f"Whole run: ⟨E⟩ = {stats['mean_potential_kj_mol']:.2f} kJ/mol (sd {stats['sd_potential_kj_mol']:.2f}), "
+            f"φ > 0 fraction {stats['phi_positive_fraction']:.4f}, {entries.get('all', '?')} entries; "
+            f"the long reference runs: ⟨E⟩ = {ref['mean_potential_kj_mol'][0]} / {ref['mean_potential_kj_mol'][1]} kJ/mol "
+            f"(sd {ref['sd_potential_kj_mol'][0]} / {ref['sd_potential_kj_mol'][1]}), φ > 0 fraction "
+            f"{ref['phi_positive_fraction'][0]} / {ref['phi_positive_fraction'][1]}.",
+        ]
+    return "\n".join(lines)
+
+
+def write_plots(output_dir: Path) -> None:
+    """Ramachandran map and energy histogram per split, under ``output_dir/plots``."""
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    folder = Path(output_dir) / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = {name: ad2_data.read_arrays(output_dir, name) for name in ad2_data.SPLITS}
+    fig = Figure(figsize=(4.3 * len(splits), 4.0), layout="constrained")
+    bins = np.linspace(-np.pi, np.pi, 61)
+    for ax, (name, arrays) in zip(fig.subplots(1, len(splits)), splits.items()):
+        phi, psi = ad2_data.phi_psi(arrays["positions"])
+        h, _, _ = np.histogram2d(phi, psi, bins=bins, density=True)
+        ax.imshow(h.T, origin="lower", extent=(-np.pi, np.pi, -np.pi, np.pi), norm=LogNorm(vmin=1e-3, vmax=max(h.max(), 1e-2)))
+        ax.set(title=f"{name} (n={len(phi)}, φ > 0: {np.mean(phi > 0):.3f})", xlabel="φ", ylabel="ψ")
+    fig.savefig(folder / "ramachandran.png", dpi=110)
+
+    fig = Figure(figsize=(5, 3.5), layout="constrained")
+    ax = fig.subplots()
+    energies = {name: arrays["energies"] for name, arrays in splits.items() if "energies" in arrays}
+    lo = min(np.percentile(e, 0.1) for e in energies.values())
+    hi = max(np.percentile(e, 99.9) for e in energies.values())
+    for name, e in energies.items():
+        ax.hist(e, bins=np.linspace(lo, hi, 80), density=True, histtype="step", label=f"{name} (n={len(e)})")
+    ax.set(xlabel="u [k_BT]", ylabel="density", title=f"{alanine.N_ATOMS}-atom alanine dipeptide: energy per split")
+    ax.legend()
+    fig.savefig(folder / "energy_histogram.png", dpi=120)
