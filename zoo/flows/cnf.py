@@ -58,9 +58,11 @@ class CNF(eqx.Module):
             ``'hutchinson'`` $ε^\top (∂v/∂x) ε$ with ε held fixed along a trajectory.
         noise: Hutchinson noise, ``'rademacher'`` or ``'gaussian'``.
         trace_chunk: for the exact divergence, how many basis-vector JVPs are evaluated
-            together (``None``: all ``dim`` at once). Chunks of 3 keep the tangent pair
-            tensors small: exact sampling 11 % faster for LJ13 and 39 % for alanine
-            dipeptide on a 2-core CPU than all at once (chunks of 1 are 2× slower).
+            together (``None``, the default: all ``dim`` at once); smaller chunks bound the
+            memory of the tangent pair tensors. Measured on a 2-core CPU, chunks of 3 against
+            all at once: 11 % (LJ13) and 39 % (alanine dipeptide) faster on one thread with
+            the other core busy, but 20 % slower (LJ13, 100 samples) and 8 % faster (AD2, 10
+            samples) with both threads free: smaller operations parallelise worse.
     """
 
     field: AbstractVectorField
@@ -72,7 +74,7 @@ class CNF(eqx.Module):
     max_steps: int = eqx.field(static=True, default=4096)
     divergence: str = eqx.field(static=True, default="exact")
     noise: str = eqx.field(static=True, default="rademacher")
-    trace_chunk: int | None = eqx.field(static=True, default=3)
+    trace_chunk: int | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         make_solver(self.solver)
