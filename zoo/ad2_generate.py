@@ -158,14 +158,10 @@ def ad2_xtb_relaxed(
         log=print if progress else None,
     )
     failed = sum(s["failed"] for s in status.values())
-    if any(status[name]["frames"] + _failed(workdir / "xtb" / name) < sizes[name] for name in sizes):
+    if any(status[name]["frames"] + status[name]["failed"] < sizes[name] for name in sizes):
         return None
     entry = ad2_data.build_xtb_small_set(workdir / "xtb", output_dir, meta={"classical_source": str(classical_dir), "failed_relaxations": failed})
     return _finish(output_dir, entry, plots)
-
-
-def _failed(cache_dir: Path) -> int:
-    return len(json.loads((cache_dir / "progress.json").read_text())["failed"])
 
 
 def describe(entry: dict) -> str:
@@ -191,28 +187,19 @@ def describe(entry: dict) -> str:
 
 def write_plots(output_dir: Path) -> None:
     """Ramachandran map and energy histogram per split, under ``output_dir/plots``."""
-    from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
+
+    from zoo.generate import energy_per_split
+    from zoo.views import ramachandran_panel
 
     folder = Path(output_dir) / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     splits = {name: ad2_data.read_arrays(output_dir, name) for name in ad2_data.SPLITS}
     fig = Figure(figsize=(4.3 * len(splits), 4.0), layout="constrained")
-    bins = np.linspace(-np.pi, np.pi, 61)
     for ax, (name, arrays) in zip(fig.subplots(1, len(splits)), splits.items()):
         phi, psi = ad2_data.phi_psi(arrays["positions"])
-        h, _, _ = np.histogram2d(phi, psi, bins=bins, density=True)
-        ax.imshow(h.T, origin="lower", extent=(-np.pi, np.pi, -np.pi, np.pi), norm=LogNorm(vmin=1e-3, vmax=max(h.max(), 1e-2)))
-        ax.set(title=f"{name} (n={len(phi)}, φ > 0: {np.mean(phi > 0):.3f})", xlabel="φ", ylabel="ψ")
+        ramachandran_panel(ax, phi, psi, title=f"{name} (n={len(phi)}, φ > 0: {np.mean(phi > 0):.3f})")
     fig.savefig(folder / "ramachandran.png", dpi=110)
 
-    fig = Figure(figsize=(5, 3.5), layout="constrained")
-    ax = fig.subplots()
     energies = {name: arrays["energies"] for name, arrays in splits.items() if "energies" in arrays}
-    lo = min(np.percentile(e, 0.1) for e in energies.values())
-    hi = max(np.percentile(e, 99.9) for e in energies.values())
-    for name, e in energies.items():
-        ax.hist(e, bins=np.linspace(lo, hi, 80), density=True, histtype="step", label=f"{name} (n={len(e)})")
-    ax.set(xlabel="u [k_BT]", ylabel="density", title=f"{alanine.N_ATOMS}-atom alanine dipeptide: energy per split")
-    ax.legend()
-    fig.savefig(folder / "energy_histogram.png", dpi=120)
+    energy_per_split(energies, folder / "energy_histogram.png", title=f"{alanine.N_ATOMS}-atom alanine dipeptide: energy per split")

@@ -41,11 +41,13 @@ def evaluation(
     solver: str | None = None,
     n_solver_steps: int | None = None,
     metrics_file: str | None = None,
+    provenance: dict | None = None,
 ) -> dict:
     """Compute the metrics of ``flow`` and write ``{prefix}metrics.json`` and the plots in ``workdir``.
 
     ``divergence``/``solver``/``n_solver_steps`` override the flow's settings for the
     evaluation only (e.g. fine-tune with Hutchinson, evaluate with the exact divergence).
+    ``provenance`` entries (e.g. the checkpoint evaluated) are stored with the metrics.
     """
     from zoo.cli.common import format_metrics, write_json
 
@@ -66,6 +68,7 @@ def evaluation(
         progress=progress,
     )
     metrics.update(write_views(flow, system, arrays, workdir, prefix=prefix))
+    metrics.update(provenance or {})
     write_json(workdir / (metrics_file or f"{prefix}metrics.json"), metrics)
     print(f"{prefix or ''}metrics: {format_metrics(metrics)}")
     if records:

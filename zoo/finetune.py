@@ -65,13 +65,11 @@ def finetune(
     flow = restored.model
     print(f"loaded {path} (step {restored.step}) for {type(system).__name__}")
 
-    from zoo.cli.common import write_json
-
     before = _reusable_before(workdir, path) if resume else None
     if before is None:
-        before = evaluation(flow, system, dataset, workdir, prefix="before_", metrics_file="metrics_before.json")
-        before["pretrained"] = str(path)
-        write_json(workdir / "metrics_before.json", before)
+        before = evaluation(
+            flow, system, dataset, workdir, prefix="before_", metrics_file="metrics_before.json", provenance={"pretrained": str(path)}
+        )
     else:
         print(f"resuming: the pretrained model's metrics are those of {workdir / 'metrics_before.json'}")
 

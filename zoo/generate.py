@@ -353,6 +353,21 @@ def describe(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def energy_per_split(energies: dict, path, *, title: str) -> None:
+    """One step histogram of the reduced energy per split, on shared bins (PNG, Agg)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.5), layout="constrained")
+    ax = fig.subplots()
+    lo = min(np.percentile(e, 0.1) for e in energies.values())
+    hi = max(np.percentile(e, 99.9) for e in energies.values())
+    for k, e in energies.items():
+        ax.hist(e, bins=np.linspace(lo, hi, 80), density=True, histtype="step", label=f"{k} (n={len(e)})")
+    ax.set(xlabel="reduced energy u [k_BT]", ylabel="density", title=title)
+    ax.legend()
+    fig.savefig(path, dpi=120)
+
+
 def write_plots(folder, system, splits: dict, result) -> None:
     """Energy histogram per split, pair-distance histograms and the energy trace (PNG, Agg)."""
     from matplotlib.figure import Figure  # Figure without pyplot renders with Agg, no global backend
@@ -363,16 +378,7 @@ def write_plots(folder, system, splits: dict, result) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     name = type(system).__name__
     energies = {k: _batched(system, "energy", v[0]) for k, v in splits.items()}
-
-    fig = Figure(figsize=(5, 3.5), layout="constrained")
-    ax = fig.subplots()
-    lo = min(np.percentile(e, 0.1) for e in energies.values())
-    hi = max(np.percentile(e, 99.9) for e in energies.values())
-    for k, e in energies.items():
-        ax.hist(e, bins=np.linspace(lo, hi, 80), density=True, histtype="step", label=f"{k} (n={len(e)})")
-    ax.set(xlabel="reduced energy u [k_BT]", ylabel="density", title=f"{name}: energy per split")
-    ax.legend()
-    fig.savefig(folder / "energy_histogram.png", dpi=120)
+    energy_per_split(energies, folder / "energy_histogram.png", title=f"{name}: energy per split")
 
     if isinstance(system, AbstractParticleSystem):
         dist = {k: _batched(system, "pair_distances", v[0]) for k, v in splits.items()}

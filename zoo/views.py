@@ -44,19 +44,24 @@ def bond_lengths(x: np.ndarray, pairs: np.ndarray, n_atoms: int) -> np.ndarray:
     return np.linalg.norm(p[:, pairs[:, 0]] - p[:, pairs[:, 1]], axis=-1)
 
 
+def ramachandran_panel(ax, phi: np.ndarray, psi: np.ndarray, *, title: str, weights: np.ndarray | None = None) -> None:
+    """A log-density (φ, ψ) histogram on [-π, π]² in one axes."""
+    bins = np.linspace(-np.pi, np.pi, 61)
+    h, _, _ = np.histogram2d(phi, psi, bins=bins, weights=weights, density=True)
+    ax.imshow(h.T, origin="lower", extent=(-np.pi, np.pi, -np.pi, np.pi), norm=LogNorm(vmin=1e-3, vmax=max(h.max(), 1e-2)), cmap="viridis")
+    ax.set_title(title)
+    ax.set_xlabel("φ")
+    ax.set_ylabel("ψ")
+
+
 def ramachandran(phi_psi: dict, path: Path, *, weights: np.ndarray | None = None) -> Path:
     """(φ, ψ) histograms side by side: data, model, model reweighted."""
     panels = [("data", phi_psi["data"], None), ("model", phi_psi["model"], None)]
     if weights is not None:
         panels.append(("model, reweighted", phi_psi["model"], weights))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4.0))
-    bins = np.linspace(-np.pi, np.pi, 61)
     for ax, (title, (phi, psi), w) in zip(axes, panels):
-        h, _, _ = np.histogram2d(phi, psi, bins=bins, weights=w, density=True)
-        ax.imshow(h.T, origin="lower", extent=(-np.pi, np.pi, -np.pi, np.pi), norm=LogNorm(vmin=1e-3, vmax=max(h.max(), 1e-2)), cmap="viridis")
-        ax.set_title(f"{title} (n={len(phi)})")
-        ax.set_xlabel("φ")
-        ax.set_ylabel("ψ")
+        ramachandran_panel(ax, phi, psi, title=f"{title} (n={len(phi)})", weights=w)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
