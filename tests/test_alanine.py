@@ -459,13 +459,19 @@ def test_generate_xtb_short_run_resumes(tmp_path, frames):
         ad2_data.generate_xtb(tmp_path, frames[:10], **{**kw, "time_fs": 8.0})
 
 
-def test_phi_positive_entries_counts_crossings_not_wraps():
+def test_phi_positive_entries_counts_transitions_not_wraps_or_recrossings():
     from zoo.ad2_generate import phi_positive_entries
 
-    # −2 → 1 enters φ > 0 (once, leaving and re-entering counts twice); 3.1 → −3.1 → 3.1
-    # wraps through ±π and is no entry.
+    # −2 → 1 enters φ > 0 (once; leaving to −1 and coming back counts again); 3.1 → −3.1 → 3.1
+    # is the β basin wrapping through ±π, no entry.
     phi = np.array([-2.0, -0.5, 1.0, 1.2, -1.0, 0.5, 3.1, -3.1, 3.1, -3.0])
     assert phi_positive_entries(phi) == 2
+    # A whole transition between two frames (seen in our MD at 1-ps frames) is an entry.
+    assert phi_positive_entries(np.array([-2.35, -2.21, 1.19, 0.97])) == 1
+    # Recrossing φ = 0 without reaching the other core is one entry, not three.
+    assert phi_positive_entries(np.array([-1.5, 0.6, -0.05, 0.4, -0.1, 0.9, 1.0])) == 1
+    # Starting inside φ > 0 is no entry.
+    assert phi_positive_entries(np.array([1.0, 0.8, 1.1])) == 0
 
 
 def test_generate_data_tool_runs_the_classical_md_generator(tmp_path):

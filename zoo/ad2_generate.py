@@ -25,11 +25,30 @@ from zoo import ad2_data
 from zoo.systems import alanine
 
 
+#: Cores of the two φ basins, in rad, for counting transitions: φ > 0 (αL / C7ax, around
+#: φ ≈ 1) and the rest (C7eq / β / αR, φ < 0 and the β basin's wrap to φ ≈ +π). Frames
+#: between the cores keep the last core's state, so recrossings of φ = 0 count once.
+PHI_POSITIVE_CORE = (0.2, 1.8)
+PHI_NEGATIVE_CORE = (-0.2, 2.5)  # φ < −0.2 or φ > 2.5
+
+
 def phi_positive_entries(phi: np.ndarray) -> int:
-    """Entries into φ > 0 along a trajectory: sign changes − → + that are not wraps through ±π."""
+    """Transitions into the φ > 0 basin along a trajectory: arrivals in its core from the other core.
+
+    A whole transition can fit between two 1-ps frames (φ = −2.2 → 1.2 was seen), so a
+    step's size says nothing about wraps; instead the β basin's excursions to φ ≈ +π lie in
+    the other core and are no entry.
+    """
     phi = np.asarray(phi)
-    step = np.diff(phi)
-    return int(np.sum((phi[:-1] < 0) & (phi[1:] > 0) & (np.abs(step) < np.pi)))
+    in_positive = (phi > PHI_POSITIVE_CORE[0]) & (phi < PHI_POSITIVE_CORE[1])
+    in_negative = (phi < PHI_NEGATIVE_CORE[0]) | (phi > PHI_NEGATIVE_CORE[1])
+    entries, state = 0, None
+    for pos, neg in zip(in_positive, in_negative):
+        if pos and state == "negative":
+            entries += 1
+        if pos or neg:
+            state = "positive" if pos else "negative"
+    return entries
 
 
 def _prepare(workdir: Path, output_dir, resume: bool, caches: tuple[str, ...]) -> Path:
@@ -180,7 +199,9 @@ def describe(entry: dict) -> str:
             f"φ > 0 fraction {stats['phi_positive_fraction']:.4f}, {entries.get('all', '?')} entries; "
             f"the long reference runs: ⟨E⟩ = {ref['mean_potential_kj_mol'][0]} / {ref['mean_potential_kj_mol'][1]} kJ/mol "
             f"(sd {ref['sd_potential_kj_mol'][0]} / {ref['sd_potential_kj_mol'][1]}), φ > 0 fraction "
-            f"{ref['phi_positive_fraction'][0]} / {ref['phi_positive_fraction'][1]}.",
+            f"{ref['phi_positive_fraction'][0]} / {ref['phi_positive_fraction'][1]}"
+            + (f", {ref['phi_positive_entries'][0]} / {ref['phi_positive_entries'][1]} entries" if "phi_positive_entries" in ref else "")
+            + " (164 / 165 ns).",
         ]
     return "\n".join(lines)
 
