@@ -210,9 +210,17 @@ def table(results: dict, info: dict) -> str:
         "| case | work | batch | wall | CPU | compile (s) | reference → speed-up |",
         "|---|---|---:|---:|---:|---:|---|",
     ]
-    dates = {r["measured"]["date"] for r in results.values() if "measured" in r}
-    if len(dates) > 1:
-        lines.insert(1, "Merged table: " + "; ".join(f"{r['label']} measured {r['measured']['date']} (load {r['measured']['load_average_1min'][0]:.1f})" for r in results.values() if "measured" in r) + ".")
+    measured = [r for r in results.values() if "measured" in r]
+    if len({r["measured"]["date"] for r in measured}) > 1:
+        cpus = {r["measured"].get("cpu", info["cpu_model"]) for r in measured}
+        where = (lambda r: f", {r['measured'].get('cpu', info['cpu_model'])}") if len(cpus) > 1 else (lambda r: "")
+        lines.insert(
+            1,
+            "Merged table: "
+            + "; ".join(f"{r['label']} measured {r['measured']['date']} (load {r['measured']['load_average_1min'][0]:.1f}{where(r)})" for r in measured)
+            + "."
+            + (" **The cases ran on different machines: compare numbers only within one machine.**" if len(cpus) > 1 else ""),
+        )
     for name, r in results.items():
         t, ref = r["timing"], r["reference"]
         rows = [("FM step", "fm", r["batches"]["fm"], _speedup(t["fm"]["wall_ms"] / 1e3, ref.get("fm")))]
@@ -242,7 +250,12 @@ def table(results: dict, info: dict) -> str:
 def merged(results: dict, path) -> dict:
     """``results`` over the cases of the JSON at ``path`` that were not run now, in suite order."""
     with open(path) as f:
-        kept = {k: v for k, v in json.load(f)["results"].items() if k not in results}
+        saved = json.load(f)
+    kept = {k: v for k, v in saved["results"].items() if k not in results}
+    machine_then = saved.get("machine", {})
+    for r in kept.values():  # cases from before date and machine were recorded per case ran on the file's
+        r.setdefault("measured", {"date": "an earlier run", "load_average_1min": [machine_then.get("load_average_1min", float("nan"))] * 2})
+        r["measured"].setdefault("cpu", machine_then.get("cpu_model", "unknown"))
     return {k: results.get(k) or kept[k] for k in CASES if k in results or k in kept}
 
 
@@ -268,7 +281,7 @@ def main(argv=None) -> dict:
         load_before = os.getloadavg()[0]
         results[name] = run_case(name, case, 1 if args.quick else args.repeats)
         # Cases of a merged table were measured at different times: each carries its own.
-        results[name]["measured"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_average_1min": [load_before, os.getloadavg()[0]]}
+        results[name]["measured"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_average_1min": [load_before, os.getloadavg()[0]], "cpu": info["cpu_model"]}
     info["load_average_end"] = os.getloadavg()[0]
     out = args.out if args.out is not None else ("" if args.quick else f"benchmarks/results_{jax.devices()[0].platform}.json")
     if args.merge and out and os.path.exists(out):

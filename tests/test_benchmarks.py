@@ -32,6 +32,12 @@ def test_quick_suite_on_the_2d_model(capsys, tmp_path):
     assert list(merged) == ["mlp2d", "dw4"] and merged["mlp2d"]["label"] == "a new 2-D run"
     text = suite.table(merged, saved["machine"])
     assert "an earlier DW4 run measured 2026-01-01 00:00" in text and "| a new 2-D run | FM step |" in text
+    assert "different machines" not in text
+    # A kept case from another machine is named with its CPU, and the table warns.
+    saved["results"]["dw4"]["measured"]["cpu"] = "Some Other CPU"
+    out.write_text(json.dumps(saved))
+    text = suite.table(suite.merged({"mlp2d": rerun}, out), saved["machine"])
+    assert "Some Other CPU" in text and "different machines" in text
 
 
 @pytest.mark.slow
