@@ -212,14 +212,18 @@ def table(results: dict, info: dict) -> str:
     ]
     measured = [r for r in results.values() if "measured" in r]
     if len({r["measured"]["date"] for r in measured}) > 1:
-        cpus = {r["measured"].get("cpu", info["cpu_model"]) for r in measured}
-        where = (lambda r: f", {r['measured'].get('cpu', info['cpu_model'])}") if len(cpus) > 1 else (lambda r: "")
+        cpu = {id(r): r["measured"].get("cpu", info["cpu_model"]) for r in measured}
+        mixed = len(set(cpu.values())) > 1
         lines.insert(
             1,
             "Merged table: "
-            + "; ".join(f"{r['label']} measured {r['measured']['date']} (load {r['measured']['load_average_1min'][0]:.1f}{where(r)})" for r in measured)
+            + "; ".join(
+                f"{r['label']} measured {r['measured']['date']} (load {r['measured']['load_average_1min'][0]:.1f}"
+                + (f", {cpu[id(r)]})" if mixed else ")")
+                for r in measured
+            )
             + "."
-            + (" **The cases ran on different machines: compare numbers only within one machine.**" if len(cpus) > 1 else ""),
+            + (" **The cases ran on different machines: compare numbers only within one machine.**" if mixed else ""),
         )
     for name, r in results.items():
         t, ref = r["timing"], r["reference"]

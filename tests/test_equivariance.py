@@ -178,8 +178,8 @@ def _cast(tree, dtype):
 
 @pytest.mark.parametrize("case", sorted(EGNN_CASES))
 def test_egnn_forward_mode_matches_the_reverse_mode_jacobian(case, key, x64):
-    """The first layer's forward-mode rule (one r² sensitivity for all tangents) = the Jacobian of
-    ``batched`` by reverse mode through its hand-written backward pass, an independent derivative."""
+    """Forward mode through ``__call__`` (the exact divergence's path) = the Jacobian of ``batched``
+    by reverse mode through its hand-written backward pass, an independent derivative."""
     c = EGNN_CASES[case]
     n, d = c["n"], c["d"]
     field = _cast(_roughen(EGNNField(n, d, hidden=16, n_layers=3, key=key, **c["kw"]), jax.random.PRNGKey(3)), jnp.float64)
@@ -195,7 +195,7 @@ def test_egnn_forward_mode_matches_the_reverse_mode_jacobian(case, key, x64):
 
 
 def test_egnn_forward_mode_in_weights_and_inputs_matches_finite_differences(key, x64):
-    """A tangent in the weights and x together (the rule's general branch) against central differences."""
+    """Forward mode with a tangent in the weights and x together against central differences."""
     n, d = 5, 3
     field = _cast(_roughen(EGNNField(n, d, hidden=8, n_layers=2, attention=True, key=key), jax.random.PRNGKey(5)), jnp.float64)
     x = jax.random.normal(jax.random.PRNGKey(6), (n * d,), jnp.float64)
@@ -215,8 +215,8 @@ def test_egnn_forward_mode_in_weights_and_inputs_matches_finite_differences(key,
 
 
 def test_exact_divergence_gradient_in_the_weights_matches_a_reverse_mode_trace(key, x64):
-    """∇_θ of the exact divergence through the first layer's forward-mode rule (reverse over forward,
-    as maximum-likelihood training with the exact trace takes it) = ∇_θ of trace(jacrev(batched))."""
+    """∇_θ of the exact divergence by reverse over forward (as maximum-likelihood training with the
+    exact trace takes it) = ∇_θ of trace(jacrev(batched))."""
     n, d = 4, 3
     field = _cast(_roughen(EGNNField(n, d, hidden=8, n_layers=3, tanh=True, coords_range=2.0, key=key), jax.random.PRNGKey(8)), jnp.float64)
     x = jax.random.normal(jax.random.PRNGKey(9), (n * d,), jnp.float64)
