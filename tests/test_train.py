@@ -180,6 +180,38 @@ def test_finetune_with_path_gradients_end_to_end(tmp_path):
     assert [r["step"] for r in steps if "loss" in r][-1] == 3
     assert json.loads((run / "metrics.json").read_text())["nll"] == pytest.approx(after["nll"], rel=1e-6)
 
+    # The learning-rate probe: one first step per learning rate, no training, no checkpoint.
+    probe = tmp_path / "probe"
+    finetune.main([*args[:1], f"--workdir={probe}", *args[2:], "--probe_lr", "1e-4", "1e-2", "--probe_samples=32"])
+    result = json.loads((probe / "lr_probe.json").read_text())
+    assert result["learning_rates"] == [1e-4, 1e-2] and result["configured_learning_rate"] == 5e-3
+    assert all(np.isfinite(result["d_nll_mean"])) and (probe / "lr_probe.png").is_file()
+    assert not (probe / "checkpoint").exists()
+
+
+def test_learning_rate_probe_matches_the_first_order_prediction(x64):
+    """The probe's NLL change against −η ⟨∇NLL_test, g_train⟩ (SGD, whole training set in one step)."""
+    from zoo.finetune import probe_learning_rates
+    from zoo.losses import MaximumLikelihood
+
+    _, data, flow = _setup()
+    flow = jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, flow)
+    nll = lambda model, x: -jnp.mean(model.log_prob(x))  # noqa: E731
+    grad_train = eqx.filter_grad(nll)(flow, jnp.asarray(data.train.positions))
+    grad_test = eqx.filter_grad(nll)(flow, jnp.asarray(data.test.positions))
+    slope = -sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree.leaves(grad_test), jax.tree.leaves(grad_train)))
+    lrs = [1e-4, 1e-3]
+    result = probe_learning_rates(
+        flow, MaximumLikelihood(), optax.sgd(0.5), data, lrs, configured_learning_rate=0.5,
+        batch_size=64, accumulation=4, n_eval=64,
+    )  # fmt: skip
+    assert slope < 0  # train and test gradients agree: a small SGD step helps
+    for lr, change in zip(lrs, result["d_nll_mean"]):
+        assert change == pytest.approx(lr * slope, rel=2e-2)
+    assert result["n_gradient_samples"] == 256 and result["n_eval"] == 64
+    with pytest.raises(ValueError, match="positive"):
+        probe_learning_rates(flow, MaximumLikelihood(), optax.sgd(0.5), data, [0.0], configured_learning_rate=0.5, batch_size=64)
+
 
 #: Bindings that shrink an EGNN experiment to seconds: tiny field, 2 solver steps, 16 samples.
 TINY_EGNN_RUN = [

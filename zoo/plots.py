@@ -99,3 +99,23 @@ def energy_histogram(u_target: np.ndarray, u_model: np.ndarray, log_w: np.ndarra
     ax.set_title(title)
     ax.legend()
     return _save(fig, path)
+
+
+def learning_rate_probe(result: dict, path: Path, *, title: str = "") -> Path:
+    """Held-out NLL change after one optimiser step against the learning rate (zoo.finetune.probe_learning_rates)."""
+    lrs = np.asarray(result["learning_rates"])
+    order = np.argsort(lrs)
+    mean = np.asarray(result["d_nll_mean"])[order]
+    sem = np.asarray(result["d_nll_sem"])[order]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(lrs[order], mean, yerr=sem, marker="o", capsize=3)
+    ax.axhline(0.0, color="0.5", lw=0.8)
+    ax.axvline(result["configured_learning_rate"], color="C3", ls="--", lw=0.8, label="configured")
+    ax.set_xscale("log")
+    # Changes span orders of magnitude of both signs; symlog keeps the small improvements visible.
+    ax.set_yscale("symlog", linthresh=max(1e-3, float(np.min(np.abs(mean[mean != 0]), initial=1.0))))
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("held-out NLL change after one step (nats)")
+    ax.set_title(title or f"first step on {result['n_gradient_samples']} samples, NLL on {result['n_eval']}")
+    ax.legend()
+    return _save(fig, path)

@@ -15,6 +15,15 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, help="optimiser steps (overrides finetune.n_steps)")
     p.add_argument("--time_budget", type=float, metavar="SECONDS", help="wall-clock training budget (overrides finetune.time_budget_s)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning run in WORKDIR")
+    p.add_argument(
+        "--probe_lr",
+        type=float,
+        nargs="+",
+        metavar="LR",
+        help="do not fine-tune: take the run's first step at each learning rate and report the held-out NLL change "
+        "(writes lr_probe.json and lr_probe.png)",
+    )
+    p.add_argument("--probe_samples", type=int, default=100, help="held-out samples for --probe_lr (default 100)")
     args = p.parse_args(argv)
     if not args.gin:
         common.fail("give --gin=FILE (e.g. --gin=gin/gmm_pg.gin)")
@@ -45,8 +54,8 @@ def main(argv=None) -> None:
         # The checkpoint's own config first, then the user's files and bindings on top.
         config.parse(args.gin, args.gin_param, config_str=stored)
         start = time.perf_counter()
-        finetune.finetune(workdir, resume=args.resume)
-    except (config.ConfigError, ckpt.CheckpointError, FileNotFoundError, KeyError) as e:
+        finetune.finetune(workdir, resume=args.resume, probe_lr=args.probe_lr, probe_samples=args.probe_samples)
+    except (config.ConfigError, ckpt.CheckpointError, FileNotFoundError, KeyError, FloatingPointError) as e:
         common.fail(str(e))
     print(f"done in {time.perf_counter() - start:.1f} s; outputs in {workdir}")
 
