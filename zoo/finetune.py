@@ -204,7 +204,7 @@ def probe_learning_rates(
     """
     from zoo.flows.cnf import log_prob_chunked
     from zoo.optim import with_clipping
-    from zoo.train import BatchSampler, make_step
+    from zoo.train import BatchSampler, make_step, step_key
 
     if not learning_rates or any(not (lr > 0 and math.isfinite(lr)) for lr in learning_rates):
         raise ValueError(f"learning rates to probe must be positive numbers, got {list(learning_rates)}")
@@ -218,9 +218,8 @@ def probe_learning_rates(
     params = eqx.filter(flow, eqx.is_inexact_array)
     step_fn = make_step(loss, transform, accumulation)
     # The fine-tuning run's step 0: same sampler, same key (zoo.train.fit).
-    idx = BatchSampler(len(dataset.train), batch_size * accumulation, seed).indices(0)
-    batch = jax.tree.map(lambda a: a.reshape(accumulation, batch_size, *a.shape[1:]), dataset.train.batch(idx))
-    stepped, _, stats = step_fn(flow, transform.init(params), batch, jax.random.fold_in(jax.random.PRNGKey(seed), 0))
+    batch = BatchSampler(len(dataset.train), batch_size * accumulation, seed).micro_batches(dataset.train, 0, accumulation)
+    stepped, _, stats = step_fn(flow, transform.init(params), batch, step_key(jax.random.PRNGKey(seed), 0))
     if not bool(stats["finite"]):
         raise FloatingPointError("the first fine-tuning step has a non-finite loss or gradient; nothing to probe")
     update = jax.tree.map(lambda new, old: new - old, eqx.filter(stepped, eqx.is_inexact_array), params)

@@ -53,6 +53,15 @@ class BatchSampler:
             self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
         return self._perm[within * self.batch_size : (within + 1) * self.batch_size]
 
+    def micro_batches(self, split, step: int, accumulation: int) -> Batch:
+        """Step ``step``'s samples of ``split`` as ``accumulation`` micro-batches (a leading axis)."""
+        return jax.tree.map(lambda a: a.reshape(accumulation, -1, *a.shape[1:]), split.batch(self.indices(step)))
+
+
+def step_key(key: jax.Array, step: int) -> jax.Array:
+    """The PRNG key of training step ``step`` from the run's key."""
+    return jax.random.fold_in(key, step)
+
 
 _STEP_CACHE: dict = {}
 
@@ -228,12 +237,9 @@ def fit(
                 break
             if time_budget_s is not None and start is not None and train_clock() >= time_budget_s:
                 break
-            idx = sampler.indices(state.step)
-            batch = jax.tree.map(lambda a: a.reshape(accumulation, batch_size, *a.shape[1:]), dataset.train.batch(idx))
-            batch = parallel.shard_batch(batch, mesh, axis=1)
-            step_key = jax.random.fold_in(state.key, state.step)
+            batch = parallel.shard_batch(sampler.micro_batches(dataset.train, state.step, accumulation), mesh, axis=1)
             t0 = time.perf_counter()
-            model, opt_state, stats = step_fn(state.model, state.opt_state, batch, step_key)
+            model, opt_state, stats = step_fn(state.model, state.opt_state, batch, step_key(state.key, state.step))
             stats = _to_python(jax.device_get(stats))
             state = TrainState(step=state.step + 1, model=model, opt_state=opt_state, key=state.key)
             if start is None:

@@ -189,10 +189,7 @@ def _first_layer_messages_jvp(primals, tangents):
     pi, pj, r2, *weights = primals
     d_r2 = tangents[2]
     if _is_zero_tangent(d_r2) or not all(_is_zero_tangent(t) for t in tangents[:2] + tangents[3:]):
-        dense = tuple(
-            t if t is None or not isinstance(t, SymbolicZero) else jnp.zeros(p.shape, p.dtype)
-            for p, t in zip(primals, tangents)
-        )
+        dense = tuple(jnp.zeros(p.shape, p.dtype) if isinstance(t, SymbolicZero) else t for p, t in zip(primals, tangents))
         return jax.jvp(lambda pi_, pj_, r2_, *w: _pair_forward(pi_, pj_, r2_, r2_, *w)[0], primals, dense)
 
     def per_pair(r):
@@ -258,8 +255,8 @@ class _EGCL(eqx.Module):
         the first-layer kernel with its cheap forward-mode rule, fed with ``edge_attr`` for
         both. (Feeding it this layer's own r², the same numbers, made XLA's CPU
         while-loop-invariant code motion miscompile a vmapped fixed-step solve: wrong
-        divergences for some batch entries. ``tests/test_cnf.py`` checks vmapped against
-        per-sample solves.)
+        divergences for some batch entries. ``tests/test_equivariance.py`` checks vmapped
+        against per-sample solves.)
         """
         hd = self.hidden
         w = self.edge_in.weight
