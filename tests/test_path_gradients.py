@@ -310,3 +310,56 @@ def test_egnn_backsolve_matches_direct():
     backsolve, direct = grads("backsolve"), grads("direct")
     assert float(jnp.linalg.norm(direct)) > 0
     np.testing.assert_allclose(backsolve, direct, rtol=0, atol=2e-3 * float(jnp.max(jnp.abs(direct))))
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_chunked_solves_give_the_unchunked_path_gradient(x64, fast_path):
+    """Solving the batch in chunks (lax.map for the augmented solve, a scan summing a_θ for the
+    adjoint) changes no number: terms and θ-gradient equal the one-chunk estimator. Covers the
+    EGNN fast path (Hutchinson) and the per-sample path (exact divergence)."""
+    divergence = "hutchinson" if fast_path else "exact"
+    model = CNF(_perturbed_egnn(), MeanFreeNormal(5, 3), n_steps=5, divergence=divergence)
+    x = model.base.sample(jax.random.PRNGKey(1), 6)
+    forces = model.base.project(jax.random.normal(jax.random.PRNGKey(2), x.shape))
+
+    @eqx.filter_jit
+    def estimate(m, chunk_size):
+        def loss(mm):
+            terms = path_gradient(mm, x, forces, jax.random.PRNGKey(3), chunk_size=chunk_size)
+            return jnp.mean(terms.surrogate), terms
+
+        return eqx.filter_grad(loss, has_aux=True)(m)
+
+    grads_whole, terms_whole = estimate(model, 6)
+    assert float(jnp.linalg.norm(_flat(grads_whole))) > 0
+    for chunk_size in (1, 2, 4):  # 4 is not a divisor of 6: rounded down to 3
+        grads, terms = estimate(model, chunk_size)
+        np.testing.assert_allclose(_flat(grads), _flat(grads_whole), rtol=1e-10, atol=1e-12)
+        for a, b in zip(terms, terms_whole):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_egnn_solve_chunk_sizes_and_bad_chunk_size():
+    """The field's rule (≤ 20000 layer·pair rows, a divisor of the batch) at the benchmark sizes,
+    and a non-positive chunk size is refused by the loss."""
+    from zoo.fields import EGNNField
+
+    key = jax.random.PRNGKey(0)
+    assert EGNNField(22, 3, n_layers=5, key=key).solve_chunk_size(50) == 5
+    assert EGNNField(55, 3, n_layers=3, key=key).solve_chunk_size(8) == 2
+    assert EGNNField(13, 3, n_layers=3, key=key).solve_chunk_size(64) == 32
+    assert EGNNField(4, 2, n_layers=3, hidden=32, key=key).solve_chunk_size(256) == 256
+    assert EGNNField(55, 3, n_layers=3, key=key).solve_chunk_size(7) == 1
+    with pytest.raises(ValueError, match="chunk_size must be a positive"):
+        PathGradientForwardKL(chunk_size=0)
+
+
+def test_cache_sized_chunks_are_a_cpu_rule(monkeypatch):
+    """Chunking for cache residency applies on the CPU backend only; on a GPU backend the EGNN
+    asks for the whole batch in training and in the path-gradient solves."""
+    from zoo.fields import EGNNField
+
+    field = EGNNField(55, 3, n_layers=3, key=jax.random.PRNGKey(0))
+    assert (field.train_chunk_size(64), field.solve_chunk_size(8)) == (1, 2)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert (field.train_chunk_size(64), field.solve_chunk_size(8)) == (64, 8)

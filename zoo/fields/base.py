@@ -6,8 +6,26 @@ import abc
 from typing import ClassVar
 
 import equinox as eqx
+import jax
 
 from zoo._types import Time, Vector
+
+
+def largest_divisor_at_most(n: int, cap: int) -> int:
+    """The largest divisor of ``n`` not above ``cap`` (at least 1): a chunk size that splits a batch
+    of n evenly, so a last, smaller batch still runs with a field's preferred chunking."""
+    if n < 1:
+        raise ValueError(f"a batch needs at least one sample, got {n}")
+    return max(c for c in range(1, min(max(cap, 1), n) + 1) if n % c == 0)
+
+
+def cache_sized_chunk(batch_size: int, cap: int) -> int:
+    """A chunk size for work sized to a CPU core's cache: ``largest_divisor_at_most(batch_size, cap)``
+    on the CPU backend, the whole batch elsewhere. Cache residency is a CPU concern; a GPU is
+    fastest on the widest batch, and sequential chunks would leave it mostly idle."""
+    if jax.default_backend() != "cpu":
+        return largest_divisor_at_most(batch_size, batch_size)
+    return largest_divisor_at_most(batch_size, cap)
 
 
 class AbstractVectorField(eqx.Module):

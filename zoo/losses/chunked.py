@@ -26,6 +26,23 @@ import jax.numpy as jnp
 from zoo._types import Array, Scalar
 
 
+def to_chunks(a: Array, chunk_size: int) -> Array:
+    """(b, ...) → (b // chunk_size, chunk_size, ...), chunk k holding samples k, k + b/chunk_size, ….
+
+    Strided, not contiguous: a batch sharded over devices along its sample axis stays sharded
+    inside every chunk (each device holds its share of each chunk), so a scan over the chunks
+    runs data-parallel. With contiguous chunks each chunk lives on one device, and XLA gathers
+    the whole batch onto every device and repeats the work there (seen in the compiled HLO).
+    """
+    b = a.shape[0]
+    return a.reshape(chunk_size, b // chunk_size, *a.shape[1:]).swapaxes(0, 1)
+
+
+def from_chunks(a: Array) -> Array:
+    """The inverse of :func:`to_chunks`: (n_chunks, chunk_size, ...) → (b, ...) in the original order."""
+    return a.swapaxes(0, 1).reshape(a.shape[0] * a.shape[1], *a.shape[2:])
+
+
 def _batched(field):
     batched = getattr(field, "batched", None)
     return batched if batched is not None else jax.vmap(field)
@@ -47,7 +64,6 @@ def chunked_squared_error(field, t: Array, x: Array, target: Array, chunk_size: 
 
     params, static = eqx.partition(field, eqx.is_inexact_array)
     scale = 1.0 / target.size
-    n_chunks = b // chunk_size
 
     def chunk_loss(p, tc, xc, uc):
         return jnp.sum((_batched(eqx.combine(p, static))(tc, xc) - uc) ** 2) * scale
@@ -55,7 +71,7 @@ def chunked_squared_error(field, t: Array, x: Array, target: Array, chunk_size: 
     value_and_grad = jax.value_and_grad(chunk_loss, argnums=(0, 1, 2, 3))
 
     def split(a):
-        return a.reshape(n_chunks, chunk_size, *a.shape[1:])
+        return to_chunks(a, chunk_size)
 
     def forward(p, t, x, target):
         def step(carry, chunk):
@@ -65,7 +81,7 @@ def chunked_squared_error(field, t: Array, x: Array, target: Array, chunk_size: 
 
         init = (jnp.zeros((), x.dtype), jax.tree.map(jnp.zeros_like, p))
         (value, grads), (gt, gx, gu) = jax.lax.scan(step, init, (split(t), split(x), split(target)))
-        return value, (grads, gt.reshape(t.shape), gx.reshape(x.shape), gu.reshape(target.shape))
+        return value, (grads, from_chunks(gt), from_chunks(gx), from_chunks(gu))
 
     @jax.custom_vjp
     def loss(p, t, x, target):  # the value alone (no gradients) when nothing differentiates it

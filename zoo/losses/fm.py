@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from zoo._types import Array, PRNGKeyArray
 from zoo.data import Batch
+from zoo.fields.base import largest_divisor_at_most
 from zoo.losses.base import AbstractLoss
 from zoo.losses.chunked import chunked_squared_error
 from zoo.losses.coupling import exact_assignment, squared_distances
@@ -43,8 +44,7 @@ def fm_regression(
     if chunk_size is None:
         preferred = getattr(model.field, "train_chunk_size", None)
         chunk_size = preferred(b) if preferred is not None else b
-    # The largest divisor of b not above the request (a last, smaller batch still works).
-    chunk_size = max(c for c in range(1, min(max(chunk_size, 1), b) + 1) if b % c == 0)
+    chunk_size = largest_divisor_at_most(b, chunk_size)
     return chunked_squared_error(model.field, t[:, 0], xt, ut, chunk_size)
 
 

@@ -29,6 +29,14 @@ One step per batch, all three solves with the model's own solver settings:
 solver (diffrax's ``RecursiveCheckpointAdjoint``): the independent check, with memory that
 grows with the number of steps.
 
+Steps 2 and 3 run chunk by chunk over the batch (``chunk_size`` samples at a time,
+``lax.map``/``lax.scan``; a_θ is summed across chunks), which keeps a chunk's pair tensors in
+cache for the EGNN (``field.solve_chunk_size``) and bounds memory for any field; step 1 has
+no reverse pass and runs on the whole batch. Chunks are strided
+(:func:`~zoo.losses.chunked.to_chunks`), so a batch sharded over devices stays sharded in each.
+The numbers do not depend on the chunking (with an adaptive solver, step 3 shares one
+step-size sequence per chunk instead).
+
 For the mean-free base every vector (score, adjoint states, c) is projected onto the
 centre-of-mass-free subspace with ``model.base.project``.
 """
@@ -45,8 +53,10 @@ import jax.numpy as jnp
 
 from zoo._types import Array, PRNGKeyArray
 from zoo.data import Batch
+from zoo.fields.base import largest_divisor_at_most
 from zoo.flows.solvers import is_adaptive, make_solver
 from zoo.losses.base import AbstractLoss
+from zoo.losses.chunked import from_chunks, to_chunks
 from zoo.registry import register
 
 ADJOINTS = ("backsolve", "direct")
@@ -146,6 +156,15 @@ def augmented_forward_batched(model, z: Array, eps: Array) -> tuple[Array, Array
     return x1, a1, jax.vmap(base.log_prob)(z) - div
 
 
+def _map_chunks(fn, chunk_size: int, *arrays):
+    """fn over the leading axis in chunks of ``chunk_size`` (a divisor), one chunk after another
+    (``lax.map`` over :func:`~zoo.losses.chunked.to_chunks`); the outputs come back in batch order."""
+    if chunk_size == arrays[0].shape[0]:
+        return fn(*arrays)
+    out = jax.lax.map(lambda chunk: fn(*chunk), tuple(to_chunks(a, chunk_size) for a in arrays))
+    return jax.tree.map(from_chunks, out)
+
+
 def _batched_augmented_applies(model, eps) -> bool:
     """The batched augmented solve needs Hutchinson noise, a field fast path and fixed steps
     (one batched state would share an adaptive step-size sequence across samples)."""
@@ -160,24 +179,25 @@ def grad_log_prob(model, x: Array, eps: Array | None = None) -> tuple[Array, Arr
 
 
 @eqx.filter_custom_vjp
-def _transport_backsolve(field, x_end, model):
+def _transport_backsolve(field, x_end, model, chunk_size):
     """T_θ(z) for a batch whose end points x_end (b, dim) are known; its VJP is the continuous adjoint."""
-    del field, model
+    del field, model, chunk_size
     return x_end
 
 
 @_transport_backsolve.def_fwd
-def _transport_backsolve_fwd(perturbed, field, x_end, model):
-    del perturbed, field, model
+def _transport_backsolve_fwd(perturbed, field, x_end, model, chunk_size):
+    del perturbed, field, model, chunk_size
     return x_end, None
 
 
 @_transport_backsolve.def_bwd
-def _transport_backsolve_bwd(residuals, cotangent, perturbed, field, x_end, model):
+def _transport_backsolve_bwd(residuals, cotangent, perturbed, field, x_end, model, chunk_size):
     r"""a_θ(0) from $\dot x = v$, $\dot a_x = -(∂v/∂x)^\top a_x$, $\dot a_θ = -(∂v/∂θ)^\top a_x$, t: 1 → 0.
 
-    The batch is solved as one state, so $a_θ$ is summed over samples at every stage
-    (no per-sample parameter gradients are stored).
+    Each chunk of ``chunk_size`` samples is solved as one state, so $a_θ$ is summed over its
+    samples at every stage, and over chunks by the scan (no per-sample parameter gradients
+    are stored).
     """
     del residuals
     params, static = eqx.partition(field, eqx.is_inexact_array)
@@ -202,7 +222,18 @@ def _transport_backsolve_bwd(residuals, cotangent, perturbed, field, x_end, mode
         return v, -project(g_x), jax.tree.map(jnp.negative, g_params)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    _, _, a_params = _solve(model, rhs, (x_end, project(cotangent), zeros), 1.0, 0.0, params)
+
+    def add_chunk(total, chunk):
+        x_chunk, cotangent_chunk = chunk
+        _, _, a_params = _solve(model, rhs, (x_chunk, project(cotangent_chunk), zeros), 1.0, 0.0, params)
+        return jax.tree.map(jnp.add, total, a_params), None
+
+    b = x_end.shape[0]
+    if chunk_size == b:
+        a_params, _ = add_chunk(zeros, (x_end, cotangent))
+    else:
+        chunks = (to_chunks(x_end, chunk_size), to_chunks(cotangent, chunk_size))
+        a_params, _ = jax.lax.scan(add_chunk, zeros, chunks)
     return jax.tree.map(lambda g, p: g if p else None, a_params, perturbed, is_leaf=lambda n: n is None)
 
 
@@ -214,6 +245,7 @@ def path_gradient(
     *,
     eps: Array | None = None,
     adjoint: str = "backsolve",
+    chunk_size: int | None = None,
 ) -> PathGradientTerms:
     r"""Per-sample path-gradient surrogates for a batch x (n, dim) with forces F = −∇u (n, dim).
 
@@ -221,6 +253,9 @@ def path_gradient(
     sample i's path gradient. Hutchinson noise (one ε per sample, fixed along its
     trajectories) is drawn from ``key`` with ``model.hutchinson_noise`` unless ``eps``
     (n, dim) is given.
+
+    The augmented and adjoint solves take ``chunk_size`` samples at a time (at most; a
+    divisor of n); None asks the field (``field.solve_chunk_size(n)``), else one chunk.
     """
     if adjoint not in ADJOINTS:
         raise ValueError(f"unknown adjoint {adjoint!r}; expected one of {ADJOINTS}")
@@ -237,18 +272,27 @@ def path_gradient(
             raise ValueError("this CNF uses the Hutchinson divergence: path_gradient needs a PRNG key or eps")
         eps = model.hutchinson_noise(key, x.shape[0], x.dtype)
 
+    n = x.shape[0]
+    if chunk_size is None:
+        preferred = getattr(model.field, "solve_chunk_size", None)
+        chunk_size = preferred(n) if preferred is not None else n
+    chunk_size = largest_divisor_at_most(n, chunk_size)
+
     frozen = _frozen(model)
     project = model.base.project
     z = project(jax.vmap(frozen.inverse)(x))
     if eps is None:
-        x_end, grad_log_q, log_q = jax.vmap(lambda zi: augmented_forward(frozen, zi))(z)
+        augmented = jax.vmap(lambda zi: augmented_forward(frozen, zi))
+        x_end, grad_log_q, log_q = _map_chunks(augmented, chunk_size, z)
     elif _batched_augmented_applies(frozen, eps):
-        x_end, grad_log_q, log_q = augmented_forward_batched(frozen, z, eps)
+        augmented = lambda zc, ec: augmented_forward_batched(frozen, zc, ec)  # noqa: E731
+        x_end, grad_log_q, log_q = _map_chunks(augmented, chunk_size, z, eps)
     else:
-        x_end, grad_log_q, log_q = jax.vmap(lambda zi, ei: augmented_forward(frozen, zi, ei))(z, eps)
+        augmented = jax.vmap(lambda zi, ei: augmented_forward(frozen, zi, ei))
+        x_end, grad_log_q, log_q = _map_chunks(augmented, chunk_size, z, eps)
     c = jax.lax.stop_gradient(project(grad_log_q - forces))
     if adjoint == "backsolve":
-        transported = _transport_backsolve(model.field, x_end, frozen)
+        transported = _transport_backsolve(model.field, x_end, frozen, chunk_size)
     else:
         transported = jax.vmap(model.forward)(z)
     surrogate = jnp.sum(c * transported, axis=-1)
@@ -273,11 +317,14 @@ class PathGradientForwardKL(AbstractLoss):
         force_source: ``'data'`` reads ``batch.forces``; ``'energy'`` takes −∇u from
             ``energy`` (one configuration → u in k_B T), for analytic targets.
         energy: the reduced energy for ``force_source='energy'``, e.g. ``system.energy``.
+        chunk_size: samples per chunk in the augmented and adjoint solves (see
+            :func:`path_gradient`); None lets the field choose.
     """
 
     adjoint: str = eqx.field(static=True, default="backsolve")
     force_source: str = eqx.field(static=True, default="data")
     energy: Callable | None = None
+    chunk_size: int | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         if self.adjoint not in ADJOINTS:
@@ -286,6 +333,8 @@ class PathGradientForwardKL(AbstractLoss):
             raise ValueError(f"unknown force_source {self.force_source!r}; expected one of {FORCE_SOURCES}")
         if self.force_source == "energy" and self.energy is None:
             raise ValueError("force_source='energy' needs an energy callable (e.g. energy=system.energy)")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of samples or None, got {self.chunk_size}")
 
     @property
     def needs_forces(self) -> bool:
@@ -309,7 +358,7 @@ class PathGradientForwardKL(AbstractLoss):
 
     def __call__(self, model, batch: Batch, key: PRNGKeyArray):
         forces, energies = self._forces_and_energies(batch)
-        terms = path_gradient(model, batch.x, forces, key, adjoint=self.adjoint)
+        terms = path_gradient(model, batch.x, forces, key, adjoint=self.adjoint, chunk_size=self.chunk_size)
         norm = lambda v: jnp.mean(jnp.sqrt(jnp.sum(v**2, axis=-1)))  # noqa: E731
         aux = {
             "nll": -jnp.mean(terms.log_q),
