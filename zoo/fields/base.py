@@ -23,9 +23,7 @@ def cache_sized_chunk(batch_size: int, cap: int) -> int:
     """A chunk size for work sized to a CPU core's cache: ``largest_divisor_at_most(batch_size, cap)``
     on the CPU backend, the whole batch elsewhere. Cache residency is a CPU concern; a GPU is
     fastest on the widest batch, and sequential chunks would leave it mostly idle."""
-    if jax.default_backend() != "cpu":
-        return largest_divisor_at_most(batch_size, batch_size)
-    return largest_divisor_at_most(batch_size, cap)
+    return largest_divisor_at_most(batch_size, cap if jax.default_backend() == "cpu" else batch_size)
 
 
 class AbstractVectorField(eqx.Module):

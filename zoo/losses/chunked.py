@@ -24,6 +24,17 @@ import jax
 import jax.numpy as jnp
 
 from zoo._types import Array, Scalar
+from zoo.fields.base import largest_divisor_at_most
+
+
+def resolve_chunk_size(field, preference: str, b: int, requested: int | None) -> int:
+    """Samples per chunk for a batch of b: ``requested``, or when None the choice of the field's
+    ``preference`` method (e.g. ``train_chunk_size``; the whole batch for a field without one),
+    rounded down to a divisor of b so that every chunk has the same size."""
+    if requested is None:
+        preferred = getattr(field, preference, None)
+        requested = preferred(b) if preferred is not None else b
+    return largest_divisor_at_most(b, requested)
 
 
 def to_chunks(a: Array, chunk_size: int) -> Array:

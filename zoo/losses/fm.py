@@ -18,9 +18,8 @@ import jax.numpy as jnp
 
 from zoo._types import Array, PRNGKeyArray
 from zoo.data import Batch
-from zoo.fields.base import largest_divisor_at_most
 from zoo.losses.base import AbstractLoss
-from zoo.losses.chunked import chunked_squared_error
+from zoo.losses.chunked import chunked_squared_error, resolve_chunk_size
 from zoo.losses.coupling import exact_assignment, squared_distances
 from zoo.registry import register
 
@@ -41,10 +40,7 @@ def fm_regression(
     if sigma > 0:
         xt = xt + sigma * model.base.sample(eps_key, b).astype(x1.dtype)
     ut = x1 - (1.0 - sigma_min) * x0
-    if chunk_size is None:
-        preferred = getattr(model.field, "train_chunk_size", None)
-        chunk_size = preferred(b) if preferred is not None else b
-    chunk_size = largest_divisor_at_most(b, chunk_size)
+    chunk_size = resolve_chunk_size(model.field, "train_chunk_size", b, chunk_size)
     return chunked_squared_error(model.field, t[:, 0], xt, ut, chunk_size)
 
 

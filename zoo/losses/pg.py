@@ -53,10 +53,9 @@ import jax.numpy as jnp
 
 from zoo._types import Array, PRNGKeyArray
 from zoo.data import Batch
-from zoo.fields.base import largest_divisor_at_most
 from zoo.flows.solvers import is_adaptive, make_solver
 from zoo.losses.base import AbstractLoss
-from zoo.losses.chunked import from_chunks, to_chunks
+from zoo.losses.chunked import from_chunks, resolve_chunk_size, to_chunks
 from zoo.registry import register
 
 ADJOINTS = ("backsolve", "direct")
@@ -272,11 +271,7 @@ def path_gradient(
             raise ValueError("this CNF uses the Hutchinson divergence: path_gradient needs a PRNG key or eps")
         eps = model.hutchinson_noise(key, x.shape[0], x.dtype)
 
-    n = x.shape[0]
-    if chunk_size is None:
-        preferred = getattr(model.field, "solve_chunk_size", None)
-        chunk_size = preferred(n) if preferred is not None else n
-    chunk_size = largest_divisor_at_most(n, chunk_size)
+    chunk_size = resolve_chunk_size(model.field, "solve_chunk_size", x.shape[0], chunk_size)
 
     frozen = _frozen(model)
     project = model.base.project
