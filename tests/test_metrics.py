@@ -115,3 +115,35 @@ def test_density_hist_with_no_mass_in_range_draws_a_legend_entry_only():
     assert labels == ["outside (none in range)", "weightless (none in range)", "inside"]
     assert len(ax.patches) == 10  # only the histogram inside the range drew bars
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- standard errors
+def test_ess_and_nll_standard_errors_against_log_normal_weights():
+    """Log-normal weights, log w ~ N(μ, σ²): both ESS estimators tend to exp(−σ²). The
+    delta-method standard errors match the spread of the estimates over 400 replications,
+    and the estimates lie within a few of them of the analytic value."""
+    from zoo.metrics import ess_p, ess_p_se, ess_q, ess_q_se, nll, nll_se
+
+    sigma, n, reps = 0.5, 2000, 400
+    rng = np.random.default_rng(0)
+    log_w = 3.0 + sigma * rng.normal(size=(reps, n))
+    expected = np.exp(-(sigma**2))
+    for estimate, se in ((ess_q, ess_q_se), (ess_p, ess_p_se)):
+        values = np.array([estimate(lw) for lw in log_w])
+        errors = np.array([se(lw) for lw in log_w])
+        assert abs(values.mean() - expected) < 4 * values.std() / np.sqrt(reps)
+        np.testing.assert_allclose(errors.mean(), values.std(ddof=1), rtol=0.15)
+        assert abs(values[0] - expected) < 4 * errors[0]
+    # The NLL's error is the standard error of a mean.
+    values = np.array([nll(lw) for lw in log_w])
+    np.testing.assert_allclose(np.mean([nll_se(lw) for lw in log_w]), values.std(ddof=1), rtol=0.1)
+    np.testing.assert_allclose(nll_se(log_w[0]), sigma / np.sqrt(n), rtol=0.1)
+
+
+def test_ess_standard_errors_of_degenerate_weights():
+    from zoo.metrics import ess_p_se, ess_q_se
+
+    assert ess_q_se(np.zeros(50)) < 1e-12  # equal weights: ESS is exactly 1
+    assert ess_p_se(np.zeros(50)) < 1e-12
+    assert ess_q_se(np.full(10, -np.inf)) == 0.0
+    assert ess_p_se(np.array([0.0, np.inf])) == 0.0

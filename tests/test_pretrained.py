@@ -438,6 +438,27 @@ def test_release_packs_and_registers_a_run(tmp_path):
         pretrained.release(workdir, "toy_run", gin_file="gmm_fm.gin", recipe="r", dest=tmp_path / "out", registry=reg)
 
 
+def test_reevaluated_metrics_replace_only_the_metrics(tmp_path, toy):
+    from zoo.cli import release_model
+
+    archive, data, _, _ = toy
+    reg = write_registry(tmp_path / "models.toml", data, [str(archive)])
+    before = pretrained.model_info("toy", reg)
+    run = tmp_path / "eval"
+    run.mkdir()
+    new = {"nll": 0.9, "nll_se": 0.01, "ess_q": 0.6, "ess_q_se": 0.02, "ess_p": 0.55, "ess_p_se": 0.03, "n_samples_q": 1024}
+    (run / "metrics.json").write_text(json.dumps({**new, "n_samples_p": 1024, "divergence": "exact", "checkpoint": "toy"}))
+    release_model.main([str(run), "toy", "--reevaluated", "--registry", str(reg)])
+    after = pretrained.model_info("toy", reg)
+    assert after.metrics == {**new, "n_samples_p": 1024}
+    assert after.extra["evaluation"] == {"divergence": "exact"}
+    assert (after.sha256, after.locations, after.recipe) == (before.sha256, before.locations, before.recipe)
+    # An evaluation of another checkpoint is refused, naming both.
+    (run / "metrics.json").write_text(json.dumps({**new, "n_samples_p": 1024, "checkpoint": "runs/x/checkpoint"}))
+    with pytest.raises(pretrained.RegistryError, match="'runs/x/checkpoint', not of the released 'toy'"):
+        pretrained.replace_metrics("toy", run / "metrics.json", registry=reg)
+
+
 def test_cli_list_models_and_download(tmp_path, toy, monkeypatch, capsys):
     from zoo.cli import download, zoo as zoo_cli
 

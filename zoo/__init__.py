@@ -6,6 +6,10 @@ gradients of the forward KL, with the metrics to judge them as samplers.
 
 __version__ = "0.1.0"
 
+from zoo import _xla  # noqa: E402  (first: XLA flags must be set before JAX starts its backends)
+
+_xla.apply()
+
 from zoo import data, fields, flows, losses, metrics, optim, systems  # noqa: E402  (registration side effects)
 from zoo import ad2_data, ad2_generate  # noqa: E402,F401  (registers the AD2 data sets and their generators)
 from zoo import generate, mcmc, storage  # noqa: E402,F401  (MCMC data sets; registers generate_data)

@@ -66,6 +66,7 @@ def evaluation(
         chunk_size=chunk_size,
         fm_loss=fm_loss,
         progress=progress,
+        label=_label(provenance, workdir),
     )
     metrics.update(write_views(flow, system, arrays, workdir, prefix=prefix))
     metrics.update(provenance or {})
@@ -74,6 +75,14 @@ def evaluation(
     if records:
         plots.loss_curves([r for r in records if "loss" in r], workdir / f"{prefix}loss_curve.png")
     return metrics
+
+
+def _label(provenance: dict | None, workdir: Path) -> str:
+    """How errors name the model evaluated: its checkpoint or registry name, else the run folder."""
+    for name in ("pretrained", "checkpoint"):
+        if provenance and provenance.get(name):
+            return f"model {provenance[name]}"
+    return f"the model evaluated into {workdir}"
 
 
 def write_views(flow, system, arrays: dict, workdir: Path, *, prefix: str = "") -> dict:

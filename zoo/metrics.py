@@ -7,7 +7,8 @@ With log weights $\log w = -u(x) - \log q_θ(x)$ (Z cancels in every ratio):
 - NLL: $-\frac1n \sum \log q_θ(x_i)$ over held-out target samples, including the base's
   normalising constant;
 - exact KL(p‖q) $= \mathbb E_p[\log p - \log q]$ where log Z is known;
-- path length $\int_0^1 \|v_θ(t, x(t))\|dt$ averaged over model trajectories.
+- path length $\int_0^1 \|v_θ(t, x(t))\|dt$ averaged over model trajectories;
+- standard errors of NLL, ESS-q and ESS-p by the delta method (``*_se``).
 
 Non-finite model log weights (an exploded sample, an energy engine that failed) get
 weight zero and are counted; a target sample the model gives zero density drives ESS-p
@@ -59,6 +60,53 @@ def ess_p(log_w) -> float:
     if not np.all(np.isfinite(log_w)):
         return 0.0
     return float(np.exp(2 * math.log(n) - logsumexp(log_w) - logsumexp(-log_w)))
+
+
+def _relative_se(terms: list[tuple[np.ndarray, float]]) -> float:
+    """Delta-method relative standard error of a product Π m_k^{p_k} of sample means m_k.
+
+    ``terms`` are (per-sample values, exponent p_k); the relative variance is
+    gᵀ Σ g / n with g_k = p_k / m_k and Σ the covariance of the per-sample values.
+    """
+    values = np.stack([v for v, _ in terms])
+    n = values.shape[1]
+    if n < 2:
+        return float("nan")
+    grad = np.array([p / v.mean() for v, p in terms])
+    cov = np.atleast_2d(np.cov(values))
+    return float(np.sqrt(max(grad @ cov @ grad, 0.0) / n))
+
+
+@register("metric")
+def ess_q_se(log_w) -> float:
+    """Delta-method standard error of :func:`ess_q` (Kish: mean(w)² / mean(w²)).
+
+    Like any moment-based error it is only as good as the second moment of w² is finite;
+    with heavy-tailed weights it understates the error.
+    """
+    log_w = _clean_model_log_w(log_w)
+    if np.all(log_w == -np.inf):
+        return 0.0
+    w = np.exp(log_w - log_w.max())
+    return ess_q(log_w) * _relative_se([(w, 2.0), (w * w, -1.0)])
+
+
+@register("metric")
+def ess_p_se(log_w) -> float:
+    """Delta-method standard error of :func:`ess_p` (1 / (mean(w) · mean(1/w)))."""
+    log_w = np.asarray(log_w, dtype=np.float64)
+    if not np.all(np.isfinite(log_w)):
+        return 0.0
+    w, inv_w = np.exp(log_w - log_w.max()), np.exp(log_w.min() - log_w)  # each scaled to ≤ 1
+    return ess_p(log_w) * _relative_se([(w, -1.0), (inv_w, -1.0)])
+
+
+@register("metric")
+def nll_se(log_q) -> float:
+    """Standard error of :func:`nll` (finite entries only)."""
+    log_q = np.asarray(log_q, dtype=np.float64)
+    log_q = log_q[np.isfinite(log_q)]
+    return float(log_q.std(ddof=1) / math.sqrt(log_q.size)) if log_q.size > 1 else float("nan")
 
 
 @register("metric")
@@ -128,12 +176,15 @@ def evaluate_flow(
     chunk_size: int = 1024,
     fm_loss=None,
     progress: bool = False,
+    label: str = "flow",
 ) -> tuple[dict, dict]:
     """All metrics of ``flow`` against ``system`` with target samples from ``dataset``.
 
     Returns (metrics, arrays): flat metric keys ``nll, ess_q, ess_p, kl (where exact),
     path_length, fm_loss`` plus sample counts; arrays hold the model samples, their log
-    densities/weights and the target log densities, for plots.
+    densities/weights and the target log densities, for plots. A few samples of every
+    chunk are solved again one at a time, and a disagreement with the batched solve raises
+    :class:`zoo.flows.cnf.BatchedSolveError` naming ``label`` instead of reporting metrics.
     """
     from zoo.flows.cnf import log_prob_chunked, sample_and_log_prob_chunked
     from zoo.losses.fm import FlowMatching
@@ -143,13 +194,13 @@ def evaluate_flow(
     if n_target is not None:
         target = target[:n_target]
 
-    model = sample_and_log_prob_chunked(flow, sample_key, n_samples, chunk_size=chunk_size, progress=progress)
+    model = sample_and_log_prob_chunked(flow, sample_key, n_samples, chunk_size=chunk_size, progress=progress, label=label)
     x_unfolded = model["x"]
     model["x"], model["log_q"] = system.fold(flow, model["x"], model["log_q"])
     u_model = energies_chunked(system, model["x"])
     log_w_q = -u_model - model["log_q"]
 
-    density = log_prob_chunked(flow, target, key=density_key, chunk_size=chunk_size, progress=progress)
+    density = log_prob_chunked(flow, target, key=density_key, chunk_size=chunk_size, progress=progress, label=label)
     _, density["log_q"] = system.fold(flow, target, density["log_q"])
     u_target = energies_chunked(system, target)
     log_w_p = -u_target - density["log_q"]
@@ -158,6 +209,10 @@ def evaluate_flow(
         "nll": nll(density["log_q"]),
         "ess_q": ess_q(log_w_q),
         "ess_p": ess_p(log_w_p),
+        # Delta-method standard errors over the samples (metrics.*_se).
+        "nll_se": nll_se(density["log_q"]),
+        "ess_q_se": ess_q_se(log_w_q),
+        "ess_p_se": ess_p_se(log_w_p),
         "path_length": float(np.mean(model["path_length"][np.isfinite(model["path_length"])])),
         "fm_loss": fm_loss_on(flow, dataset.split(split).positions, fm_loss or FlowMatching(), fm_key),
         "n_samples_q": int(n_samples),

@@ -84,7 +84,7 @@ ENV_CACHE = "ZOO_CACHE"
 COMPLETE = "COMPLETE"
 CHECKPOINT = "checkpoint"
 REQUIRED_FIELDS = ("name", "system", "gin", "recipe", "metrics", "size_bytes", "sha256", "locations")
-METRIC_KEYS = ("nll", "ess_q", "ess_p", "path_length", "kl", "fm_loss", "n_samples_q", "n_samples_p")
+METRIC_KEYS = ("nll", "ess_q", "ess_p", "nll_se", "ess_q_se", "ess_p_se", "path_length", "kl", "fm_loss", "n_samples_q", "n_samples_p")
 #: How the released metrics were computed (the entry's ``evaluation`` table).
 EVALUATION_KEYS = ("divergence", "solver", "n_solver_steps")
 # Temporary files older than this are taken to belong to a dead download even when their
@@ -728,14 +728,7 @@ def release(
             f"{workdir}/metrics.json describes the run's last step {last_step}, but the checkpoint is step {info.step}"
         )
     raw_metrics = json.loads((workdir / "metrics.json").read_text())
-    metrics = {}
-    for key in METRIC_KEYS:
-        if key in raw_metrics:
-            value = raw_metrics[key]
-            metrics[key] = int(value) if key.startswith("n_") else float(value)  # "nan"/"inf" strings too
-    for key in ("nll", "ess_q", "ess_p", "n_samples_q", "n_samples_p"):
-        if key not in metrics:
-            raise RegistryError(f"{workdir}/metrics.json lacks {key}")
+    metrics = _registry_metrics(raw_metrics, workdir / "metrics.json")
 
     try:
         given = Path(gin_file)
@@ -762,7 +755,7 @@ def release(
         "zoo_version": info.zoo_version,
         "metrics": metrics,
     }
-    evaluation = {k: raw_metrics[k] for k in EVALUATION_KEYS if k in raw_metrics}
+    evaluation = _evaluation_table(raw_metrics)
     if evaluation:
         entry["evaluation"] = evaluation
     path = registry_path(registry)
@@ -775,6 +768,50 @@ def release(
         entries[names.index(name)] = entry
     else:
         entries.append(entry)
+    write_registry(entries, path)
+    return _check_entry(entry, name)
+
+
+def _registry_metrics(raw: Mapping[str, Any], where) -> dict:
+    """The registry's metrics table from a metrics.json (counts as int, the rest as float)."""
+    metrics = {}
+    for key in METRIC_KEYS:
+        if key in raw:
+            metrics[key] = int(raw[key]) if key.startswith("n_") else float(raw[key])  # "nan"/"inf" strings too
+    for key in ("nll", "ess_q", "ess_p", "n_samples_q", "n_samples_p"):
+        if key not in metrics:
+            raise RegistryError(f"{where} lacks {key}")
+    return metrics
+
+
+def _evaluation_table(raw: Mapping[str, Any]) -> dict:
+    return {k: raw[k] for k in EVALUATION_KEYS if k in raw}
+
+
+def replace_metrics(name: str, metrics_file, *, registry=None) -> ModelInfo:
+    """Replace a released model's metrics by a new evaluation of the same archive.
+
+    ``metrics_file`` must be the ``metrics.json`` of ``tools/evaluate NAME`` (it records
+    the registry name it evaluated); the archive, sha256 and recipe stay as they are.
+    """
+    metrics_file = Path(metrics_file)
+    raw = json.loads(metrics_file.read_text())
+    if raw.get("checkpoint") != name:
+        raise RegistryError(
+            f"{metrics_file} is an evaluation of {raw.get('checkpoint')!r}, not of the released {name!r}: "
+            f"run tools/evaluate {name} --workdir=DIR and pass DIR/metrics.json"
+        )
+    path = registry_path(registry)
+    entries = _read_registry_file(path)
+    names = [e.get("name") for e in entries]
+    if name not in names:
+        raise _unknown(name, [n for n in names if n])
+    entry = dict(entries[names.index(name)])
+    entry["metrics"] = _registry_metrics(raw, metrics_file)
+    evaluation = _evaluation_table(raw)
+    if evaluation:
+        entry["evaluation"] = evaluation
+    entries[names.index(name)] = entry
     write_registry(entries, path)
     return _check_entry(entry, name)
 

@@ -49,6 +49,14 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def with_error(metrics: dict, key: str, fmt: str = ".4g") -> str:
+    """``metrics[key]`` formatted, followed by ``± metrics[key + '_se']`` where there is one; '-' if absent."""
+    if key not in metrics:
+        return "-"
+    se = metrics.get(f"{key}_se")
+    return format(metrics[key], fmt) + (f" ± {se:.2g}" if se is not None else "")
+
+
 def format_metrics(metrics: dict) -> str:
     keys = [k for k in ("kl", "nll", "ess_q", "ess_p", "path_length", "fm_loss") if k in metrics]
-    return "  ".join(f"{k}={metrics[k]:.4g}" for k in keys) + f"  (n_q={metrics.get('n_samples_q')}, n_p={metrics.get('n_samples_p')})"
+    return "  ".join(f"{k}={with_error(metrics, k)}" for k in keys) + f"  (n_q={metrics.get('n_samples_q')}, n_p={metrics.get('n_samples_p')})"

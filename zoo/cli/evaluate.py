@@ -23,7 +23,7 @@ def main(argv=None) -> None:
     except (ConfigError, ckpt.CheckpointError, FileNotFoundError) as e:
         common.fail(str(e))
     print(f"loaded {type(flow).__name__} for {type(system).__name__} at step {restored.step}")
-    experiment.evaluation(flow, system, dataset, args.workdir)
+    experiment.evaluation(flow, system, dataset, args.workdir, provenance={"checkpoint": str(args.checkpoint)})
     common.write_operative_config(args.workdir)
 
 

@@ -12,9 +12,14 @@ def main(argv=None) -> None:
         description="Pack the latest checkpoint of a run into assets/models/NAME.tar and add or update NAME in "
         "assets/models.toml (sha256, size, the run's metrics.json, recipe)."
     )
-    p.add_argument("run", type=Path, help="training workdir (or a checkpoint root or step dir)")
+    p.add_argument("run", type=Path, help="training workdir (or a checkpoint root or step dir); with --reevaluated, a tools/evaluate workdir")
     p.add_argument("name", help="registry name, e.g. gmm_fm")
-    p.add_argument("--gin", required=True, help="the gin file the model was trained with (e.g. gin/gmm_fm.gin)")
+    p.add_argument("--gin", help="the gin file the model was trained with (e.g. gin/gmm_fm.gin); required unless --reevaluated")
+    p.add_argument(
+        "--reevaluated",
+        action="store_true",
+        help="only replace NAME's metrics by RUN/metrics.json from `tools/evaluate NAME --workdir=RUN` (the archive stays)",
+    )
     p.add_argument("--recipe", help="how it was trained, in words (default: drafted from the run's config and log)")
     p.add_argument("--machine", help="the machine it was trained on, for the drafted recipe (default: this one)")
     p.add_argument("--dest", default="assets/models", help="folder for the archive (relative to the repository)")
@@ -25,22 +30,27 @@ def main(argv=None) -> None:
     from zoo import checkpoint as ckpt
     from zoo import pretrained
 
+    if not args.reevaluated and args.gin is None:
+        p.error("--gin is required (the gin file the model was trained with)")
     try:
-        info = pretrained.release(
-            args.run,
-            args.name,
-            gin_file=args.gin,
-            recipe=args.recipe,
-            dest=args.dest,
-            registry=args.registry,
-            locations=args.location,
-            machine=args.machine,
-        )
+        if args.reevaluated:
+            info = pretrained.replace_metrics(args.name, args.run / "metrics.json", registry=args.registry)
+        else:
+            info = pretrained.release(
+                args.run,
+                args.name,
+                gin_file=args.gin,
+                recipe=args.recipe,
+                dest=args.dest,
+                registry=args.registry,
+                locations=args.location,
+                machine=args.machine,
+            )
     except (ckpt.CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     m = info.metrics
-    print(f"released {info.name} ({info.system}): {info.size_bytes} bytes, sha256 {info.sha256}")
+    print(f"{'re-evaluated' if args.reevaluated else 'released'} {info.name} ({info.system}): {info.size_bytes} bytes, sha256 {info.sha256}")
     print(f"  locations: {', '.join(map(str, info.locations))}")
     print(f"  recipe: {info.recipe}")
     print("  metrics: " + "  ".join(f"{k}={v:.4g}" for k, v in m.items()))

@@ -37,6 +37,7 @@ def main(argv=None) -> None:
 def _list_models() -> None:
     """The pretrained models as a table: name, system, recipe summary, metrics, size."""
     from zoo import pretrained
+    from zoo.cli.common import with_error
 
     try:
         models = pretrained.load_registry()
@@ -46,9 +47,6 @@ def _list_models() -> None:
         print(f"no pretrained models in {pretrained.registry_path()}")
         return
 
-    def num(m, key, fmt):
-        return format(m[key], fmt) if key in m else "-"
-
     header = ("name", "system", "recipe", "NLL", "ESS-q", "ESS-p", "path len", "evaluated with", "size")
     rows = []
     for info in models.values():
@@ -57,7 +55,7 @@ def _list_models() -> None:
         size = pretrained._human_size(info.size_bytes)
         divergence = info.extra.get("evaluation", {}).get("divergence", "?")
         counts = f"{divergence}, n={m.get('n_samples_q', '?')}/{m.get('n_samples_p', '?')}"
-        rows.append((info.name, info.system, recipe, num(m, "nll", ".3f"), num(m, "ess_q", ".3f"), num(m, "ess_p", ".3f"), num(m, "path_length", ".3f"), counts, size))
+        rows.append((info.name, info.system, recipe, with_error(m, "nll", ".3f"), with_error(m, "ess_q", ".3f"), with_error(m, "ess_p", ".3f"), with_error(m, "path_length", ".3f"), counts, size))
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     right = {3, 4, 5, 6, 8}
     for row in (header, *rows):

@@ -1,0 +1,185 @@
+"""Batched solves against the same samples solved one at a time.
+
+Every metric zoo reports goes through a ``vmap`` of fixed-step solves. On CPU, XLA's
+while-loop-invariant code motion miscompiled that program for the exact trace of an EGNN
+(JAX 0.10.2): the minimal reproducer below (13 particles, one EGNN layer of width 16, RK4
+with 2 steps, a batch of 8) gave entries 4–7 of the batch log densities off by 1e-3–2e-3
+nats with the pass on, and the released ``lj13_otfm`` was off by 0.7–2.4 nats on entries
+4–7 of the first 8 test samples. ``zoo`` switches the pass off when it is imported
+(:mod:`zoo._xla`); ``ZOO_KEEP_XLA_PASSES=1 pytest tests/test_batched_solves.py`` shows the
+failure again.
+
+The per-sample reference is a ``lax.map`` over single-sample solves (no batch dimension
+inside the solve).
+"""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zoo import _xla
+from zoo.fields.egnn import EGNNField
+from zoo.flows import CNF, MeanFreeNormal
+from zoo.flows.cnf import BatchedSolveError, log_prob_chunked, sample_and_log_prob_chunked
+
+ATOL, RTOL = 1e-4, 1e-5
+
+
+@eqx.filter_jit
+def _per_sample_log_q(flow, x, eps):
+    return jax.lax.map(lambda a: flow.log_prob_and_path_length_single(*a), (x, eps))[0]
+
+
+@eqx.filter_jit
+def _batched_log_q(flow, x, eps):
+    return flow.log_prob_and_path_length_with_noise(x, eps)[0]
+
+
+@eqx.filter_jit
+def _per_sample_push(flow, z, eps):
+    return jax.lax.map(lambda a: flow.push_forward_single(*a)[:2], (z, eps))
+
+
+@eqx.filter_jit
+def _batched_push(flow, z, eps):
+    return flow.push_forward(z, eps)[:2]
+
+
+def _noise(flow, key, n):
+    return flow.hutchinson_noise(key, n) if flow.needs_key else None
+
+
+def _head(eps, b):
+    return None if eps is None else eps[:b]
+
+
+def assert_batched_equals_per_sample(flow, x, sizes, *, key, directions=("density", "sampling")):
+    """log q (and sampled x) of the first b of ``x`` batched equal their per-sample values, for each b."""
+    n = max(sizes)
+    x = jnp.asarray(x[:n], jnp.float32)
+    eps = _noise(flow, key, n)
+    z = flow.base.sample(jax.random.fold_in(key, 1), n)
+    if "density" in directions:
+        want = np.asarray(_per_sample_log_q(flow, x, eps))
+        for b in sizes:
+            got = np.asarray(_batched_log_q(flow, x[:b], _head(eps, b)))
+            np.testing.assert_allclose(got, want[:b], rtol=RTOL, atol=ATOL, err_msg=f"log q of data, batch {b}")
+    if "sampling" in directions:
+        want_x, want_log_q = (np.asarray(a) for a in _per_sample_push(flow, z, eps))
+        for b in sizes:
+            got_x, got_log_q = (np.asarray(a) for a in _batched_push(flow, z[:b], _head(eps, b)))
+            np.testing.assert_allclose(got_log_q, want_log_q[:b], rtol=RTOL, atol=ATOL, err_msg=f"log q of samples, batch {b}")
+            np.testing.assert_allclose(got_x, want_x[:b], rtol=RTOL, atol=ATOL, err_msg=f"samples, batch {b}")
+
+
+# ---------------------------------------------------------------------- the XLA flag
+def test_disabled_pass_list_is_extended_not_repeated():
+    flag = "--xla_disable_hlo_passes="
+    assert _xla.with_disabled_passes("", ("a",)) == flag + "a"
+    assert _xla.with_disabled_passes("--xla_force_host_platform_device_count=4", ("a",)) == (
+        "--xla_force_host_platform_device_count=4 " + flag + "a"
+    )
+    assert _xla.with_disabled_passes(f"--x=1 {flag}b,c --y=2", ("a", "c")) == f"--x=1 {flag}b,c,a --y=2"
+    assert _xla.with_disabled_passes(f"{flag}a", ("a",)) == f"{flag}a"
+
+
+def test_importing_zoo_disables_the_pass_before_jax_starts():
+    code = "import os, zoo, jax; jax.numpy.zeros(1).block_until_ready(); print(os.environ['XLA_FLAGS'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "ZOO_KEEP_XLA_PASSES")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "--xla_disable_hlo_passes=while-loop-invariant-code-motion" in out.stdout
+    late = "import jax; jax.numpy.zeros(1).block_until_ready(); import zoo"
+    warned = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", late], env=env, capture_output=True, text=True)
+    assert warned.returncode != 0 and "import zoo before running JAX" in warned.stderr
+
+
+# ---------------------------------------------------------------------- minimal reproducer
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+def test_minimal_reproducer_batched_solve_equals_per_sample(divergence, key):
+    """The smallest case found that XLA's while-loop-invariant code motion broke (exact trace)."""
+    field = EGNNField(13, 3, hidden=16, n_layers=1, key=jax.random.PRNGKey(0))
+    flow = CNF(field, MeanFreeNormal(13, 3), solver="rk4", n_steps=2, divergence=divergence)
+    x = flow.base.sample(jax.random.PRNGKey(3), 8)
+    assert_batched_equals_per_sample(flow, x, (8,), key=key)
+
+
+# ---------------------------------------------------------------------- the runtime check
+def test_evaluation_refuses_a_batch_that_disagrees_with_per_sample_solves(monkeypatch, key):
+    from zoo.flows import cnf
+
+    field = EGNNField(4, 2, hidden=8, n_layers=1, key=key)
+    flow = CNF(field, MeanFreeNormal(4, 2), n_steps=2)
+    x = np.asarray(flow.base.sample(key, 8))
+    fine = log_prob_chunked(flow, x, chunk_size=8)  # the check passes on a correct batch
+    assert fine["log_q"].shape == (8,)
+
+    right_chunk = cnf._log_prob_chunk
+
+    def shifted(f, xs, eps):  # entry 7 off by 0.01 nats, as a miscompiled program might be
+        lq, pl = right_chunk(f, xs, eps)
+        return lq.at[-1].add(0.01), pl
+
+    monkeypatch.setattr(cnf, "_log_prob_chunk", shifted)
+    with pytest.raises(BatchedSolveError, match=r"model lj-test: log density of chunk 0, entry 7"):
+        log_prob_chunked(flow, x, chunk_size=8, label="model lj-test")
+
+    right_push = cnf._push_chunk
+    monkeypatch.setattr(cnf, "_push_chunk", lambda f, z, e: (lambda o: (o[0], o[1].at[-1].add(0.01), o[2]))(right_push(f, z, e)))
+    with pytest.raises(BatchedSolveError, match="sampling of chunk 0, entry 7"):
+        sample_and_log_prob_chunked(flow, key, 16, chunk_size=8)
+    # Turned off, nothing is checked.
+    assert sample_and_log_prob_chunked(flow, key, 16, chunk_size=8, verify=0)["log_q"].shape == (16,)
+
+
+# ---------------------------------------------------------------------- the released models
+def _released(name):
+    from zoo import config, experiment
+
+    system, flow, _ = experiment.load_flow(name)
+    dataset = config.make_dataset(system)
+    return flow, np.asarray(dataset.test.positions[:16])
+
+
+def test_released_lj13_batch_of_8_equals_per_sample(key):
+    """The case the miscompilation broke on the released models (entries 4–7 of 8)."""
+    flow, x = _released("lj13_otfm")
+    assert flow.divergence == "exact"
+    assert_batched_equals_per_sample(flow, x, (8,), key=key, directions=("density",))
+
+
+def _registry_names():
+    from zoo.pretrained import list_models
+
+    return list_models()
+
+
+GUARD_SIZES = (1, 2, 3, 4, 7, 8, 16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _registry_names())
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+def test_every_released_model_batched_equals_per_sample(name, divergence, key):
+    """Every released model in its own configuration, both directions, batch sizes 1 … 16."""
+    flow, x = _released(name)
+    flow = dataclasses.replace(flow, divergence=divergence)
+    assert_batched_equals_per_sample(flow, x, GUARD_SIZES, key=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _registry_names())
+def test_every_released_model_at_the_evaluation_chunk_size(name, key):
+    """log q of a full evaluation chunk (1024: 16 test samples, each repeated 64 times) in its configured divergence."""
+    flow, x = _released(name)
+    eps = _noise(flow, key, 16)
+    want = np.asarray(_per_sample_log_q(flow, jnp.asarray(x), eps))
+    repeat = lambda a: None if a is None else jnp.tile(a, (64, 1))  # noqa: E731
+    got = np.asarray(_batched_log_q(flow, repeat(jnp.asarray(x)), repeat(eps)))
+    np.testing.assert_allclose(got, np.tile(want, 64), rtol=RTOL, atol=ATOL)
