@@ -120,18 +120,19 @@ def test_evaluation_refuses_a_batch_that_disagrees_with_per_sample_solves(monkey
     fine = log_prob_chunked(flow, x, chunk_size=8)  # the check passes on a correct batch
     assert fine["log_q"].shape == (8,)
 
-    right_chunk = cnf._log_prob_chunk
+    right = cnf._compiled
 
-    def shifted(f, xs, eps):  # entry 7 off by 0.01 nats, as a miscompiled program might be
-        lq, pl = right_chunk(f, xs, eps)
-        return lq.at[-1].add(0.01), pl
+    def miscompiled(f, method, *args):  # entry 7 of a batch off by 0.01 nats, as a miscompiled program might be
+        out = right(f, method, *args)
+        if method == "log_prob_and_path_length_with_noise":
+            return out[0].at[-1].add(0.01), out[1]
+        if method == "push_forward":
+            return out[0], out[1].at[-1].add(0.01), out[2]
+        return out
 
-    monkeypatch.setattr(cnf, "_log_prob_chunk", shifted)
+    monkeypatch.setattr(cnf, "_compiled", miscompiled)
     with pytest.raises(BatchedSolveError, match=r"model lj-test: log density of chunk 0, entry 7"):
         log_prob_chunked(flow, x, chunk_size=8, label="model lj-test")
-
-    right_push = cnf._push_chunk
-    monkeypatch.setattr(cnf, "_push_chunk", lambda f, z, e: (lambda o: (o[0], o[1].at[-1].add(0.01), o[2]))(right_push(f, z, e)))
     with pytest.raises(BatchedSolveError, match="sampling of chunk 0, entry 7"):
         sample_and_log_prob_chunked(flow, key, 16, chunk_size=8)
     # Turned off, nothing is checked.

@@ -191,7 +191,8 @@ class CNF(eqx.Module):
             eps = jax.random.normal(key, (n, self.dim), dtype=dtype)
         return self.base.project(eps)
 
-    def _noise_or_none(self, key: PRNGKeyArray | None, n: int, dtype) -> Array | None:
+    def noise_or_none(self, key: PRNGKeyArray | None, n: int, dtype) -> Array | None:
+        """Hutchinson noise for n trajectories, or None for the exact divergence."""
         if not self.needs_key:
             return None
         if key is None:
@@ -201,12 +202,12 @@ class CNF(eqx.Module):
     def log_prob(self, x: Array, *, key: PRNGKeyArray | None = None) -> Array:
         """log q_θ(x) for a batch x of shape (n, dim)."""
         x = _check_batch(x, self.dim)
-        eps = self._noise_or_none(key, x.shape[0], x.dtype)
+        eps = self.noise_or_none(key, x.shape[0], x.dtype)
         return jax.vmap(self.log_prob_single)(x, eps)
 
     def log_prob_and_path_length(self, x: Array, *, key: PRNGKeyArray | None = None) -> tuple[Array, Array]:
         x = _check_batch(x, self.dim)
-        return self.log_prob_and_path_length_with_noise(x, self._noise_or_none(key, x.shape[0], x.dtype))
+        return self.log_prob_and_path_length_with_noise(x, self.noise_or_none(key, x.shape[0], x.dtype))
 
     def log_prob_and_path_length_with_noise(self, x: Array, eps: Array | None) -> tuple[Array, Array]:
         """Batched log q_θ(x) and path lengths with given Hutchinson noise (None for exact)."""
@@ -265,33 +266,9 @@ VERIFY_RTOL = 1e-5
 
 
 @eqx.filter_jit
-def _draw_chunk(flow: CNF, key: PRNGKeyArray, n: int):
-    return flow.draw_base(key, n)
-
-
-@eqx.filter_jit
-def _push_chunk(flow: CNF, z: Array, eps: Array | None):
-    return flow.push_forward(z, eps)
-
-
-@eqx.filter_jit
-def _push_one(flow: CNF, z: Vector, eps: Vector | None):
-    return flow.push_forward_single(z, eps)
-
-
-@eqx.filter_jit
-def _chunk_noise(flow: CNF, key: PRNGKeyArray | None, n: int, dtype):
-    return flow._noise_or_none(key, n, dtype)
-
-
-@eqx.filter_jit
-def _log_prob_chunk(flow: CNF, x: Array, eps: Array | None):
-    return flow.log_prob_and_path_length_with_noise(x, eps)
-
-
-@eqx.filter_jit
-def _log_prob_one(flow: CNF, x: Vector, eps: Vector | None):
-    return flow.log_prob_and_path_length_single(x, eps)
+def _compiled(flow: CNF, method: str, *args):
+    """``flow.<method>(*args)`` compiled (once per method, flow structure and shapes)."""
+    return getattr(flow, method)(*args)
 
 
 def _spread(tree, n: int):
@@ -361,12 +338,12 @@ def sample_and_log_prob_chunked(
     out = {"x": [], "log_q": [], "path_length": []}
     with _progress(n, "sampling", progress) as bar:
         for c, k in enumerate(keys):
-            z, eps = _draw_chunk(flow, k, chunk)
-            x, log_q, length = _push_chunk(flow, *_spread((z, eps), chunk))
+            z, eps = _compiled(flow, "draw_base", k, chunk)
+            x, log_q, length = _compiled(flow, "push_forward", *_spread((z, eps), chunk))
             result = {"x": np.asarray(x), "log_q": np.asarray(log_q), "path_length": np.asarray(length)}
 
             def one(i, z=z, eps=eps):
-                xi, lq, pl = _push_one(flow, z[i], None if eps is None else eps[i])
+                xi, lq, pl = _compiled(flow, "push_forward_single", z[i], None if eps is None else eps[i])
                 return {"x": xi, "log_q": lq, "path_length": pl}
 
             _verify("sampling", label, c, _checked_entries(chunk, verify, c), result, one)
@@ -408,12 +385,12 @@ def log_prob_chunked(
             valid = part.shape[0]
             if valid < chunk:
                 part = np.concatenate([part, np.repeat(part[:1], chunk - valid, axis=0)])
-            eps = _chunk_noise(flow, k, chunk, part.dtype)
-            lq, pl = _log_prob_chunk(flow, *_spread((part, eps), chunk))
+            eps = _compiled(flow, "noise_or_none", k, chunk, part.dtype)
+            lq, pl = _compiled(flow, "log_prob_and_path_length_with_noise", *_spread((part, eps), chunk))
             result = {"log_q": np.asarray(lq), "path_length": np.asarray(pl)}
 
             def one(i, part=part, eps=eps):
-                lq_i, pl_i = _log_prob_one(flow, part[i], None if eps is None else eps[i])
+                lq_i, pl_i = _compiled(flow, "log_prob_and_path_length_single", part[i], None if eps is None else eps[i])
                 return {"log_q": lq_i, "path_length": pl_i}
 
             _verify("log density", label, c, _checked_entries(valid, verify, c), result, one)
