@@ -101,7 +101,7 @@ def test_importing_zoo_disables_the_pass_before_jax_starts():
 
 
 # ---------------------------------------------------------------------- minimal reproducer
-@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+@pytest.mark.parametrize("divergence", ["exact", pytest.param("hutchinson", marks=pytest.mark.slow)])
 def test_minimal_reproducer_batched_solve_equals_per_sample(divergence, key):
     """The smallest case found that XLA's while-loop-invariant code motion broke (exact trace)."""
     field = EGNNField(13, 3, hidden=16, n_layers=1, key=jax.random.PRNGKey(0))
