@@ -184,3 +184,12 @@ def test_every_released_model_at_the_evaluation_chunk_size(name, key):
     repeat = lambda a: None if a is None else jnp.tile(a, (64, 1))  # noqa: E731
     got = np.asarray(_batched_log_q(flow, repeat(jnp.asarray(x)), repeat(eps)))
     np.testing.assert_allclose(got, np.tile(want, 64), rtol=RTOL, atol=ATOL)
+
+
+def test_check_tolerance_follows_an_adaptive_solver():
+    from zoo.flows.cnf import VERIFY_ATOL, VERIFY_RTOL, _verify_tolerance
+
+    field = EGNNField(4, 2, hidden=8, n_layers=1, key=jax.random.PRNGKey(0))
+    assert _verify_tolerance(CNF(field, MeanFreeNormal(4, 2))) == (VERIFY_ATOL, VERIFY_RTOL)
+    atol, rtol = _verify_tolerance(CNF(field, MeanFreeNormal(4, 2), solver="dopri5", rtol=1e-4, atol=1e-5))
+    assert atol == pytest.approx(VERIFY_ATOL + 1e-4) and rtol == pytest.approx(VERIFY_RTOL + 1e-3)
