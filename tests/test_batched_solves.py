@@ -52,10 +52,6 @@ def _batched_push(flow, z, eps):
     return flow.push_forward(z, eps)[:2]
 
 
-def _noise(flow, key, n):
-    return flow.hutchinson_noise(key, n) if flow.needs_key else None
-
-
 def _head(eps, b):
     return None if eps is None else eps[:b]
 
@@ -64,7 +60,7 @@ def assert_batched_equals_per_sample(flow, x, sizes, *, key, directions=("densit
     """log q (and sampled x) of the first b of ``x`` batched equal their per-sample values, for each b."""
     n = max(sizes)
     x = jnp.asarray(x[:n], jnp.float32)
-    eps = _noise(flow, key, n)
+    eps = flow.noise_or_none(key, n, jnp.float32)
     z = flow.base.sample(jax.random.fold_in(key, 1), n)
     if "density" in directions:
         want = np.asarray(_per_sample_log_q(flow, x, eps))
@@ -179,7 +175,7 @@ def test_every_released_model_batched_equals_per_sample(name, divergence, key):
 def test_every_released_model_at_the_evaluation_chunk_size(name, key):
     """log q of a full evaluation chunk (1024: 16 test samples, each repeated 64 times) in its configured divergence."""
     flow, x = _released(name)
-    eps = _noise(flow, key, 16)
+    eps = flow.noise_or_none(key, 16, jnp.float32)
     want = np.asarray(_per_sample_log_q(flow, jnp.asarray(x), eps))
     repeat = lambda a: None if a is None else jnp.tile(a, (64, 1))  # noqa: E731
     got = np.asarray(_batched_log_q(flow, repeat(jnp.asarray(x)), repeat(eps)))

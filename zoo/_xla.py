@@ -7,12 +7,13 @@ by 0.1–2.4 nats (entries 4–7 of a batch of 8 on the released LJ13 models; mo
 batch of 16), while each sample solved alone, a ``lax.map`` over the batch and the same
 program with the pass disabled are right. Which entries break depends on the batch size
 and on how the field is written, so no rewrite of ours is safe against it; the pass is
-switched off for every computation instead, before JAX creates its backends. Measured
-cost and the reproducer: ``tests/test_batched_solves.py``.
+switched off for every computation instead, before JAX creates its backends. The
+reproducer: ``tests/test_batched_solves.py``.
 
 ``ZOO_KEEP_XLA_PASSES=1`` leaves XLA's passes as they are (to reproduce the bug or to
-measure the pass's effect); zoo's evaluation still checks batched against per-sample log
-densities (:mod:`zoo.metrics`) and refuses to report metrics when they disagree.
+measure the pass's effect); zoo's chunked evaluation still checks batched against
+per-sample solves (:func:`zoo.flows.cnf.log_prob_chunked`) and refuses to report metrics
+when they disagree.
 """
 
 from __future__ import annotations
