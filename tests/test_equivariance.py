@@ -581,6 +581,28 @@ def test_batch_pairing_equals_scipy_on_the_aligned_cost_matrix(n, d):
     assert total(aligned) <= total(ot) + 1e-4 <= total(x0) + 2e-4
 
 
+@pytest.mark.parametrize("n,d,types", [(4, 2, None), (5, 3, None), (6, 3, (0, 0, 1, 1, 1, 2))])
+def test_enumerated_permutations_equal_the_hungarian_search(n, d, types):
+    """Few admissible permutations are enumerated; the result is the Hungarian search's (costs and perms)."""
+    from zoo.losses import equivariant
+
+    perms = equivariant.admissible_permutations(n, types)
+    assert perms is not None and len(perms) == (len(set(map(tuple, perms))))
+    rng = np.random.default_rng(n)
+    x0 = jnp.asarray(rng.normal(size=(32, n * d)), jnp.float32)
+    x1 = jnp.asarray(2.0 * rng.normal(size=(32, n * d)), jnp.float32)
+    fast = jax.jit(lambda a, c: aligned_cost_matrix(a, c, n, d, types))(x0, x1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(equivariant, "MAX_ENUMERATED_PERMUTATIONS", 0)
+        equivariant.admissible_permutations.cache_clear()
+        assert equivariant.admissible_permutations(n, types) is None
+        slow = jax.jit(lambda a, c: aligned_cost_matrix(a, c, n, d, types))(x0, x1)
+    equivariant.admissible_permutations.cache_clear()
+    np.testing.assert_array_equal(np.asarray(fast[1]), np.asarray(slow[1]))
+    np.testing.assert_allclose(np.asarray(fast[0]), np.asarray(slow[0]), rtol=1e-5, atol=1e-4)
+    assert equivariant.admissible_permutations(13) is None  # LJ13 keeps the Hungarian search
+
+
 def test_equivariant_ot_loss_trains_an_egnn_flow(key):
     n, d, b = 4, 2, 16
     flow = CNF(EGNNField(n, d, hidden=16, n_layers=2, key=key), MeanFreeNormal(n, d))

@@ -12,9 +12,10 @@ One checkpoint is a *step dir* under a checkpoint *root*::
         arrays/opt_state/0.mu.field.mlp.layers.0.weight/
         arrays/key/root/
 
-Three groups of leaves are stored: ``model`` (the leaves of ``eqx.filter(model,
-eqx.is_array)``), ``opt_state`` (its array leaves) and ``key`` (one PRNG key; a typed key
-is stored as ``jax.random.key_data`` with its implementation's name). Each leaf is one
+Up to four groups of leaves are stored: ``model`` (the leaves of ``eqx.filter(model,
+eqx.is_array)``: the weights to sample with), ``raw_model`` (the training weights, only when
+``model`` holds their moving average), ``opt_state`` (its array leaves) and ``key`` (one PRNG
+key; a typed key is stored as ``jax.random.key_data`` with its implementation's name). Each leaf is one
 uncompressed zarr array holding a single chunk; the manifest records the sha256 of its
 C-order bytes.
 
@@ -86,7 +87,7 @@ MANIFEST = "manifest.json"
 METADATA = "metadata.json"
 CONFIG = "config.gin"
 ARRAYS = "arrays"
-GROUPS = ("model", "opt_state", "key")
+GROUPS = ("model", "raw_model", "opt_state", "key")
 
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 # Hidden names of unfinished writes and of step dirs on their way out; never checkpoints.
@@ -123,7 +124,7 @@ class CheckpointInfo:
     metadata: dict
     zoo_version: str
     created: str
-    #: Which of ``GROUPS`` were saved ("model" always; "opt_state" and "key" if given).
+    #: Which of ``GROUPS`` were saved ("model" always; "raw_model", "opt_state" and "key" if given).
     groups: tuple[str, ...]
 
 
@@ -132,7 +133,8 @@ class Checkpoint:
     """A loaded checkpoint: the model rebuilt into its template, and what was saved with it.
 
     ``opt_state`` is ``None`` unless an ``opt_state_like`` template was given; ``key`` is
-    ``None`` if none was saved. ``metadata`` is the user's dict as saved.
+    ``None`` if none was saved. ``raw_model`` is ``None`` unless ``raw_model_like`` was given
+    and the checkpoint stores one. ``metadata`` is the user's dict as saved.
     """
 
     step: int
@@ -144,6 +146,7 @@ class Checkpoint:
     zoo_version: str = ""
     created: str = ""
     path: pathlib.Path | None = None
+    raw_model: Any = None
 
 
 # ---------------------------------------------------------------------------- saving
@@ -152,6 +155,7 @@ def save_checkpoint(
     *,
     step: int,
     model,
+    raw_model=None,
     opt_state=None,
     key=None,
     config: str = "",
@@ -164,7 +168,10 @@ def save_checkpoint(
         directory: the checkpoint root (created if missing).
         step: the training step, a non-negative integer; names the step dir. Saving a step
             that already exists replaces it.
-        model: any pytree (an ``eqx.Module``); its array leaves are stored.
+        model: any pytree (an ``eqx.Module``); its array leaves are stored. These are the
+            weights every reader samples and evaluates with.
+        raw_model: the training weights when ``model`` holds something else (their moving
+            average), or ``None``; only resuming the training reads them.
         opt_state: the optax state, or ``None``; its array leaves are stored.
         key: one PRNG key (raw ``uint32`` or typed), or ``None``.
         config: the operative gin config string (``gin.operative_config_str()``).
@@ -187,6 +194,8 @@ def save_checkpoint(
         raise TypeError(f"key must be one PRNG key array, got {type(key).__name__}")
 
     groups = {"model": _array_leaves(model)}
+    if raw_model is not None:
+        groups["raw_model"] = _array_leaves(raw_model)
     if opt_state is not None:
         groups["opt_state"] = _array_leaves(opt_state)
     if key is not None:
@@ -656,7 +665,7 @@ def _restore_group(step_dir: pathlib.Path, manifest: dict, group: str, like):
     return eqx.combine(jax.tree_util.tree_unflatten(treedef, values), static)
 
 
-def load_checkpoint(path, *, model_like, opt_state_like=None) -> Checkpoint:
+def load_checkpoint(path, *, model_like, opt_state_like=None, raw_model_like=None) -> Checkpoint:
     """Load a checkpoint into templates, verifying every leaf it restores.
 
     Arguments:
@@ -666,6 +675,8 @@ def load_checkpoint(path, *, model_like, opt_state_like=None) -> Checkpoint:
             the tree structure and every non-array part.
         opt_state_like: the optimiser state template (``optimizer.init(params)``), or
             ``None`` to skip the optimiser state.
+        raw_model_like: a template for the training weights saved beside averaged ones
+            (``model_like`` will do), or ``None`` to skip them; ignored when none were saved.
 
     Raises CorruptCheckpointError for missing/damaged files or a sha256 mismatch (naming
     the leaf) and CheckpointMismatchError when the stored tree differs from a template
@@ -682,6 +693,9 @@ def load_checkpoint(path, *, model_like, opt_state_like=None) -> Checkpoint:
         if "opt_state" not in info.groups:
             raise CheckpointMismatchError(f"{step_dir} stores no optimiser state, but opt_state_like was given")
         opt_state = _restore_group(step_dir, manifest, "opt_state", opt_state_like)
+    raw_model = None
+    if raw_model_like is not None and "raw_model" in info.groups:
+        raw_model = _restore_group(step_dir, manifest, "raw_model", raw_model_like)
     key = None
     if "key" in info.groups:
         entries = [e for e in manifest["leaves"] if e["group"] == "key"]
@@ -698,6 +712,7 @@ def load_checkpoint(path, *, model_like, opt_state_like=None) -> Checkpoint:
         zoo_version=info.zoo_version,
         created=info.created,
         path=step_dir,
+        raw_model=raw_model,
     )
 
 

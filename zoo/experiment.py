@@ -67,6 +67,8 @@ def evaluation(
         fm_loss=fm_loss,
         progress=progress,
         label=_label(provenance, workdir),
+        # Finished chunks survive an interruption; the same call again continues from them.
+        resume_dir=workdir / "evaluation_chunks",
     )
     metrics.update(write_views(flow, system, arrays, workdir, prefix=prefix))
     metrics.update(provenance or {})
@@ -138,6 +140,7 @@ def train(
     batch_size: int = 256,
     accumulation: int = 1,
     clip_norm: float | None = None,
+    ema_decay: float | None = None,
     seed: int = 0,
     log_every: int = 10,
     checkpoint_every: int = 500,
@@ -166,6 +169,7 @@ def train(
         batch_size=batch_size,
         accumulation=accumulation,
         clip_norm=clip_norm,
+        ema_decay=ema_decay,
         seed=seed,
         log_every=log_every,
         eval_every=eval_every,

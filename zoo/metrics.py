@@ -164,6 +164,12 @@ def fm_loss_on(flow, split_positions: np.ndarray, loss, key, batch_size: int = 2
     return float(np.mean(values))
 
 
+def _key_list(key) -> list:
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.asarray(key).tolist()
+
+
 def evaluate_flow(
     flow,
     system,
@@ -177,6 +183,7 @@ def evaluate_flow(
     fm_loss=None,
     progress: bool = False,
     label: str = "flow",
+    resume_dir=None,
 ) -> tuple[dict, dict]:
     """All metrics of ``flow`` against ``system`` with target samples from ``dataset``.
 
@@ -185,22 +192,43 @@ def evaluate_flow(
     densities/weights and the target log densities, for plots. A few samples of every
     chunk are solved again one at a time, and a disagreement with the batched solve raises
     :class:`zoo.flows.cnf.BatchedSolveError` naming ``label`` instead of reporting metrics.
+
+    With ``resume_dir`` every finished chunk of samples and log densities is kept there
+    (:class:`zoo.storage.ChunkStore`), and a repeated call with the same flow and settings
+    continues from them: a 10 000-sample evaluation killed midway loses one chunk at most.
     """
-    from zoo.flows.cnf import log_prob_chunked, sample_and_log_prob_chunked
+    from zoo.flows.cnf import fingerprint, log_prob_chunked, sample_and_log_prob_chunked
     from zoo.losses.fm import FlowMatching
+    from zoo.storage import ChunkStore, array_sha256
 
     sample_key, density_key, fm_key = jax.random.split(key, 3)
     target = dataset.split(split).positions
     if n_target is not None:
         target = target[:n_target]
 
-    model = sample_and_log_prob_chunked(flow, sample_key, n_samples, chunk_size=chunk_size, progress=progress, label=label)
+    sample_store = density_store = None
+    if resume_dir is not None:
+        common = {"flow": fingerprint(flow), "chunk_size": chunk_size, "jax": jax.__version__}
+        sample_store = ChunkStore(
+            resume_dir, {"what": "samples", **common, "key": _key_list(sample_key), "n": n_samples}
+        )
+        density_store = ChunkStore(
+            resume_dir,
+            {"what": "log densities", **common, "key": _key_list(density_key),
+             "x_sha256": array_sha256(np.asarray(target))},
+        )  # fmt: skip
+
+    model = sample_and_log_prob_chunked(
+        flow, sample_key, n_samples, chunk_size=chunk_size, progress=progress, label=label, store=sample_store
+    )
     x_unfolded = model["x"]
     model["x"], model["log_q"] = system.fold(flow, model["x"], model["log_q"])
     u_model = energies_chunked(system, model["x"])
     log_w_q = -u_model - model["log_q"]
 
-    density = log_prob_chunked(flow, target, key=density_key, chunk_size=chunk_size, progress=progress, label=label)
+    density = log_prob_chunked(
+        flow, target, key=density_key, chunk_size=chunk_size, progress=progress, label=label, store=density_store
+    )
     _, density["log_q"] = system.fold(flow, target, density["log_q"])
     u_target = energies_chunked(system, target)
     log_w_p = -u_target - density["log_q"]

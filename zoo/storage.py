@@ -236,3 +236,49 @@ def read_split(directory, split: str = "test", *, manifest: dict | None = None, 
     if out["positions"] is None:
         raise DatasetError(f"split {split!r} of {directory} has no positions")
     return out["positions"], out["forces"]
+
+
+# ---------------------------------------------------------------------------- resumable chunks
+class ChunkStore:
+    """The finished chunks of a long chunked computation, so that an interrupted run resumes.
+
+    Results live in ``directory/<digest>/chunk_<index>.npz`` (each written atomically), where
+    the digest is the sha256 of ``fingerprint``: a JSON-serialisable description of
+    everything the results depend on (model weights, solver, PRNG key, sizes). A run with
+    any other setting therefore never sees these chunks, and one with the same settings
+    reads them instead of computing them again. An unreadable chunk is computed again.
+    """
+
+    def __init__(self, directory, fingerprint: dict):
+        text = json.dumps(fingerprint, sort_keys=True, default=str)
+        self.path = Path(directory) / hashlib.sha256(text.encode()).hexdigest()[:16]
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not (self.path / "fingerprint.json").exists():
+            _write_json_atomic(self.path / "fingerprint.json", fingerprint)
+
+    def _file(self, index: int) -> Path:
+        return self.path / f"chunk_{index:05d}.npz"
+
+    def load(self, index: int) -> dict[str, np.ndarray] | None:
+        """Chunk ``index``'s arrays, or ``None`` if it has not been finished (or cannot be read)."""
+        try:
+            with np.load(self._file(index)) as stored:
+                return {name: stored[name] for name in stored.files}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, EOFError) as err:
+            print(f"warning: {self._file(index)} cannot be read ({err}); computing that chunk again")
+            return None
+
+    def save(self, index: int, arrays: dict[str, np.ndarray]) -> None:
+        target = self._file(index)
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **{name: np.asarray(value) for name, value in arrays.items()})
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

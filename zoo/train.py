@@ -26,7 +26,7 @@ import zoo
 from zoo import checkpoint as ckpt
 from zoo import parallel
 from zoo.data import Batch, Dataset
-from zoo.optim import with_clipping
+from zoo.optim import parameter_average_of, with_clipping, with_parameter_average
 
 
 @dataclasses.dataclass
@@ -62,6 +62,9 @@ def step_key(key: jax.Array, step: int) -> jax.Array:
     """The PRNG key of training step ``step`` from the run's key."""
     return jax.random.fold_in(key, step)
 
+
+#: Checkpoint metadata key: the training seconds (compilation, evaluation and saving excluded) up to that step.
+TRAINED_SECONDS = "trained_s"
 
 _STEP_CACHE: dict = {}
 
@@ -157,6 +160,7 @@ def fit(
     batch_size: int = 256,
     accumulation: int = 1,
     clip_norm: float | None = None,
+    ema_decay: float | None = None,
     seed: int = 0,
     log_every: int = 10,
     eval_every: int = 0,
@@ -172,10 +176,16 @@ def fit(
     """Train ``model`` on ``dataset.train`` with ``loss_fn``; returns the model and the log records.
 
     Stops after ``n_steps`` optimiser steps or ``time_budget_s`` seconds of training
-    (whichever comes first; at least one must be given). Each optimiser step consumes
+    (whichever comes first; at least one must be given; the seconds of the runs a resumed
+    one continues count, as stored in the checkpoint). Each optimiser step consumes
     ``accumulation`` micro-batches of ``batch_size`` samples. Each micro-batch is split
     over ``n_devices`` local devices (default: all) with parameters replicated, see
     :mod:`zoo.parallel`.
+
+    With ``ema_decay`` the optimiser also tracks an exponential moving average of the
+    weights (:func:`zoo.optim.parameter_average`); that average is what the periodic
+    evaluation sees, what checkpoints store as their model (the training weights beside it,
+    for resuming) and what is returned.
     """
     from tqdm.auto import tqdm
 
@@ -191,19 +201,26 @@ def fit(
     data_hash = dataset.sha256()
     metadata = {"data_sha256": data_hash, "loss": type(loss_fn).__name__, **(metadata or {})}
 
-    optimizer = with_clipping(optimizer, clip_norm)
+    optimizer = with_parameter_average(with_clipping(optimizer, clip_norm), ema_decay)
     key = jax.random.PRNGKey(seed)
     state = TrainState(step=0, model=model, opt_state=optimizer.init(eqx.filter(model, eqx.is_inexact_array)), key=key)
 
     if resume and ckpt.latest_checkpoint(checkpoint_dir) is not None:
-        restored = ckpt.load_checkpoint(checkpoint_dir, model_like=state.model, opt_state_like=state.opt_state)
+        restored = ckpt.load_checkpoint(
+            checkpoint_dir, model_like=state.model, opt_state_like=state.opt_state, raw_model_like=state.model
+        )
         stored_hash = restored.metadata.get("data_sha256")
         if stored_hash is not None and stored_hash != data_hash:
             raise ValueError(
                 f"cannot resume: the checkpoint was trained on data with sha256 {stored_hash[:12]}…, this run's data has {data_hash[:12]}…"
             )
-        state = TrainState(step=restored.step, model=restored.model, opt_state=restored.opt_state, key=restored.key)
-        print(f"resuming from step {state.step} ({checkpoint_dir})")
+        # With a moving average the checkpoint's model is the average; training continues from the raw weights.
+        trained = restored.model if restored.raw_model is None else restored.raw_model
+        state = TrainState(step=restored.step, model=trained, opt_state=restored.opt_state, key=restored.key)
+        trained_s = float(restored.metadata.get(TRAINED_SECONDS, 0.0))
+        print(f"resuming from step {state.step} after {trained_s:.1f} s of training ({checkpoint_dir})")
+    else:
+        trained_s = 0.0
 
     mesh = parallel.data_mesh(n_devices)
     state = dataclasses.replace(state, model=parallel.replicate(state.model, mesh), opt_state=parallel.replicate(state.opt_state, mesh))
@@ -216,8 +233,19 @@ def fit(
     records: list[dict] = []
 
     def save(s: TrainState):
+        model = averaged(s)
+        # The training clock travels with the checkpoint, so that a resumed run's time budget
+        # counts the time already spent instead of starting over.
+        clock = {TRAINED_SECONDS: round(train_clock(), 3)}
         ckpt.save_checkpoint(
-            checkpoint_dir, step=s.step, model=s.model, opt_state=s.opt_state, key=s.key, config=config, metadata=metadata
+            checkpoint_dir,
+            step=s.step,
+            model=model,
+            raw_model=None if model is s.model else s.model,
+            opt_state=s.opt_state,
+            key=s.key,
+            config=config,
+            metadata={**metadata, **clock},
         )
 
     bar = tqdm(total=n_steps, initial=state.step, disable=not progress, unit="step", dynamic_ncols=True)
@@ -229,13 +257,16 @@ def fit(
     skipped = 0
 
     def train_clock() -> float:
-        return time.perf_counter() - start - paused_s
+        """Training seconds so far, this process's and those of the runs it resumes."""
+        if start is None:
+            return trained_s
+        return trained_s + time.perf_counter() - start - paused_s
 
     try:
         while True:
             if n_steps is not None and state.step >= n_steps:
                 break
-            if time_budget_s is not None and start is not None and train_clock() >= time_budget_s:
+            if time_budget_s is not None and (start is not None or trained_s > 0) and train_clock() >= time_budget_s:
                 break
             batch = parallel.shard_batch(sampler.micro_batches(dataset.train, state.step, accumulation), mesh, axis=1)
             t0 = time.perf_counter()
@@ -257,7 +288,7 @@ def fit(
             bar.update(1)
             if eval_every and evaluate is not None and state.step % eval_every == 0:
                 eval_start = time.perf_counter()
-                metrics = evaluate(state.model, state.step)
+                metrics = evaluate(averaged(state), state.step)
                 paused_s += time.perf_counter() - eval_start
                 record = {"step": state.step, "time_s": round(train_clock(), 3), "eval": metrics}
                 log.write(record)
@@ -277,4 +308,12 @@ def fit(
     save(state)
     if skipped:
         print(f"{skipped} steps had a non-finite loss or gradient and were skipped")
-    return state.model, records
+    return averaged(state), records
+
+
+def averaged(state: TrainState) -> eqx.Module:
+    """The weights to evaluate: the moving average the optimiser tracks, else the training weights."""
+    average = parameter_average_of(state.opt_state)
+    if average is None:
+        return state.model
+    return eqx.combine(average, eqx.filter(state.model, eqx.is_inexact_array, inverse=True))

@@ -15,6 +15,7 @@ compiled chunks with a progress bar.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import NamedTuple
 
@@ -280,6 +281,17 @@ def _spread(tree, n: int):
     return parallel.shard_batch(jax.device_get(tree), mesh)
 
 
+def fingerprint(flow: CNF) -> str:
+    """sha256 of everything a flow's outputs depend on: its arrays (values, shapes, dtypes) and its static settings."""
+    arrays, static = eqx.partition(flow, eqx.is_array)
+    h = hashlib.sha256(repr(static).encode())
+    for leaf in jax.tree.leaves(arrays):
+        data = np.asarray(leaf)
+        h.update(f"{data.dtype}{data.shape}".encode())
+        h.update(np.ascontiguousarray(data).tobytes())
+    return h.hexdigest()
+
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -333,6 +345,7 @@ def sample_and_log_prob_chunked(
     progress: bool = False,
     verify: int = 2,
     label: str = "flow",
+    store=None,
 ) -> dict[str, np.ndarray]:
     """Draw n samples with log densities and path lengths in compiled chunks of fixed size.
 
@@ -342,6 +355,10 @@ def sample_and_log_prob_chunked(
     ``verify`` entries of every chunk (its last and random others) are solved again one at
     a time; a disagreement beyond float tolerance raises :class:`BatchedSolveError` naming
     ``label`` and the chunk. ``verify=0`` skips the check.
+
+    With ``store`` (a :class:`zoo.storage.ChunkStore` fingerprinted by :func:`fingerprint`)
+    finished chunks are saved as they complete and read back instead of recomputed, so an
+    interrupted evaluation resumes.
     """
     if n < 1:
         raise ValueError(f"need at least one sample, got n={n}")
@@ -351,6 +368,12 @@ def sample_and_log_prob_chunked(
     out = {"x": [], "log_q": [], "path_length": []}
     with _progress(n, "sampling", progress) as bar:
         for c, k in enumerate(keys):
+            stored = None if store is None else store.load(c)
+            if stored is not None:
+                for name in out:
+                    out[name].append(stored[name])
+                bar.update(chunk)
+                continue
             z, eps = _compiled(flow, "draw_base", k, chunk)
             x, log_q, length = _compiled(flow, "push_forward", *_spread((z, eps), chunk))
             result = {"x": np.asarray(x), "log_q": np.asarray(log_q), "path_length": np.asarray(length)}
@@ -360,6 +383,8 @@ def sample_and_log_prob_chunked(
                 return {"x": xi, "log_q": lq, "path_length": pl}
 
             _verify(flow, "sampling", label, c, _checked_entries(chunk, verify, c), result, one)
+            if store is not None:
+                store.save(c, result)
             for name, value in result.items():
                 out[name].append(value)
             bar.update(chunk)
@@ -375,12 +400,13 @@ def log_prob_chunked(
     progress: bool = False,
     verify: int = 2,
     label: str = "flow",
+    store=None,
 ) -> dict[str, np.ndarray]:
     """log q_θ(x) and path lengths for many samples, in compiled chunks of fixed size.
 
     The last chunk is padded (with copies of the first sample) so that every call has the
-    same shape. Returns NumPy arrays ``log_q`` (n,) and ``path_length`` (n,). ``verify``
-    and ``label``: as in :func:`sample_and_log_prob_chunked`.
+    same shape. Returns NumPy arrays ``log_q`` (n,) and ``path_length`` (n,). ``verify``,
+    ``label`` and ``store``: as in :func:`sample_and_log_prob_chunked`.
     """
     x = np.asarray(_check_batch(x, flow.dim))
     n = x.shape[0]
@@ -396,6 +422,12 @@ def log_prob_chunked(
         for c, k in enumerate(keys):
             part = x[c * chunk : (c + 1) * chunk]
             valid = part.shape[0]
+            stored = None if store is None else store.load(c)
+            if stored is not None:
+                log_q.append(stored["log_q"])
+                lengths.append(stored["path_length"])
+                bar.update(valid)
+                continue
             if valid < chunk:
                 part = np.concatenate([part, np.repeat(part[:1], chunk - valid, axis=0)])
             eps = _compiled(flow, "noise_or_none", k, chunk, part.dtype)
@@ -407,7 +439,10 @@ def log_prob_chunked(
                 return {"log_q": lq_i, "path_length": pl_i}
 
             _verify(flow, "log density", label, c, _checked_entries(valid, verify, c), result, one)
-            log_q.append(result["log_q"][:valid])
-            lengths.append(result["path_length"][:valid])
+            result = {name: value[:valid] for name, value in result.items()}
+            if store is not None:
+                store.save(c, result)
+            log_q.append(result["log_q"])
+            lengths.append(result["path_length"])
             bar.update(valid)
     return {"log_q": np.concatenate(log_q), "path_length": np.concatenate(lengths)}

@@ -24,6 +24,9 @@ scalar loops.
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -131,6 +134,34 @@ def particle_permutation(x: Float[Array, "n d"], y: Float[Array, "n d"], atom_ty
     return exact_assignment(particle_cost(x, y, atom_types))
 
 
+#: Up to this many admissible particle permutations, the per-pair assignment enumerates them
+#: all (one gather and an argmax) instead of running the Hungarian search; same optimum.
+MAX_ENUMERATED_PERMUTATIONS = 120
+
+
+@functools.lru_cache(maxsize=None)
+def admissible_permutations(n: int, atom_types: tuple[int, ...] | None = None) -> np.ndarray | None:
+    """Every permutation of n particles that exchanges only particles of one type, as rows of
+    an (m, n) array, or ``None`` when there are more than :data:`MAX_ENUMERATED_PERMUTATIONS`."""
+    types = (0,) * n if atom_types is None else tuple(atom_types)
+    sizes = [types.count(t) for t in set(types)]
+    if np.prod([np.prod(np.arange(1, k + 1)) for k in sizes]) > MAX_ENUMERATED_PERMUTATIONS:
+        return None
+    perms = [p for p in itertools.permutations(range(n)) if all(types[a] == types[b] for a, b in enumerate(p))]
+    return np.asarray(perms, dtype=np.int32)
+
+
+def enumerated_permutation(x: Float[Array, "n d"], y: Float[Array, "n d"], perms: np.ndarray) -> Int[Array, " n"]:
+    r"""The row of ``perms`` minimising $\sum_a \|x_{π(a)} - y_a\|^2$, i.e. maximising $\sum_a x_{π(a)} \cdot y_a$."""
+    n = x.shape[0]
+    # score[k] = Σ_a inner[perms[k, a], a] as one product with a 0/1 matrix (a matmul under vmap, not a gather).
+    pick = np.zeros((n * n, len(perms)), np.float32)
+    pick[perms * n + np.arange(n), np.arange(len(perms))[:, None]] = 1.0
+    inner = x @ y.T  # inner[b, a] = x_b · y_a
+    score = inner.reshape(-1) @ jnp.asarray(pick, x.dtype)
+    return jnp.asarray(perms)[jnp.argmax(score)]
+
+
 # ---------------------------------------------------------------------------- rotation
 def kabsch_rotation(x: Float[Array, "n d"], y: Float[Array, "n d"]) -> Float[Array, "d d"]:
     r"""The proper rotation R (det R = +1) minimising $\sum_a \|R x_a - y_a\|^2$ (about the origin).
@@ -139,6 +170,13 @@ def kabsch_rotation(x: Float[Array, "n d"], y: Float[Array, "n d"]) -> Float[Arr
     $s = \mathrm{sign}\det(V U^\top)$. Apply as ``x @ R.T``.
     """
     h = x.T @ y
+    if x.shape[-1] == 2:
+        # In 2-D, tr(R H) for the rotation by θ is cos θ (h₁₁ + h₂₂) + sin θ (h₁₂ − h₂₁): maximal at this angle, no SVD.
+        c, s = h[0, 0] + h[1, 1], h[0, 1] - h[1, 0]
+        r = jnp.sqrt(c**2 + s**2)
+        safe = jnp.where(r > 0, r, 1.0)
+        c, s = jnp.where(r > 0, c / safe, 1.0), jnp.where(r > 0, s / safe, 0.0)
+        return jnp.stack([jnp.stack([c, -s]), jnp.stack([s, c])]).astype(x.dtype)
     u, _, vt = jnp.linalg.svd(h)
     s = jnp.sign(jnp.linalg.det(vt.T @ u.T))
     s = jnp.where(s == 0, 1.0, s)
@@ -149,9 +187,13 @@ def kabsch_rotation(x: Float[Array, "n d"], y: Float[Array, "n d"]) -> Float[Arr
 def kabsch_cost(x: Float[Array, "n d"], y: Float[Array, "n d"]) -> Float[Array, ""]:
     r"""$\min_{R \in SO(d)} \|R x - y\|^2 = \|x\|^2 + \|y\|^2 - 2(σ_1 + \dots + σ_{d-1} + s σ_d)$ from singular values only."""
     h = x.T @ y
-    sigma = jnp.linalg.svd(h, compute_uv=False)  # descending
-    s = jnp.sign(jnp.linalg.det(h))
-    trace = jnp.sum(sigma[:-1]) + jnp.where(s < 0, -1.0, 1.0) * sigma[-1]
+    if x.shape[-1] == 2:
+        # In 2-D, σ₁ + sign(det H) σ₂ = sqrt(‖H‖²_F + 2 det H) = sqrt((h₁₁ + h₂₂)² + (h₂₁ − h₁₂)²): no SVD.
+        trace = jnp.sqrt((h[0, 0] + h[1, 1]) ** 2 + (h[1, 0] - h[0, 1]) ** 2)
+    else:
+        sigma = jnp.linalg.svd(h, compute_uv=False)  # descending
+        s = jnp.sign(jnp.linalg.det(h))
+        trace = jnp.sum(sigma[:-1]) + jnp.where(s < 0, -1.0, 1.0) * sigma[-1]
     return jnp.maximum(jnp.sum(x**2) + jnp.sum(y**2) - 2.0 * trace, 0.0)
 
 
@@ -188,15 +230,20 @@ def aligned_cost_matrix(
     """C[i, j] = c(x0_i, x1_j) for all pairs, and the particle permutations that achieve it.
 
     ``perms[i, j]`` permutes the particles of x0_i onto x1_j. The B² small assignments run
-    vectorised (:func:`linear_assignment` under ``vmap``), ``rows_per_chunk`` rows of x0 at a
-    time (default: as many as keep the pair cost tensors near 64 MB).
+    vectorised (:func:`linear_assignment` under ``vmap``, or :func:`enumerated_permutation`
+    when there are few admissible permutations), ``rows_per_chunk`` rows of x0 at a time
+    (default: as many as keep the pair cost tensors near 64 MB).
     """
     b0, b1 = x0.shape[0], x1.shape[0]
     p0 = x0.reshape(b0, n_particles, spatial_dim)
     p1 = x1.reshape(b1, n_particles, spatial_dim)
+    enumerated = admissible_permutations(n_particles, None if atom_types is None else tuple(atom_types))
 
     def one(a, b):
-        perm = linear_assignment(particle_cost(a, b, atom_types))
+        if enumerated is not None:
+            perm = enumerated_permutation(a, b, enumerated)
+        else:
+            perm = linear_assignment(particle_cost(a, b, atom_types))
         return kabsch_cost(a[perm], b), perm
 
     def row(a):
