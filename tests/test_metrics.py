@@ -94,6 +94,26 @@ def test_evaluate_flow_counts_failed_energies():
     assert 0 < broken < 256
     assert metrics["n_nonfinite_q"] == broken
     assert 0 < metrics["ess_q"] <= 1 - broken / 256 + 1e-9
+    # Failed target energies count too (their weight is unusable), and the summary says so.
+    assert metrics["n_nonfinite_p"] == int((arrays["x_target"][:, 0] > 0).sum()) > 0
+    from zoo.cli.common import format_metrics
+
+    assert f"n_nonfinite_q={broken}" in format_metrics(metrics)
+
+
+def test_metric_files_store_nonfinite_numbers_as_strict_json(tmp_path):
+    import json
+
+    from zoo.storage import read_json, write_json
+
+    metrics = {"nll": float("inf"), "ess_q": 0.5, "kl": float("nan"), "n": 3, "name": "x"}
+    write_json(tmp_path / "m.json", metrics)
+    raw = json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-standard {c}"))
+    assert raw["nll"] is None and raw["nonfinite"] == {"nll": "inf", "kl": "nan"}
+    back = read_json(tmp_path / "m.json")
+    assert back["nll"] == float("inf") and math.isnan(back["kl"]) and back["ess_q"] == 0.5 and "nonfinite" not in back
+    (tmp_path / "old.json").write_text('{"nll": "inf", "ess_q": 0.1}')  # the encoding before
+    assert read_json(tmp_path / "old.json")["nll"] == float("inf")
 
 
 def test_density_hist_with_no_mass_in_range_draws_a_legend_entry_only():

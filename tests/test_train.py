@@ -419,3 +419,72 @@ def test_published_lj13_architecture_config():
     assert all(layer.att is not None and layer.tanh for layer in field.layers)
     n_params = sum(a.size for a in jax.tree.leaves(eqx.filter(field, eqx.is_inexact_array)))
     assert n_params == 22_468 - 3_136 - 33
+
+
+def test_a_rerun_without_resume_refuses_to_replace_the_run(tmp_path, capsys):
+    """tools/train into a folder holding a run: refused (naming --resume and --overwrite), nothing touched;
+    --overwrite starts afresh."""
+    from zoo.cli import train
+
+    argv = ["--gin=gmm_fm.gin", f"--workdir={tmp_path}", "--gin_param=train.n_steps = 2", "--gin_param=train.progress = False",
+            "--gin_param=evaluation.n_samples = 16", "--gin_param=evaluation.n_target = 16"]  # fmt: skip
+    train.main(argv)
+    log = (tmp_path / "log.jsonl").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code != 0
+    message = capsys.readouterr().err
+    assert "--resume" in message and "--overwrite" in message
+    assert (tmp_path / "log.jsonl").read_text() == log
+    train.main([*argv, "--overwrite"])
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps[0] == 1 and steps.count(2) >= 1 and max(steps) == 2
+
+
+@pytest.mark.parametrize(
+    "binding, named",
+    [
+        ("train.log_every = 0", "train.log_every"),
+        ("train.batch_size = 0", "train.batch_size"),
+        ("train.n_steps = 'ten'", "train.n_steps"),
+        ("train.n_steps = -3", "train.n_steps"),
+        ("train.time_budget_s = -1.0", "train.time_budget_s"),
+        ("train.ema_decay = 1.0", "train.ema_decay"),
+    ],
+)
+def test_unusable_settings_are_refused_by_name(binding, named, tmp_path, capsys):
+    from zoo.cli import train
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--gin=gmm_fm.gin", f"--workdir={tmp_path}", f"--gin_param={binding}"])
+    assert exit_info.value.code != 0
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_tools_refuse_an_unwritable_output_before_any_work(tmp_path, capsys):
+    """tools/evaluate and tools/sample check their outputs first (a file where a folder should be:
+    root ignores permission bits, so read-only folders cannot stand in here)."""
+    from zoo.cli import evaluate, sample
+
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    for tool, argv in ((evaluate, ["gmm_fm", f"--workdir={blocker / 'eval'}"]), (sample, ["gmm_fm", f"--out={blocker / 's.npz'}"])):
+        with pytest.raises(SystemExit) as exit_info:
+            tool.main(argv)
+        assert exit_info.value.code != 0
+        assert "cannot write outputs" in capsys.readouterr().err
+
+
+def test_metrics_are_written_before_the_plots(tmp_path, monkeypatch):
+    from zoo import experiment
+
+    system, data, flow = _setup()
+
+    def broken_views(*args, **kwargs):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(experiment, "write_views", broken_views)
+    with pytest.raises(RuntimeError, match="plotting"):
+        experiment.evaluation(flow, system, data, tmp_path, n_samples=32, n_target=32, progress=False)
+    assert np.isfinite(json.loads((tmp_path / "metrics.json").read_text())["nll"])

@@ -24,7 +24,7 @@ from zoo import config
 from zoo.experiment import write_views
 from zoo.metrics import evaluate_flow, fm_loss_on
 from zoo.registry import register
-from zoo.train import fit
+from zoo.train import RunExistsError, check_settings, claim_run_dir, fit
 
 
 @register("recipe")
@@ -82,16 +82,26 @@ def compare(
     eval_divergence: str | None = None,
     eval_chunk_size: int = 1024,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Train every recipe from scratch for every seed under the same budget; write table and curves.
 
     ``eval_divergence`` overrides the flow's divergence for the tracked and final metrics
     only (e.g. train an LJ13 flow configured with the exact trace, evaluate with
     Hutchinson to keep evaluation affordable on a CPU); ``eval_chunk_size`` bounds the
-    samples per compiled evaluation call (and so its memory).
+    samples per compiled evaluation call (and so its memory). A ``workdir`` that holds an
+    earlier comparison's runs is refused unless ``overwrite`` (which deletes them).
     """
+    check_settings("compare", time_budget_s=time_budget_s, batch_size=batch_size)
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+        raise config.ConfigError(f"compare.eval_every must be an integer >= 1, got {eval_every!r}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    earlier = sorted(p.parent for p in (workdir / "runs").glob("*/checkpoint"))
+    if earlier and not overwrite:
+        raise RunExistsError(f"{workdir} already holds a comparison ({len(earlier)} runs in {workdir / 'runs'}): pass --overwrite to replace it")
+    for run in earlier:
+        claim_run_dir(run / "checkpoint", resume=False, overwrite=True)
     system = config.make_system()
     dataset = config.make_dataset(system)
     (workdir / "operative_config.gin").write_text(gin.config_str())
@@ -128,6 +138,7 @@ def compare(
                     evaluate=evaluate,
                     log_every=eval_every,
                     progress=progress,
+                    owner="compare",
                     # The full config in every checkpoint: a run can be evaluated or released later.
                     config=gin.config_str(),
                     metadata={"system": type(system).__name__, "zoo_version": zoo.__version__, "recipe": recipe.name},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 
 import gin
@@ -48,13 +49,18 @@ def evaluation(
     ``divergence``/``solver``/``n_solver_steps`` override the flow's settings for the
     evaluation only (e.g. fine-tune with Hutchinson, evaluate with the exact divergence).
     ``provenance`` entries (e.g. the checkpoint evaluated) are stored with the metrics.
+
+    The folder is checked for writing before any work; the metrics are printed and written
+    before the plots, so that a failing plot loses no numbers.
     """
-    from zoo.cli.common import format_metrics, write_json
+    from zoo.cli.common import format_metrics
+    from zoo.storage import write_json
 
     overrides = {k: v for k, v in (("divergence", divergence), ("solver", solver), ("n_steps", n_solver_steps)) if v is not None}
     if overrides:
         flow = dataclasses.replace(flow, **overrides)
     workdir = Path(workdir)
+    check_writable(workdir)
     metrics, arrays = evaluate_flow(
         flow,
         system,
@@ -70,13 +76,28 @@ def evaluation(
         # Finished chunks survive an interruption; the same call again continues from them.
         resume_dir=workdir / "evaluation_chunks",
     )
-    metrics.update(write_views(flow, system, arrays, workdir, prefix=prefix))
     metrics.update(provenance or {})
-    write_json(workdir / (metrics_file or f"{prefix}metrics.json"), metrics)
+    metrics_path = workdir / (metrics_file or f"{prefix}metrics.json")
     print(f"{prefix or ''}metrics: {format_metrics(metrics)}")
+    write_json(metrics_path, metrics)
+    viewed = write_views(flow, system, arrays, workdir, prefix=prefix)
+    if viewed:  # numbers the system's own views measure (e.g. free-energy differences)
+        metrics.update(viewed)
+        write_json(metrics_path, metrics)
     if records:
         plots.loss_curves([r for r in records if "loss" in r], workdir / f"{prefix}loss_curve.png")
     return metrics
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and make sure a file can be written there, before any long computation."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise OSError(f"cannot write outputs to {folder}: {err.strerror or err}") from None
 
 
 def _label(provenance: dict | None, workdir: Path) -> str:
@@ -146,12 +167,22 @@ def train(
     checkpoint_every: int = 500,
     eval_every: int = 0,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     n_devices: int | None = None,
 ):
     """Build system, data and flow from gin, train with ``loss``, evaluate, write everything to ``workdir``."""
+    from zoo.train import check_settings, claim_run_dir
+
+    settings = dict(
+        n_steps=n_steps, time_budget_s=time_budget_s, batch_size=batch_size, accumulation=accumulation,
+        clip_norm=clip_norm, ema_decay=ema_decay, seed=seed, log_every=log_every, eval_every=eval_every,
+        checkpoint_every=checkpoint_every,
+    )  # fmt: skip
+    check_settings("train", **settings)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(workdir / "checkpoint", resume=resume, overwrite=overwrite)
     system = config.make_system()
     dataset = config.make_dataset(system)
     init_key = jax.random.fold_in(jax.random.PRNGKey(seed), 10**6)
@@ -177,6 +208,7 @@ def train(
         resume=resume,
         progress=progress,
         n_devices=n_devices,
+        owner="train",
     )
     metrics = evaluation(flow, system, dataset, workdir, records=all_records)
     # The operative config is complete only now (every configurable has been called).

@@ -21,6 +21,8 @@ from zoo import checkpoint as ckpt
 from zoo import config, plots
 from zoo.experiment import evaluation, fit_tracking_fm
 from zoo.pretrained import resolve_checkpoint
+from zoo.storage import read_json
+from zoo.train import check_settings, claim_run_dir
 
 REPORT_KEYS = ("kl", "nll", "ess_q", "ess_p", "path_length", "fm_loss")
 HIGHER_IS_BETTER = {"ess_q", "ess_p"}
@@ -49,6 +51,7 @@ def finetune(
     eval_every: int = 0,
     checkpoint_every: int = 50,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     n_devices: int | None = None,
     probe_lr=None,
@@ -64,6 +67,13 @@ def finetune(
     and bindings (see :func:`zoo.cli.finetune.main`), so e.g. ``CNF.divergence =
     'hutchinson'`` switches the divergence estimator for the fine-tuning run.
     """
+    check_settings(
+        "finetune", n_steps=n_steps, time_budget_s=time_budget_s, batch_size=batch_size, accumulation=accumulation,
+        clip_norm=clip_norm, ema_decay=ema_decay, seed=seed, log_every=log_every, eval_every=eval_every,
+        checkpoint_every=checkpoint_every,
+    )  # fmt: skip
+    if n_steps is None and time_budget_s is None and not probe_lr:
+        raise config.ConfigError("give finetune.n_steps or finetune.time_budget_s (--steps or --time_budget)")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path = resolve_checkpoint(pretrained)
@@ -84,6 +94,7 @@ def finetune(
         plots.learning_rate_probe(result, workdir / "lr_probe.png", title=f"first {type(loss).__name__} step from {pretrained}")
         return flow, result, None
 
+    claim_run_dir(workdir / "checkpoint", resume=resume, overwrite=overwrite)  # before the first evaluation's minutes
     before = _reusable_before(workdir, path) if resume else None
     if before is None:
         before = evaluation(
@@ -113,6 +124,7 @@ def finetune(
         resume=resume,
         progress=progress,
         n_devices=n_devices,
+        owner="finetune",
     )
     after = evaluation(flow, system, dataset, workdir, records=all_records)
     _fm_curve(all_records, workdir / "fm_loss_during_finetuning.png")
@@ -144,7 +156,7 @@ def _reusable_before(workdir: Path, pretrained: Path) -> dict | None:
     file = workdir / "metrics_before.json"
     if not file.is_file():
         return None
-    before = json.loads(file.read_text())
+    before = read_json(file)
     return before if before.get("pretrained") == str(pretrained) else None
 
 

@@ -247,7 +247,8 @@ def evaluate_flow(
         "n_samples_p": int(target.shape[0]),
         # Model samples with no usable weight: failed energy (u = +inf), NaN or infinite log q.
         "n_nonfinite_q": int((~np.isfinite(log_w_q)).sum()),
-        "n_nonfinite_p": int((~np.isfinite(density["log_q"])).sum()),
+        # Target samples with no usable weight: failed target energy, NaN or infinite log q.
+        "n_nonfinite_p": int((~np.isfinite(log_w_p)).sum()),
         # Model samples the target's fold moved (AD2: mirror images inverted onto L).
         "n_folded_q": int(np.any(model["x"] != x_unfolded, axis=-1).sum()),
         # How the log densities were computed: the numbers depend on it (Hutchinson adds

@@ -58,6 +58,7 @@ from typing import Any
 
 from zoo import checkpoint as ckpt
 from zoo.config import REPO_ROOT
+from zoo.storage import read_json
 
 __all__ = [
     "ChecksumMismatchError",
@@ -727,7 +728,7 @@ def release(
         raise RegistryError(
             f"{workdir}/metrics.json describes the run's last step {last_step}, but the checkpoint is step {info.step}"
         )
-    raw_metrics = json.loads((workdir / "metrics.json").read_text())
+    raw_metrics = read_json(workdir / "metrics.json")
     metrics = _registry_metrics(raw_metrics, workdir / "metrics.json")
 
     try:
@@ -795,7 +796,7 @@ def replace_metrics(name: str, metrics_file, *, registry=None) -> ModelInfo:
     the registry name it evaluated); the archive, sha256 and recipe stay as they are.
     """
     metrics_file = Path(metrics_file)
-    raw = json.loads(metrics_file.read_text())
+    raw = read_json(metrics_file)
     if raw.get("checkpoint") != name:
         raise RegistryError(
             f"{metrics_file} is an evaluation of {raw.get('checkpoint')!r}, not of the released {name!r}: "

@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -236,6 +237,40 @@ def read_split(directory, split: str = "test", *, manifest: dict | None = None, 
     if out["positions"] is None:
         raise DatasetError(f"split {split!r} of {directory} has no positions")
     return out["positions"], out["forces"]
+
+
+# ---------------------------------------------------------------------------- metric files
+#: Key under which :func:`write_json` lists the non-finite numbers it stored as null.
+NONFINITE = "nonfinite"
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write a flat dict as strict JSON, atomically.
+
+    JSON has no infinity or NaN: such a value is stored as ``null`` and named, with its
+    value as text, under ``"nonfinite"`` (e.g. ``"nll": null, "nonfinite": {"nll": "inf"}``);
+    :func:`read_json` restores it.
+    """
+    nonfinite = {k: str(v) for k, v in data.items() if isinstance(v, float) and not math.isfinite(v)}
+    clean = {k: (None if k in nonfinite else v) for k, v in data.items() if k != NONFINITE}
+    if nonfinite:
+        clean[NONFINITE] = nonfinite
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    """A dict written by :func:`write_json`, with its non-finite numbers restored as floats
+    (files written before that encoding, with "inf" as text, read the same way)."""
+    data = json.loads(Path(path).read_text())
+    for key, text in data.pop(NONFINITE, {}).items():
+        data[key] = float(text)
+    for key, value in data.items():
+        if value in ("inf", "-inf", "nan"):
+            data[key] = float(value)
+    return data
+
 
 
 # ---------------------------------------------------------------------------- resumable chunks

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +57,64 @@ class BatchSampler:
     def micro_batches(self, split, step: int, accumulation: int) -> Batch:
         """Step ``step``'s samples of ``split`` as ``accumulation`` micro-batches (a leading axis)."""
         return jax.tree.map(lambda a: a.reshape(accumulation, -1, *a.shape[1:]), split.batch(self.indices(step)))
+
+
+#: (smallest allowed value, whether None is allowed) of each integer setting of a run.
+_INTEGER_SETTINGS = {
+    "n_steps": (1, True),
+    "batch_size": (1, False),
+    "accumulation": (1, False),
+    "log_every": (1, False),
+    "eval_every": (0, False),
+    "checkpoint_every": (0, False),
+    "seed": (0, False),
+}
+
+
+def check_settings(owner: str, **settings) -> None:
+    """Refuse a run setting that cannot work, naming its gin binding (``owner.name``) and the value.
+
+    Integer settings are checked against :data:`_INTEGER_SETTINGS`; ``time_budget_s`` and
+    ``clip_norm`` must be positive numbers or None, ``ema_decay`` in [0, 1) or None.
+    """
+    from zoo.config import ConfigError
+
+    for name, value in settings.items():
+        binding = f"{owner}.{name}"
+        if name in _INTEGER_SETTINGS:
+            low, optional = _INTEGER_SETTINGS[name]
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ConfigError(f"{binding} must be an integer >= {low}{' or None' if optional else ''}, got {value!r}")
+        elif name in ("time_budget_s", "clip_norm"):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value)):
+                raise ConfigError(f"{binding} must be a positive number or None, got {value!r}")
+        elif name == "ema_decay":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1):
+                raise ConfigError(f"{binding} must be a number in [0, 1) or None, got {value!r}")
+        else:
+            raise ValueError(f"check_settings does not know the setting {name!r}")
+
+
+class RunExistsError(FileExistsError):
+    """A run would start in a folder that already holds one."""
+
+
+def claim_run_dir(checkpoint_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a fresh run over a previous one unless told to continue it or replace it.
+
+    With ``overwrite`` the previous run's checkpoints are removed; with ``resume`` they are kept.
+    """
+    step_dir = ckpt.latest_checkpoint(checkpoint_dir)
+    if resume or step_dir is None:
+        return
+    if not overwrite:
+        raise RunExistsError(
+            f"{checkpoint_dir} already holds a run (checkpoint {step_dir.name}): pass --resume to continue it "
+            "or --overwrite to replace it"
+        )
+    shutil.rmtree(checkpoint_dir)
 
 
 def step_key(key: jax.Array, step: int) -> jax.Array:
@@ -169,9 +228,11 @@ def fit(
     config: str = "",
     metadata: dict | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     checkpoint_dir: Path | None = None,
     n_devices: int | None = None,
+    owner: str = "fit",
 ) -> tuple[eqx.Module, list[dict]]:
     """Train ``model`` on ``dataset.train`` with ``loss_fn``; returns the model and the log records.
 
@@ -180,7 +241,9 @@ def fit(
     one continues count, as stored in the checkpoint). Each optimiser step consumes
     ``accumulation`` micro-batches of ``batch_size`` samples. Each micro-batch is split
     over ``n_devices`` local devices (default: all) with parameters replicated, see
-    :mod:`zoo.parallel`.
+    :mod:`zoo.parallel`. A folder that already holds a run is refused unless ``resume``
+    (continue it) or ``overwrite`` (replace it) is set (:func:`claim_run_dir`). Settings are
+    checked first (:func:`check_settings`); errors name them as ``owner.setting``.
 
     With ``ema_decay`` the optimiser also tracks an exponential moving average of the
     weights (:func:`zoo.optim.parameter_average`); that average is what the periodic
@@ -189,15 +252,19 @@ def fit(
     """
     from tqdm.auto import tqdm
 
+    check_settings(
+        owner, n_steps=n_steps, time_budget_s=time_budget_s, batch_size=batch_size, accumulation=accumulation,
+        clip_norm=clip_norm, ema_decay=ema_decay, seed=seed, log_every=log_every, eval_every=eval_every,
+        checkpoint_every=checkpoint_every,
+    )  # fmt: skip
     if n_steps is None and time_budget_s is None:
-        raise ValueError("give n_steps or time_budget_s")
-    if accumulation < 1:
-        raise ValueError(f"accumulation must be >= 1, got {accumulation}")
+        raise ValueError(f"give {owner}.n_steps or {owner}.time_budget_s")
     if getattr(loss_fn, "needs_forces", False) and dataset.train.forces is None:
         raise ValueError(f"{type(loss_fn).__name__} needs target forces but the training data has none")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = Path(checkpoint_dir or workdir / "checkpoint")
+    claim_run_dir(checkpoint_dir, resume=resume, overwrite=overwrite)
     data_hash = dataset.sha256()
     metadata = {"data_sha256": data_hash, "loss": type(loss_fn).__name__, **(metadata or {})}
 

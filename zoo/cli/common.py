@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
 import sys
 from pathlib import Path
 
@@ -38,17 +35,6 @@ def write_operative_config(workdir: Path) -> None:
     (workdir / "operative_config.gin").write_text(gin.operative_config_str())
 
 
-def write_json(path: Path, data: dict) -> None:
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return str(v)
-        return v
-
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({k: clean(v) for k, v in data.items()}, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def with_error(metrics: dict, key: str, fmt: str = ".4g") -> str:
     """``metrics[key]`` formatted, followed by ``± metrics[key + '_se']`` where there is one; '-' if absent."""
     if key not in metrics:
@@ -59,4 +45,6 @@ def with_error(metrics: dict, key: str, fmt: str = ".4g") -> str:
 
 def format_metrics(metrics: dict) -> str:
     keys = [k for k in ("kl", "nll", "ess_q", "ess_p", "path_length", "fm_loss") if k in metrics]
-    return "  ".join(f"{k}={with_error(metrics, k)}" for k in keys) + f"  (n_q={metrics.get('n_samples_q')}, n_p={metrics.get('n_samples_p')})"
+    failed = [f"{k}={metrics[k]}" for k in ("n_nonfinite_q", "n_nonfinite_p") if metrics.get(k)]
+    counts = f"n_q={metrics.get('n_samples_q')}, n_p={metrics.get('n_samples_p')}" + "".join(f", {f}" for f in failed)
+    return "  ".join(f"{k}={with_error(metrics, k)}" for k in keys) + f"  ({counts})"

@@ -16,11 +16,11 @@ def main(argv=None) -> None:
     from zoo import experiment
     from zoo.config import ConfigError, make_dataset
 
-    args.workdir.mkdir(parents=True, exist_ok=True)
     try:
+        experiment.check_writable(args.workdir)
         system, flow, restored = experiment.load_flow(args.checkpoint, extra_gin_files=args.gin, extra_bindings=args.gin_param)
         dataset = make_dataset(system)
-    except (ConfigError, ckpt.CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, ckpt.CheckpointError, OSError) as e:
         common.fail(str(e))
     print(f"loaded {type(flow).__name__} for {type(system).__name__} at step {restored.step}")
     experiment.evaluation(flow, system, dataset, args.workdir, provenance={"checkpoint": str(args.checkpoint)})

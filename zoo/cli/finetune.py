@@ -15,6 +15,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, help="optimiser steps (overrides finetune.n_steps)")
     p.add_argument("--time_budget", type=float, metavar="SECONDS", help="wall-clock training budget (overrides finetune.time_budget_s)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning run in WORKDIR")
+    p.add_argument("--overwrite", action="store_true", help="replace the fine-tuning run already in WORKDIR (its checkpoints are deleted)")
     p.add_argument(
         "--probe_lr",
         type=float,
@@ -41,6 +42,7 @@ def main(argv=None) -> None:
 
     from zoo import checkpoint as ckpt
     from zoo import config, finetune
+    from zoo.train import RunExistsError
 
     try:
         pretrained = gin.query_parameter("finetune.pretrained")
@@ -54,8 +56,10 @@ def main(argv=None) -> None:
         # The checkpoint's own config first, then the user's files and bindings on top.
         config.parse(args.gin, args.gin_param, config_str=stored)
         start = time.perf_counter()
-        finetune.finetune(workdir, resume=args.resume, probe_lr=args.probe_lr, probe_samples=args.probe_samples)
-    except (config.ConfigError, ckpt.CheckpointError, FileNotFoundError, KeyError, FloatingPointError) as e:
+        finetune.finetune(
+            workdir, resume=args.resume, overwrite=args.overwrite, probe_lr=args.probe_lr, probe_samples=args.probe_samples
+        )
+    except (config.ConfigError, ckpt.CheckpointError, FileNotFoundError, KeyError, FloatingPointError, RunExistsError) as e:
         common.fail(str(e))
     print(f"done in {time.perf_counter() - start:.1f} s; outputs in {workdir}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -24,10 +25,12 @@ def main(argv=None) -> None:
     from zoo.config import ConfigError
 
     out = args.out or args.workdir / "samples.npz"
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
+        experiment.check_writable(out.parent)
+        if out.exists() and not os.access(out, os.W_OK):
+            raise OSError(f"cannot write outputs to {out}: the file is read-only")
         system, flow, _ = experiment.load_flow(args.checkpoint, extra_gin_files=args.gin, extra_bindings=args.gin_param)
-    except (ConfigError, ckpt.CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, ckpt.CheckpointError, OSError) as e:
         common.fail(str(e))
     experiment.sample_to_file(flow, system, out, n=args.n, seed=args.seed)
     print(f"wrote {args.n} samples to {out}")

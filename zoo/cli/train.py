@@ -10,6 +10,7 @@ def main(argv=None) -> None:
 
     p = common.parser("Train a continuous normalizing flow (flow matching or any registered loss).")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in WORKDIR/checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in WORKDIR (its checkpoints are deleted)")
     args = p.parse_args(argv)
     if args.workdir is None:
         common.fail("--workdir is required")
@@ -19,11 +20,12 @@ def main(argv=None) -> None:
 
     from zoo import experiment
     from zoo.config import ConfigError
+    from zoo.train import RunExistsError
 
     start = time.perf_counter()
     try:
-        experiment.train(args.workdir, resume=args.resume)
-    except ConfigError as e:
+        experiment.train(args.workdir, resume=args.resume, overwrite=args.overwrite)
+    except (ConfigError, RunExistsError) as e:
         common.fail(str(e))
     print(f"done in {time.perf_counter() - start:.1f} s; outputs in {args.workdir}")
 
