@@ -42,7 +42,7 @@ from benchmarks._timing import machine, run_interleaved, timed
 from zoo import config
 from zoo.data import Batch
 from zoo.flows.cnf import sample_and_log_prob_chunked
-from zoo.losses import FlowMatching, PathGradientForwardKL
+from zoo.losses import EquivariantOTFlowMatching, FlowMatching, PathGradientForwardKL
 from zoo.train import make_step
 
 
@@ -60,16 +60,18 @@ class Case:
     exact_sample_batch: int | None = None  # a smaller chunk for the (costly) exact divergence
     reference_samples: int = 1000  # the sample count the sampling reference is quoted for
     exact_sampling: bool = True
+    eqot: bool = False  # also time the equivariant-OT FM step (pairing included) at the FM batch
     memory_steps: tuple = ()
     reference: dict = dataclasses.field(default_factory=dict)  # work -> (quiet 2 threads, issue)
 
 
 CASES = {
     "mlp2d": Case("2-D GMM, MLP 4×64", "gmm_fm.gin", fm_batch=256, pg_batch=256, pg_divergence="exact", sample_batch=1000, memory_steps=(15, 30, 60)),
-    "dw4": Case("DW4, EGNN 3L h32", "dw4_fm.gin", fm_batch=256, pg_batch=256, sample_batch=1000),
+    "dw4": Case("DW4, EGNN 3L h32", "dw4_fm.gin", fm_batch=256, pg_batch=256, sample_batch=1000, eqot=True),
     "lj13_3": Case(
         "LJ13, EGNN 3L h64",
         "lj13_fm.gin",
+        eqot=True,
         memory_steps=(15, 30, 60),
         reference={"fm": (0.21, 0.38), "sample_hutchinson": (74.0, 100.0), "sample_exact": (1009.0, None)},
     ),
@@ -154,6 +156,9 @@ def run_case(name: str, case: Case, repeats: int) -> dict:
     if case.pg_batch != case.fm_batch:
         calls["fm_at_pg_batch"], compile_s["fm_at_pg_batch"], _ = _step_call(FlowMatching(), flow, x, forces, case.pg_batch)
         repeats_by["fm_at_pg_batch"] = repeats
+    if case.eqot:
+        calls["eqot"], compile_s["eqot"], _ = _step_call(EquivariantOTFlowMatching(sigma=0.01), flow, x, forces, case.fm_batch)
+        repeats_by["eqot"] = repeats
     calls["pg"], compile_s["pg"], pg_temp = _step_call(PathGradientForwardKL(), pg_flow, x, forces, case.pg_batch)
     repeats_by["pg"] = expensive
 
@@ -228,6 +233,8 @@ def table(results: dict, info: dict) -> str:
     for name, r in results.items():
         t, ref = r["timing"], r["reference"]
         rows = [("FM step", "fm", r["batches"]["fm"], _speedup(t["fm"]["wall_ms"] / 1e3, ref.get("fm")))]
+        if "eqot" in t:
+            rows.append((f"EQ-OT FM step, pairing included ({t['eqot']['wall_ms'] / t['fm']['wall_ms']:.2f}× FM wall)", "eqot", r["batches"]["fm"], ""))
         if "fm_at_pg_batch" in t:
             rows.append(("FM step", "fm_at_pg_batch", r["batches"]["pg"], ""))
         rows.append((f"PG step, RK4-15, {r['pg_divergence']} ({r['pg_over_fm']:.0f}× FM wall, {r['pg_over_fm_cpu']:.0f}× CPU)", "pg", r["batches"]["pg"], ""))

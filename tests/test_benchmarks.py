@@ -9,11 +9,12 @@ from benchmarks import suite
 
 def _check(results, names):
     assert list(results) == names
-    for r in results.values():
+    for name, r in results.items():
         timing = r["timing"]
         assert {"fm", "pg", "sample_hutchinson"} <= set(timing)
         assert all(e["wall_ms"] > 0 and e["rounds"] >= 1 for e in timing.values())
         assert r["pg_over_fm"] > 1  # a PG step solves three ODEs; an FM step evaluates the field once
+        assert ("eqot" in timing) == suite.CASES[name].eqot  # the EQ-OT step where the case asks for it
 
 
 def test_quick_suite_on_the_2d_model(capsys, tmp_path):
