@@ -3,6 +3,7 @@
 import math
 import warnings
 
+import equinox as eqx
 import numpy as np
 import pytest
 import scipy.stats
@@ -212,3 +213,26 @@ def test_an_interrupted_evaluation_resumes_from_its_finished_chunks(tmp_path, mo
     other = CNF(MLPField(2, width=8, depth=1, key=jax.random.PRNGKey(5)), StandardNormal(2), n_steps=2)
     evaluate_flow(other, system, data, resume_dir=tmp_path, **kwargs)
     assert solves.count("push_forward") == 4
+
+
+def test_solver_agreement_reports_differences_that_shrink_with_the_step():
+    """The reference row differs from itself by nothing; RK4's error falls ~16× from 20 to 40 steps (4th order,
+    for a smooth field: with ELU's kink in the derivative the order is lost)."""
+    import jax
+
+    from zoo.data import exact_samples
+    from zoo.experiment import solver_agreement
+    from zoo.fields import MLPField
+    from zoo.flows import CNF, StandardNormal
+    from zoo.systems import GaussianMixture2D
+
+    system = GaussianMixture2D()
+    data = exact_samples(system, n_train=16, n_val=16, n_test=32)
+    field = MLPField(2, width=16, depth=2, activation_name="tanh", key=jax.random.PRNGKey(3))
+    flow = jax.tree.map(lambda a: 3.0 * a if eqx.is_inexact_array(a) and a.ndim == 2 else a, CNF(field, StandardNormal(2)))  # curved
+    rows = solver_agreement(flow, system, data, n=32)
+    assert [r["setting"] for r in rows] == ["dopri5, rtol = atol = 1e-8", "rk4, 20 steps", "rk4, 40 steps"]
+    assert rows[0]["data_log_q_minus_reference_max_abs"] == 0 and rows[0]["model_log_w_minus_reference_max_abs"] == 0
+    err20, err40 = rows[1]["data_log_q_minus_reference_max_abs"], rows[2]["data_log_q_minus_reference_max_abs"]
+    assert err20 > 1e-6 and 4 < err20 / err40 < 64
+    assert not jax.config.jax_enable_x64  # switched back after the call
