@@ -221,3 +221,16 @@ def test_paths_are_not_resolved_against_repo_when_they_exist(tmp_path, monkeypat
     os.makedirs("assets/data/x")
     assert resolve_data_path("assets/data/x") == Path("assets/data/x")
     assert resolve_data_path("gin") == REPO_ROOT / "gin"
+
+
+def test_positions_in_a_scrambled_layout_are_refused(tmp_path):
+    """(n, d, N) for particles stored (n, N, d) has the right size but would scramble coordinates:
+    refused with both shapes named; (n, N, d) and (n, N·d) are accepted."""
+    dw = DoubleWell()
+    pos = np.random.default_rng(0).standard_normal((10, 4, 2)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"train positions have shape \(10, 2, 4\); expected \(n, 4, 2\) or \(n, 8\)"):
+        storage.write_dataset(tmp_path / "bad", {"train": (pos.transpose(0, 2, 1), None)}, system=dw)
+    assert not (tmp_path / "bad").exists()
+    for layout in (pos, pos.reshape(10, 8)):
+        storage.write_dataset(tmp_path / "ok", {"train": (layout, None)}, system=dw)
+        np.testing.assert_array_equal(load_dataset(tmp_path / "ok", "train")[0], pos)

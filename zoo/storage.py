@@ -123,6 +123,20 @@ def read_array(path) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- data sets
+def as_event_batch(arr, event_shape: tuple[int, ...], what: str = "positions") -> np.ndarray:
+    """``arr`` as float32 (n, *event_shape), accepting only (n, *event_shape) or flat (n, prod(event_shape)).
+
+    Any other layout of the same size, such as (n, d, N) for particles stored (n, N, d), is
+    an error naming both shapes: reshaping it would scramble coordinates without a trace.
+    """
+    arr = np.asarray(arr, dtype=np.float32)
+    flat = (int(np.prod(event_shape)),)
+    if arr.ndim < 1 or arr.shape[1:] not in (tuple(event_shape), flat):
+        expected = f"(n, {', '.join(map(str, event_shape))})" + (f" or (n, {flat[0]})" if len(event_shape) > 1 else "")
+        raise ValueError(f"{what} have shape {arr.shape}; expected {expected}")
+    return arr.reshape(arr.shape[0], *event_shape)
+
+
 def write_dataset(directory, splits: dict, *, system, extra: dict | None = None) -> dict:
     """Write ``splits`` = {name: (positions, forces or None)} and the manifest; returns the manifest.
 
@@ -160,8 +174,7 @@ def write_dataset(directory, splits: dict, *, system, extra: dict | None = None)
             for what, arr in (("positions", positions), ("forces", forces)):
                 if arr is None:
                     continue
-                arr = np.asarray(arr, dtype=np.float32)
-                arr = arr.reshape(arr.shape[0], *shape)
+                arr = as_event_batch(arr, shape, f"{name} {what}")
                 if not np.isfinite(arr).all():
                     raise ValueError(f"{name} {what} contain NaN or inf; refusing to store them")
                 write_array(tmp / name / what, arr)
