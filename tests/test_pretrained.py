@@ -552,13 +552,14 @@ def test_shipped_model_reproduces_its_metrics(name, tmp_path, monkeypatch):
     dataset = config.make_dataset(system)
     # Re-measure the way the release was measured (e.g. Hutchinson for LJ13 and AD2).
     settings = info.extra.get("evaluation", {})
-    overrides = {k: settings[s] for k, s in (("divergence", "divergence"), ("solver", "solver"), ("n_steps", "n_solver_steps")) if s in settings}
+    pairs = (("divergence", "divergence"), ("solver", "solver"), ("n_steps", "n_solver_steps"), ("rtol", "solver_rtol"), ("atol", "solver_atol"))
+    overrides = {k: settings[s] for k, s in pairs if s in settings}
     flow = dataclasses.replace(flow, **overrides)
     assert _disagreements(flow, system, dataset, info.metrics) == []
     # The loaded flow with freshly initialised weights (so the compiled code is reused).
     import equinox as eqx
 
-    init = eqx.filter(config.make_flow(system, key=jax.random.PRNGKey(1)), eqx.is_array)
+    init = eqx.filter(dataclasses.replace(config.make_flow(system, key=jax.random.PRNGKey(1)), **overrides), eqx.is_array)
     arrays, static = eqx.partition(flow, eqx.is_array)
     assert jax.tree.structure(init) == jax.tree.structure(arrays)
     untrained = eqx.combine(jax.tree.map(lambda a, b: a.astype(b.dtype), init, arrays), static)

@@ -178,7 +178,8 @@ def write_report(workdir: Path, before: dict, after: dict, *, title: str, record
     lines.append(f"| samples (q / p) | {before['n_samples_q']} / {before['n_samples_p']} | {after['n_samples_q']} / {after['n_samples_p']} | |")
     if "divergence" in after:
         # The ESS depends on how log q was computed (Hutchinson noise in log w lowers it).
-        lines += ["", f"Log densities: {after['divergence']} divergence, {after['solver']} with {after['n_solver_steps']} steps."]
+        how = f"{after['n_solver_steps']} steps" if "n_solver_steps" in after else f"rtol {after['solver_rtol']:g}, atol {after['solver_atol']:g}"
+        lines += ["", f"Log densities: {after['divergence']} divergence, {after['solver']} with {how}."]
     steps = [r for r in records if "loss" in r]
     if steps:
         lines += ["", f"{steps[-1]['step']} optimiser steps in {steps[-1]['time_s']:.1f} s of training."]

@@ -198,6 +198,7 @@ def evaluate_flow(
     continues from them: a 10 000-sample evaluation killed midway loses one chunk at most.
     """
     from zoo.flows.cnf import fingerprint, log_prob_chunked, sample_and_log_prob_chunked
+    from zoo.flows.solvers import is_adaptive
     from zoo.losses.fm import FlowMatching
     from zoo.storage import ChunkStore, array_sha256
 
@@ -257,6 +258,9 @@ def evaluate_flow(
         "solver": flow.solver,
         "n_solver_steps": int(flow.n_steps),
     }
+    if is_adaptive(flow.solver):  # an adaptive solver's steps are its own; its tolerances say how it solved
+        metrics.update(solver_rtol=float(flow.rtol), solver_atol=float(flow.atol))
+        del metrics["n_solver_steps"]
     if system.log_z is not None:
         metrics["kl"] = kl_exact(-u_target - system.log_z, density["log_q"])
     arrays = {

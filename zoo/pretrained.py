@@ -87,7 +87,7 @@ CHECKPOINT = "checkpoint"
 REQUIRED_FIELDS = ("name", "system", "gin", "recipe", "metrics", "size_bytes", "sha256", "locations")
 METRIC_KEYS = ("nll", "ess_q", "ess_p", "nll_se", "ess_q_se", "ess_p_se", "path_length", "kl", "fm_loss", "n_samples_q", "n_samples_p")
 #: How the released metrics were computed (the entry's ``evaluation`` table).
-EVALUATION_KEYS = ("divergence", "solver", "n_solver_steps")
+EVALUATION_KEYS = ("divergence", "solver", "n_solver_steps", "solver_rtol", "solver_atol")
 # Temporary files older than this are taken to belong to a dead download even when their
 # owner cannot be checked (another host sharing the cache).
 STALE_AFTER_S = 24 * 3600
