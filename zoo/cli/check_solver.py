@@ -21,16 +21,9 @@ def main(argv=None) -> None:
     if args.n < 2:
         common.fail(f"--n must be at least 2, got {args.n}")
 
-    from zoo import checkpoint as ckpt
     from zoo import experiment
-    from zoo.config import ConfigError, make_dataset
 
-    try:
-        experiment.check_writable(args.workdir)
-        system, flow, _ = experiment.load_flow(args.checkpoint, extra_gin_files=args.gin, extra_bindings=args.gin_param)
-        dataset = make_dataset(system)
-    except (ConfigError, ckpt.CheckpointError, OSError) as e:
-        common.fail(str(e))
+    system, flow, _, dataset = common.load_checkpoint_for_output(args, args.workdir)
     rows = experiment.solver_agreement(flow, system, dataset, n=args.n)
     print(f"{args.checkpoint}: {args.n} test and {args.n} model samples, float64, divergence {flow.divergence}")
     print("| setting | data log q − ref (mean / max) | model log w − ref (mean / max) | NLL | ESS-q | ESS-p | s |")

@@ -31,6 +31,24 @@ def parse_gin(args) -> None:
         fail(str(e))
 
 
+def load_checkpoint_for_output(args, output_folder: Path, *, with_dataset: bool = True):
+    """(system, flow, restored, dataset or None) of ``args.checkpoint`` with ``args.gin``/``args.gin_param`` on top.
+
+    ``output_folder`` is checked for writing first, so a tool fails before its work, not after;
+    any problem ends the tool with one line naming it.
+    """
+    from zoo import checkpoint as ckpt
+    from zoo import experiment
+    from zoo.config import ConfigError, make_dataset
+
+    try:
+        experiment.check_writable(output_folder)
+        system, flow, restored = experiment.load_flow(args.checkpoint, extra_gin_files=args.gin, extra_bindings=args.gin_param)
+        return system, flow, restored, make_dataset(system) if with_dataset else None
+    except (ConfigError, ckpt.CheckpointError, OSError) as e:
+        fail(str(e))
+
+
 def write_operative_config(workdir: Path) -> None:
     (workdir / "operative_config.gin").write_text(gin.operative_config_str())
 

@@ -12,16 +12,9 @@ def main(argv=None) -> None:
     if args.workdir is None:
         common.fail("--workdir is required")
 
-    from zoo import checkpoint as ckpt
     from zoo import experiment
-    from zoo.config import ConfigError, make_dataset
 
-    try:
-        experiment.check_writable(args.workdir)
-        system, flow, restored = experiment.load_flow(args.checkpoint, extra_gin_files=args.gin, extra_bindings=args.gin_param)
-        dataset = make_dataset(system)
-    except (ConfigError, ckpt.CheckpointError, OSError) as e:
-        common.fail(str(e))
+    system, flow, restored, dataset = common.load_checkpoint_for_output(args, args.workdir)
     print(f"loaded {type(flow).__name__} for {type(system).__name__} at step {restored.step}")
     experiment.evaluation(flow, system, dataset, args.workdir, provenance={"checkpoint": str(args.checkpoint)})
     common.write_operative_config(args.workdir)

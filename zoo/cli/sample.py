@@ -20,18 +20,12 @@ def main(argv=None) -> None:
     if args.n < 1:
         common.fail(f"--n must be positive, got {args.n}")
 
-    from zoo import checkpoint as ckpt
     from zoo import experiment
-    from zoo.config import ConfigError
 
     out = args.out or args.workdir / "samples.npz"
-    try:
-        experiment.check_writable(out.parent)
-        if out.exists() and not os.access(out, os.W_OK):
-            raise OSError(f"cannot write outputs to {out}: the file is read-only")
-        system, flow, _ = experiment.load_flow(args.checkpoint, extra_gin_files=args.gin, extra_bindings=args.gin_param)
-    except (ConfigError, ckpt.CheckpointError, OSError) as e:
-        common.fail(str(e))
+    if out.exists() and not os.access(out, os.W_OK):
+        common.fail(f"cannot write outputs to {out}: the file is read-only")
+    system, flow, _, _ = common.load_checkpoint_for_output(args, out.parent, with_dataset=False)
     experiment.sample_to_file(flow, system, out, n=args.n, seed=args.seed)
     print(f"wrote {args.n} samples to {out}")
 
