@@ -351,6 +351,81 @@ def test_offline_use_from_the_cache(tmp_path, toy, server, cache):
     assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, registry=reg, **FAST), toy)
 
 
+def test_a_cache_entry_damaged_after_download_is_named_with_its_repair(tmp_path, toy, cache, capsys):
+    from zoo.cli import download as download_cli
+
+    archive, data, _, _ = toy
+    reg = write_registry(tmp_path / "models.toml", data, [str(archive)])
+    path = pretrained.download("toy", cache_dir=cache, registry=reg, **FAST)
+    array_file = max((p for p in path.rglob("*") if p.is_file() and p.name != "manifest.json"), key=lambda p: p.stat().st_size)
+    raw = bytearray(array_file.read_bytes())
+    raw[-1] ^= 0xFF
+    array_file.write_bytes(bytes(raw))
+    for fetch in (
+        lambda: pretrained.resolve_checkpoint("toy", cache_dir=cache, registry=reg),
+        lambda: pretrained.download("toy", cache_dir=cache, registry=reg, verify=True, **FAST),
+    ):
+        with pytest.raises(pretrained.DamagedCacheError) as err:
+            fetch()
+        assert str(path.parent) in str(err.value) and "tools/download toy --force" in str(err.value)
+    # The command line says so too, instead of printing the damaged folder as if it were fine ...
+    with pytest.raises(SystemExit) as stop:
+        download_cli.main(["toy", f"--cache_dir={cache}", f"--registry={reg}"])
+    assert stop.value.code == 2
+    message = capsys.readouterr().err
+    assert "--force" in message and "Traceback" not in message
+    # ... and --force repairs it.
+    download_cli.main(["toy", f"--cache_dir={cache}", f"--registry={reg}", "--force"])
+    assert_same_checkpoint(pretrained.resolve_checkpoint("toy", cache_dir=cache, registry=reg), toy)
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP server that accepts connections and never answers (a stalled host)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        srv.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{srv.getsockname()[1]}/models/toy.tar"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
+        srv.close()
+
+
+def test_a_stalled_server_is_reported_while_waiting_and_bounded_by_the_deadline(tmp_path, toy, cache, silent_server, monkeypatch, capsys):
+    import time
+
+    _, data, _, _ = toy
+    reg = write_registry(tmp_path / "models.toml", data, [silent_server])
+    monkeypatch.setattr(pretrained, "HEARTBEAT_S", 0.25)
+    start = time.monotonic()
+    with pytest.raises(pretrained.DownloadError) as err:
+        pretrained.download("toy", cache_dir=cache, registry=reg, attempts=10, backoff_s=0.01, timeout_s=1.0, deadline_s=2.5)
+    elapsed = time.monotonic() - start
+    assert 2.0 < elapsed < 6.0  # ten attempts of 1 s would take 10 s; the deadline stops them at 2.5 s
+    log = capsys.readouterr().err
+    assert "attempt 1/10" in log and "attempt 2/10" in log and "still waiting for" in log
+    assert "deadline" in str(err.value) and "no complete answer" in str(err.value)
+    with pytest.raises(ValueError, match="deadline_s"):
+        pretrained.download("toy", cache_dir=cache, registry=reg, deadline_s=0)
+
+
 # ---------------------------------------------------------------------------- names and the registry
 def test_unknown_name_suggests_close_names(tmp_path, toy):
     _, data, _, _ = toy

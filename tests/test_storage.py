@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -172,7 +173,9 @@ def test_generate_data_cli_end_to_end(tmp_path, monkeypatch):
 def test_unknown_gin_file_is_a_clear_error(tmp_path, capsys):
     from zoo.cli.generate_data import main
 
-    assert main(["--gin=data_nothing", f"--workdir={tmp_path}"]) == 2
+    with pytest.raises(SystemExit) as stop:
+        main(["--gin=data_nothing", f"--workdir={tmp_path}"])
+    assert stop.value.code == 2
     assert "data_nothing" in capsys.readouterr().err
 
 
@@ -234,3 +237,32 @@ def test_positions_in_a_scrambled_layout_are_refused(tmp_path):
     for layout in (pos, pos.reshape(10, 8)):
         storage.write_dataset(tmp_path / "ok", {"train": (layout, None)}, system=dw)
         np.testing.assert_array_equal(load_dataset(tmp_path / "ok", "train")[0], pos)
+
+
+def test_every_door_for_positions_refuses_a_scrambled_layout():
+    """In memory (make_split with the system's event shape), in a flow's log density and in
+    an energy: (n, d, N) is an error naming the shapes, never reshaped."""
+    from zoo.data import make_split
+    from zoo.fields import MLPField
+    from zoo.flows import CNF, StandardNormal
+    from zoo.flows.cnf import log_prob_chunked
+
+    dw = DoubleWell()
+    pos = np.random.default_rng(0).standard_normal((10, 4, 2)).astype(np.float32)
+    forces = -pos
+    with pytest.raises(DatasetError, match=r"positions have shape \(10, 2, 4\); expected \(n, 4, 2\) or \(n, 8\)"):
+        make_split(pos.transpose(0, 2, 1), event_shape=dw.event_shape)
+    with pytest.raises(DatasetError, match=r"forces have shape \(10, 2, 4\)"):
+        make_split(pos, forces.transpose(0, 2, 1), event_shape=dw.event_shape)
+    with pytest.raises(DatasetError, match="5 forces for 10 positions"):
+        make_split(pos, forces[:5], event_shape=dw.event_shape)
+    for layout in (pos, pos.reshape(10, 8)):
+        split = make_split(layout, forces, event_shape=dw.event_shape)
+        np.testing.assert_array_equal(split.positions, pos.reshape(10, 8))
+        np.testing.assert_array_equal(split.forces, forces.reshape(10, 8))
+    flow = CNF(MLPField(8, key=jax.random.PRNGKey(0)), StandardNormal(8), n_steps=2)
+    with pytest.raises(ValueError, match=r"shape \(n, 8\), got \(10, 2, 4\)"):
+        log_prob_chunked(flow, pos.transpose(0, 2, 1))
+    with pytest.raises(ValueError, match=r"\(8,\) or \(4, 2\), got \(2, 4\)"):
+        dw.energy(pos[0].T)
+

@@ -406,6 +406,54 @@ def test_compare_tool_writes_table_curves_and_views(tmp_path):
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n_samples_q"] == 32
 
 
+def test_an_interrupted_comparison_resumes_to_the_same_budget(tmp_path, monkeypatch, capsys):
+    """tools/compare killed (Ctrl-C) midway, then run with --resume: each run stops where the
+    uninterrupted one does (±1 step). A fake clock advances one second per training step."""
+    import zoo.train as train_module
+    from zoo.cli import compare
+
+    clock = {"now": 0.0, "calls": 0, "interrupt_at": None}
+    real_make_step = train_module.make_step
+
+    def make_step(*args):
+        step = real_make_step(*args)
+
+        def timed_step(*a):
+            clock["calls"] += 1
+            if clock["calls"] == clock["interrupt_at"]:
+                raise KeyboardInterrupt
+            clock["now"] += 1.0
+            return step(*a)
+
+        return timed_step
+
+    monkeypatch.setattr(train_module, "make_step", make_step)
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock["now"])
+
+    def run(workdir, *extra):
+        compare.main(
+            ["--gin=gmm_compare.gin", f"--workdir={workdir}", "--gin_param=compare.recipes = [@fm_only/Recipe()]",
+             "--gin_param=compare.seeds = (0,)", "--gin_param=compare.time_budget_s = 12.0", "--gin_param=compare.eval_every = 5",
+             "--gin_param=compare.n_track = 32", "--gin_param=compare.n_eval_samples = 32", "--gin_param=exact_samples.n_train = 256",
+             "--gin_param=CNF.n_steps = 2", *extra]  # fmt: skip
+        )
+        return json.loads((workdir / "results.json").read_text())["results"]["FM only"][0]
+
+    straight = run(tmp_path / "a")
+    clock["calls"], clock["interrupt_at"] = 0, 9  # after the checkpoint at step 5
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path / "b")
+    assert stop.value.code == 130 and "interrupted" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # not without --resume or --overwrite
+        run(tmp_path / "b")
+    assert stop.value.code == 2 and "--resume" in capsys.readouterr().err
+    clock["interrupt_at"] = None
+    resumed = run(tmp_path / "b", "--resume")
+    assert straight["steps"] == 13
+    assert resumed["steps"] - straight["steps"] in (0, 1)
+    assert resumed["train_time_s"] == pytest.approx(12.0, abs=1.0)
+
+
 def test_published_lj13_architecture_config():
     """gin/lj13_eqotfm_h32.gin builds the reference's LJ13 EGNN: h32, 3 layers, attention, tanh.
 

@@ -129,7 +129,7 @@ def read_dataset(path) -> Dataset:
     from zoo import storage
 
     path = Path(path)
-    splits = [make_split(*storage.read_split(path, name), dim=3 * alanine.N_ATOMS) for name in SPLITS]
+    splits = [make_split(*storage.read_split(path, name), event_shape=(alanine.N_ATOMS, 3)) for name in SPLITS]
     manifest = storage.read_manifest(path)
     return Dataset(*splits, description=manifest.get("ad2", {}).get("description", str(path)))
 

@@ -63,6 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
+from zoo.errors import ZooError
+
 __all__ = [
     "Checkpoint",
     "CheckpointError",
@@ -97,7 +99,7 @@ _HASH_BLOCK = 1 << 20
 
 
 # ---------------------------------------------------------------------------- errors
-class CheckpointError(Exception):
+class CheckpointError(ZooError):
     """Base class of all checkpoint errors."""
 
 

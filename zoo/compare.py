@@ -24,7 +24,7 @@ from zoo import config
 from zoo.experiment import write_views
 from zoo.metrics import evaluate_flow, fm_loss_on
 from zoo.registry import register
-from zoo.train import RunExistsError, check_settings, claim_run_dir, fit
+from zoo.train import RunExistsError, check_settings, claim_run_dir, fit, read_log
 
 
 @register("recipe")
@@ -82,6 +82,7 @@ def compare(
     eval_divergence: str | None = None,
     eval_chunk_size: int = 1024,
     progress: bool = False,
+    resume: bool = False,
     overwrite: bool = False,
 ) -> dict:
     """Train every recipe from scratch for every seed under the same budget; write table and curves.
@@ -90,7 +91,9 @@ def compare(
     only (e.g. train an LJ13 flow configured with the exact trace, evaluate with
     Hutchinson to keep evaluation affordable on a CPU); ``eval_chunk_size`` bounds the
     samples per compiled evaluation call (and so its memory). A ``workdir`` that holds an
-    earlier comparison's runs is refused unless ``overwrite`` (which deletes them).
+    earlier comparison's runs is refused unless ``resume`` (every run continues from its
+    last checkpoint with the training seconds it had, so each still gets the same budget)
+    or ``overwrite`` (which deletes them).
     """
     check_settings("compare", time_budget_s=time_budget_s, batch_size=batch_size)
     if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
@@ -98,9 +101,12 @@ def compare(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     earlier = sorted(p.parent for p in (workdir / "runs").glob("*/checkpoint"))
-    if earlier and not overwrite:
-        raise RunExistsError(f"{workdir} already holds a comparison ({len(earlier)} runs in {workdir / 'runs'}): pass --overwrite to replace it")
-    for run in earlier:
+    if earlier and not (overwrite or resume):
+        raise RunExistsError(
+            f"{workdir} already holds a comparison ({len(earlier)} runs in {workdir / 'runs'}): "
+            "pass --resume to continue it or --overwrite to replace it"
+        )
+    for run in earlier if not resume else ():
         claim_run_dir(run / "checkpoint", resume=False, overwrite=True)
     system = config.make_system()
     dataset = config.make_dataset(system)
@@ -125,7 +131,7 @@ def compare(
             curve.append({"time_s": 0.0, "step": 0, **evaluate(flow, 0)})
             for i, stage in enumerate(recipe.stages):
                 run_dir = workdir / "runs" / f"{_slug(recipe.name)}_seed{seed}_stage{i}"
-                flow, records = fit(
+                flow, _ = fit(
                     flow,
                     dataset,
                     stage.loss,
@@ -137,12 +143,15 @@ def compare(
                     eval_every=eval_every,
                     evaluate=evaluate,
                     log_every=eval_every,
+                    checkpoint_every=eval_every,  # a killed comparison loses at most one evaluation interval per run
                     progress=progress,
+                    resume=resume,
                     owner="compare",
                     # The full config in every checkpoint: a run can be evaluated or released later.
                     config=gin.config_str(),
                     metadata={"system": type(system).__name__, "zoo_version": zoo.__version__, "recipe": recipe.name},
                 )
+                records = read_log(run_dir)  # with the records of the processes this run resumes
                 for r in records:
                     if "eval" in r:
                         curve.append({"time_s": offset_s + r["time_s"], "step": offset_step + r["step"], "stage": i, **r["eval"]})
@@ -171,7 +180,7 @@ def compare(
     table = summarise(results, time_budget_s=time_budget_s, seeds=seeds)
     (workdir / "table.md").write_text(table)
     (workdir / "results.json").write_text(json.dumps({"budget_s": time_budget_s, "seeds": list(seeds), "results": results, "curves": curves}, indent=1))
-    _curve_plots(curves, workdir)
+    _curve_plots(curves, workdir, system_name=type(system).__name__, budget_s=time_budget_s, seeds=seeds)
     print(table)
     return results
 
@@ -200,23 +209,18 @@ def summarise(results: dict[str, list[dict]], *, time_budget_s: float, seeds) ->
     return "\n".join(lines) + "\n"
 
 
-def _curve_plots(curves, workdir: Path) -> None:
-    import matplotlib.pyplot as plt
+def _curve_plots(curves, workdir: Path, *, system_name: str, budget_s: float, seeds) -> None:
+    from zoo import plots
 
-    for key, fname, ylabel in (("kl", "kl_vs_time.png", "KL(p‖q)"), ("nll", "nll_vs_time.png", "NLL"), ("fm_loss", "fm_loss_vs_time.png", "FM loss (held out)"), ("ess_p", "ess_p_vs_time.png", "ESS-p")):
+    recipes = ", ".join(curves)
+    for key, fname, ylabel, log in (
+        ("kl", "kl_vs_time.png", "KL(p‖q) (nats)", True),
+        ("nll", "nll_vs_time.png", "NLL of held-out samples (nats)", False),
+        ("fm_loss", "fm_loss_vs_time.png", "FM loss (held out)", False),
+        ("ess_p", "ess_p_vs_time.png", "ESS-p (fraction)", False),
+    ):
         if not any(key in pt for runs in curves.values() for run in runs for pt in run):
             continue
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for color, (name, runs) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], curves.items()):
-            for j, run in enumerate(runs):
-                t = [pt["time_s"] for pt in run if key in pt]
-                v = [pt[key] for pt in run if key in pt]
-                ax.plot(t, v, color=color, alpha=0.8 if j == 0 else 0.35, lw=1.5 if j == 0 else 1, label=name if j == 0 else None)
-        ax.set_xlabel("training time (s)")
-        ax.set_ylabel(ylabel)
-        if key in ("kl",):
-            ax.set_yscale("log")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(workdir / fname, dpi=110)
-        plt.close(fig)
+        seed_list = ("seeds " if len(seeds) > 1 else "seed ") + ", ".join(map(str, seeds))
+        title = f"{system_name}: {recipes}\n{budget_s:g} s per run, {seed_list}"
+        plots.metric_vs_time(curves, key, workdir / fname, ylabel=ylabel, title=title, seeds=list(seeds), log=log)

@@ -14,13 +14,14 @@ from pathlib import Path
 import gin
 
 import zoo
+from zoo.errors import ZooError
 from zoo.flows.cnf import CNF
 
 REPO_ROOT = Path(zoo.__file__).resolve().parent.parent
 GIN_DIR = REPO_ROOT / "gin"
 
 
-class ConfigError(ValueError):
+class ConfigError(ZooError, ValueError):
     """A gin file or binding that cannot be used (missing file, unknown configurable, bad value)."""
 
 

@@ -8,15 +8,35 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 
 import equinox as eqx
 import jax
 import numpy as np
 
 from zoo._types import Array
+from zoo.errors import ZooError
 from zoo.registry import register
 
 SPLITS = ("train", "val", "test")
+
+
+class DatasetError(ZooError, ValueError):
+    """Data that cannot be used: wrong layout, non-finite values, missing or corrupt stored files, wrong system."""
+
+
+def as_event_batch(arr, event_shape: tuple[int, ...], what: str = "positions") -> np.ndarray:
+    """``arr`` as float32 (n, *event_shape), accepting only (n, *event_shape) or flat (n, prod(event_shape)).
+
+    Any other layout of the same size, such as (n, d, N) for particles stored (n, N, d), is
+    an error naming both shapes: reshaping it would scramble coordinates without a trace.
+    """
+    arr = np.asarray(arr, dtype=np.float32)
+    flat = (int(np.prod(event_shape)),)
+    if arr.ndim < 1 or arr.shape[1:] not in (tuple(event_shape), flat):
+        expected = f"(n, {', '.join(map(str, event_shape))})" + (f" or (n, {flat[0]})" if len(event_shape) > 1 else "")
+        raise DatasetError(f"{what} have shape {arr.shape}; expected {expected}")
+    return arr.reshape(arr.shape[0], *event_shape)
 
 
 class Batch(eqx.Module):
@@ -67,33 +87,44 @@ class Dataset:
         return h.hexdigest()
 
     def validate(self, dim: int) -> None:
-        """Raise a ValueError naming the split and the problem for bad shapes or non-finite values."""
+        """Raise a DatasetError naming the split and the problem for bad shapes or non-finite values."""
         for name in SPLITS:
             s = self.split(name)
             for what, arr in (("positions", s.positions), ("forces", s.forces)):
                 if arr is None:
                     continue
                 if arr.ndim != 2 or arr.shape[1] != dim:
-                    raise ValueError(f"{name} {what} have shape {arr.shape}; the system needs (n, {dim})")
+                    raise DatasetError(f"{name} {what} have shape {arr.shape}; the system needs (n, {dim})")
                 bad = ~np.isfinite(arr).all(axis=1)
                 if bad.any():
                     first = int(np.flatnonzero(bad)[0])
-                    raise ValueError(
+                    raise DatasetError(
                         f"{name} {what} contain NaN or inf in {int(bad.sum())} of {len(arr)} samples (first at index {first})"
                     )
             if s.forces is not None and s.forces.shape != s.positions.shape:
-                raise ValueError(f"{name} forces have shape {s.forces.shape} but positions {s.positions.shape}")
+                raise DatasetError(f"{name} forces have shape {s.forces.shape} but positions {s.positions.shape}")
             if len(s) == 0:
-                raise ValueError(f"{name} split is empty")
+                raise DatasetError(f"{name} split is empty")
 
 
-def make_split(positions, forces=None, *, dim: int | None = None) -> Split:
-    """A split from arrays of shape (n, dim) or (n, *event_shape), stored flat as float32."""
-    positions = np.asarray(positions, dtype=np.float32)
-    n = positions.shape[0]
-    positions = positions.reshape(n, -1) if dim is None else positions.reshape(n, dim)
+def make_split(positions, forces=None, *, event_shape: tuple[int, ...] | None = None) -> Split:
+    """A split stored flat as float32, from arrays of shape (n, *event_shape) or (n, dim).
+
+    With ``event_shape`` (a system's, e.g. (N, d) for particles) any other layout is an
+    error (:func:`as_event_batch`); without it, each sample is flattened as it comes.
+    """
+    if event_shape is None:
+        positions = np.asarray(positions, dtype=np.float32)
+        positions = positions.reshape(positions.shape[0], -1)
+        if forces is not None:
+            forces = np.asarray(forces, dtype=np.float32).reshape(positions.shape)
+        return Split(positions=positions, forces=forces)
+    positions = as_event_batch(positions, event_shape).reshape(-1, math.prod(event_shape))
     if forces is not None:
-        forces = np.asarray(forces, dtype=np.float32).reshape(positions.shape)
+        forces = as_event_batch(forces, event_shape, "forces")
+        if len(forces) != len(positions):
+            raise DatasetError(f"{len(forces)} forces for {len(positions)} positions")
+        forces = forces.reshape(positions.shape)
     return Split(positions=positions, forces=forces)
 
 
@@ -107,7 +138,7 @@ def exact_samples(system, *, n_train: int = 2000, n_val: int = 2048, n_test: int
     splits = []
     for key, n in zip(keys, (n_train, n_val, n_test)):
         x = system.sample(key, n)
-        splits.append(make_split(np.asarray(x), np.asarray(force(x)), dim=system.dim))
+        splits.append(make_split(np.asarray(x), np.asarray(force(x)), event_shape=system.event_shape))
     return Dataset(*splits, description=f"{type(system).__name__} exact samples, seed {seed}")
 
 
@@ -160,6 +191,6 @@ def stored_dataset(system, *, path, n_train: int | None = None, n_val: int | Non
                 raise ValueError(f"requested n_{name}={n} but {directory} holds {len(positions)} {name} samples")
             positions = positions[:n]
             forces = None if forces is None else forces[:n]
-        splits.append(make_split(positions, forces, dim=system.dim))
+        splits.append(make_split(positions, forces, event_shape=system.event_shape))
     sha = manifest["splits"]["train"]["arrays"]["positions"]["sha256"][:12]
     return Dataset(*splits, description=f"{manifest['system']['name']} stored at {directory} (train positions sha256 {sha}…)")

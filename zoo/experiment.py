@@ -7,7 +7,6 @@ from :mod:`zoo.config` (``make_system``, ``make_dataset``, ``make_flow``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import zoo
 from zoo import checkpoint as ckpt
 from zoo import config, plots
 from zoo.metrics import energies_chunked, ess_p, ess_p_se, ess_q, ess_q_se, evaluate_flow, nll, nll_se
-from zoo.train import fit
+from zoo.train import fit, read_log
 
 
 @gin.configurable
@@ -88,7 +87,7 @@ def evaluation(
         metrics.update(viewed)
         write_json(metrics_path, metrics)
     if records:
-        plots.loss_curves([r for r in records if "loss" in r], workdir / f"{prefix}loss_curve.png")
+        plots.loss_curves(records, workdir / f"{prefix}loss_curve.png", title=f"training run {Path(workdir).resolve().name}")
     return metrics
 
 
@@ -149,8 +148,7 @@ def fit_tracking_fm(flow, system, dataset, loss, optimizer, workdir: Path, *, me
         metadata={"system": type(system).__name__, "zoo_version": zoo.__version__, **(metadata or {})},
         **fit_kwargs,
     )
-    records = [json.loads(line) for line in (Path(workdir) / "log.jsonl").read_text().splitlines() if line]
-    return flow, records
+    return flow, read_log(workdir)
 
 
 @gin.configurable

@@ -22,7 +22,7 @@ from zoo import config, plots
 from zoo.experiment import evaluation, fit_tracking_fm
 from zoo.pretrained import resolve_checkpoint
 from zoo.storage import read_json
-from zoo.train import check_settings, claim_run_dir
+from zoo.train import NonFiniteStepError, check_settings, claim_run_dir
 
 REPORT_KEYS = ("kl", "nll", "ess_q", "ess_p", "path_length", "fm_loss")
 HIGHER_IS_BETTER = {"ess_q", "ess_p"}
@@ -161,9 +161,8 @@ def _reusable_before(workdir: Path, pretrained: Path) -> dict | None:
 
 
 def _fm_curve(records, path):
-    evals = [r for r in records if "eval" in r]
-    if evals:
-        plots.loss_curves([{"step": r["step"], "val_fm_loss": r["eval"]["val_fm_loss"]} for r in evals], path, keys=("val_fm_loss",), title="FM loss on held-out data")
+    if records:
+        plots.loss_curves(records, path, title="fine-tuning: training loss and held-out FM loss")
 
 
 def write_report(workdir: Path, before: dict, after: dict, *, title: str, records=()) -> str:
@@ -236,7 +235,7 @@ def probe_learning_rates(
     batch = BatchSampler(len(dataset.train), batch_size * accumulation, seed).micro_batches(dataset.train, 0, accumulation)
     stepped, _, stats = step_fn(flow, transform.init(params), batch, step_key(jax.random.PRNGKey(seed), 0))
     if not bool(stats["finite"]):
-        raise FloatingPointError("the first fine-tuning step has a non-finite loss or gradient; nothing to probe")
+        raise NonFiniteStepError("the first fine-tuning step has a non-finite loss or gradient; nothing to probe")
     update = jax.tree.map(lambda new, old: new - old, eqx.filter(stepped, eqx.is_inexact_array), params)
     x = test.positions[:n_eval]
     key = jax.random.PRNGKey(seed + 1) if flow.needs_key else None

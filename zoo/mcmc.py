@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo._types import Array
+from zoo.errors import ZooError
+from zoo.progress import bar as progress_bar
 
 KERNELS = ("rwm", "mala", "hmc")
 DEFAULT_TARGET_ACCEPT = {"rwm": 0.3, "mala": 0.5, "hmc": 0.65}
@@ -51,6 +53,10 @@ STATE_VERSION = 2
 
 
 # ---------------------------------------------------------------------------- settings
+class MCMCStateError(ZooError, ValueError):
+    """A stored chain state that cannot be resumed: unreadable, or from a run with other settings."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
     """Everything that determines the chains (and so must match when a run is resumed).
@@ -499,9 +505,9 @@ def run_chains(
             with np.load(path) as f:
                 st = {name: f[name] for name in f.files}
         except Exception as e:  # noqa: BLE001  (any unreadable file: say which and why)
-            raise RuntimeError(f"cannot read the MCMC state {path}: {e}; delete it to start over") from e
+            raise MCMCStateError(f"cannot read the MCMC state {path}: {e}; delete it to start over") from e
         if str(st["fingerprint"]) != fingerprint:
-            raise ValueError(
+            raise MCMCStateError(
                 f"{path} belongs to a run with other settings; use another workdir or resume=False to start over.\n"
                 f"  stored:    {st['fingerprint']}\n  requested: {fingerprint}"
             )
@@ -550,9 +556,7 @@ def run_chains(
 
     bar = None
     if progress and done < total:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=done, unit="step", desc=f"MCMC {type(system).__name__}", dynamic_ncols=True)
+        bar = progress_bar(total, f"MCMC {type(system).__name__}", "step", initial=done)
     n_run = 0
     while done < total and (max_chunks is None or n_run < max_chunks):
         t_start = time.perf_counter()

@@ -20,20 +20,80 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def loss_curves(records: list[dict], path: Path, *, keys=("loss", "fm_loss"), title: str = "training") -> Path:
-    """Loss (and other logged scalars) against step, log-scaled where positive."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in keys:
-        pts = [(r["step"], r[key]) for r in records if key in r and np.isfinite(r[key])]
-        if pts:
-            steps, values = zip(*pts)
-            ax.plot(steps, values, label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    if all(r.get(k, 1) > 0 for r in records for k in keys if k in r):
+def _positive(values) -> bool:
+    return len(values) > 0 and all(v > 0 for v in values)
+
+
+def loss_curves(records: list[dict], path: Path, *, title: str = "training") -> Path:
+    """The training loss against step, and the held-out FM loss of the periodic evaluations.
+
+    ``records`` are a run's log lines (``log.jsonl``): step records carry ``loss`` (and
+    ``fm_loss`` when the training loss is another one), evaluation records carry
+    ``eval.val_fm_loss``. A logged FM loss identical to the training loss is drawn once.
+    The held-out loss (markers at the evaluation steps) shares the axis when the training
+    loss is the FM loss and gets its own right-hand axis otherwise.
+    """
+    steps = [r for r in records if isinstance(r.get("loss"), (int, float)) and np.isfinite(r["loss"])]
+    evals = [r for r in records if isinstance(r.get("eval"), dict) and np.isfinite(r["eval"].get("val_fm_loss", np.nan))]
+    fm_is_loss = bool(steps) and all(r.get("fm_loss") == r["loss"] for r in steps)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    lines = []
+    if steps:
+        loss = [r["loss"] for r in steps]
+        label = "training loss (FM)" if fm_is_loss else "training loss"
+        lines += ax.plot([r["step"] for r in steps], loss, color="C0", lw=1.2, label=label)
+        fm = [(r["step"], r["fm_loss"]) for r in steps if "fm_loss" in r]
+        if fm and not fm_is_loss:
+            lines += ax.plot(*zip(*fm), color="C2", lw=1.2, label="training FM loss")
+        if _positive(loss):
+            ax.set_yscale("log")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("FM loss" if fm_is_loss or not steps else "training loss")
+    if evals:
+        held_ax = ax if fm_is_loss or not steps else ax.twinx()
+        val = [r["eval"]["val_fm_loss"] for r in evals]
+        lines += held_ax.plot([r["step"] for r in evals], val, "o-", color="C1", ms=4, label="held-out FM loss")
+        if held_ax is not ax:
+            held_ax.set_ylabel("held-out FM loss")
+    if not lines:
+        ax.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.legend(lines, [line.get_label() for line in lines], loc="best")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def metric_vs_time(curves: dict[str, list[list[dict]]], key: str, path: Path, *, ylabel: str, title: str, seeds=None, log: bool = False) -> Path:
+    """One tracked metric against training time: every seed of every recipe, and each recipe's mean.
+
+    ``curves[recipe][i]`` is seed i's list of evaluation points ``{"time_s", key, ...}``.
+    Seeds are thin lines with markers at the evaluation points, one legend entry each; the
+    mean over seeds (at each evaluation index, over the seeds that reached it; time and
+    value averaged) is the thick line.
+    """
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "os^Dv<>p"
+    for color, (name, runs) in zip(colors * 4, curves.items()):
+        tracks = []
+        for j, run in enumerate(runs):
+            pts = [(pt["time_s"], pt[key]) for pt in run if pt.get(key) is not None and np.isfinite(pt[key])]
+            if not pts:
+                continue
+            tracks.append(pts)
+            seed = seeds[j] if seeds is not None and j < len(seeds) else j
+            t, v = zip(*pts)
+            ax.plot(t, v, marker=markers[j % len(markers)], ms=3.5, lw=0.8, alpha=0.55, color=color, label=f"{name}, seed {seed}")
+        if len(tracks) > 1:
+            depth = max(len(tr) for tr in tracks)
+            mean = [np.mean([tr[k] for tr in tracks if k < len(tr)], axis=0) for k in range(depth)]
+            ax.plot([m[0] for m in mean], [m[1] for m in mean], lw=2.4, color=color, label=f"{name}, mean of {len(tracks)} seeds")
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel(ylabel)
+    if log:
         ax.set_yscale("log")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize="small", ncol=2 if sum(len(r) for r in curves.values()) > 6 else 1)
     return _save(fig, path)
 
 
@@ -54,8 +114,11 @@ def density_2d(flow, system, path: Path, *, samples: np.ndarray | None = None, l
     fig, axes = plt.subplots(1, 3 if samples is not None else 2, figsize=(13 if samples is not None else 9, 4.2))
     vmax = max(p.max() for _, p in panels)
     for ax, (title, dens) in zip(axes, panels):
-        ax.imshow(dens, origin="lower", extent=(-lim, lim, -lim, lim), cmap="viridis", vmin=0, vmax=vmax)
+        image = ax.imshow(dens, origin="lower", extent=(-lim, lim, -lim, lim), cmap="viridis", vmin=0, vmax=vmax)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="density")
         ax.set_title(title)
+        ax.set_xlabel("$x_1$")
+        ax.set_ylabel("$x_2$")
         ax.set_aspect("equal")
     if samples is not None:
         ax = axes[2]
@@ -63,6 +126,8 @@ def density_2d(flow, system, path: Path, *, samples: np.ndarray | None = None, l
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
+        ax.set_xlabel("$x_1$")
+        ax.set_ylabel("$x_2$")
         ax.set_title(f"{len(samples)} model samples")
     return _save(fig, path)
 

@@ -114,6 +114,10 @@ class ChecksumMismatchError(PretrainedError, ckpt.CorruptCheckpointError):
     """Downloaded bytes whose sha256 (or size) differs from the registry's."""
 
 
+class DamagedCacheError(PretrainedError, ckpt.CorruptCheckpointError):
+    """A cache entry that was complete when downloaded no longer matches its checksums."""
+
+
 class DownloadError(PretrainedError):
     """No location of a model could be read."""
 
@@ -285,7 +289,13 @@ class _Missing(Exception):
     """The location answered that the archive does not exist (not worth retrying)."""
 
 
-def _read_once(location, timeout_s: float) -> bytes:
+#: Seconds between two "still waiting" lines while a location has not answered.
+HEARTBEAT_S = 10.0
+#: Default total seconds a download may spend on all its locations and attempts.
+DEFAULT_DEADLINE_S = 600.0
+
+
+def _read_once(location, timeout_s: float, log=None) -> bytes:
     import tensorstore as ts
 
     spec, key, label = _kvstore_location(location)
@@ -294,33 +304,51 @@ def _read_once(location, timeout_s: float) -> bytes:
         context = dict(spec.get("context", {}))
         context.setdefault(resource, {"max_retries": 0})
         spec["context"] = context
+    start = time.monotonic()
     store = ts.KvStore.open(spec).result(timeout=timeout_s)
     future = store.read(key)
-    try:
-        result = future.result(timeout=timeout_s)
-    except TimeoutError:
-        future.cancel()
-        raise TimeoutError(f"no complete answer within {timeout_s:.0f} s") from None
+    while True:  # wait in slices, saying so, so that a silent server is visibly a silent server
+        left = timeout_s - (time.monotonic() - start)
+        if left <= 0:
+            future.cancel()
+            raise TimeoutError(f"no complete answer within {timeout_s:.0f} s")
+        try:
+            result = future.result(timeout=min(HEARTBEAT_S, left))
+            break
+        except TimeoutError:
+            if log is not None and timeout_s - (time.monotonic() - start) > 0:
+                log(f"  still waiting for {label}: {time.monotonic() - start:.0f} s of at most {timeout_s:.0f} s")
     if result.state != "value":
         raise _Missing(f"{label} does not exist")
     return result.value
 
 
-def _read_location(location, *, attempts: int, backoff_s: float, timeout_s: float, log) -> bytes:
-    """The bytes at ``location``; transient failures are retried with exponential backoff."""
+def _read_location(location, *, attempts: int, backoff_s: float, timeout_s: float, deadline: float, log) -> bytes:
+    """The bytes at ``location``; transient failures are retried with exponential backoff.
+
+    ``deadline`` (a ``time.monotonic()`` value) bounds every attempt and wait.
+    """
     last: Exception | None = None
     for attempt in range(attempts):
         if attempt:
             delay = backoff_s * 2 ** (attempt - 1)
+            if time.monotonic() + delay >= deadline:
+                break
             log(f"  retrying in {delay:.1g} s ({type(last).__name__}: {_short(last)})")
             time.sleep(delay)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        attempt_s = min(timeout_s, left)
+        log(f"  attempt {attempt + 1}/{attempts} (gives up after {attempt_s:.0f} s)")
         try:
-            return _read_once(location, timeout_s)
+            return _read_once(location, attempt_s, log)
         except (_Missing, DownloadError):
             raise
         except Exception as e:  # tensorstore reports network failures as ValueError
             last = e
-    assert last is not None
+    if last is None:
+        raise TimeoutError("the download deadline passed before this location was tried")
     raise last
 
 
@@ -463,6 +491,8 @@ def download(
     attempts: int = 3,
     backoff_s: float = 1.0,
     timeout_s: float | None = None,
+    deadline_s: float | None = DEFAULT_DEADLINE_S,
+    verify: bool = False,
     quiet: bool = False,
 ) -> Path:
     """The unpacked checkpoint step dir of pretrained model ``name`` in the cache.
@@ -470,19 +500,29 @@ def download(
     A complete cache entry (its marker names the registry's sha256) is returned without
     network access unless ``force`` (which replaces it only once a new copy is verified). Otherwise each location is read in turn, each tried
     ``attempts`` times with backoff ``backoff_s · 2^k`` seconds and a per-attempt
-    ``timeout_s`` (default 120 s plus 1 s per MiB); the first archive with the right size
-    and sha256 is unpacked and published atomically.
+    ``timeout_s`` (default 120 s plus 1 s per MiB), all within ``deadline_s`` seconds in
+    total (None: no bound); the first archive with the right size and sha256 is unpacked
+    and published atomically. Unless ``quiet``, each attempt and every
+    :data:`HEARTBEAT_S` seconds without an answer is reported on stderr.
+
+    ``verify`` re-hashes a cached entry's files before returning it (a few milliseconds
+    per MB) and raises :class:`DamagedCacheError`, naming the entry and ``--force``, when
+    one was changed after the download.
 
     Raises UnknownModelError, ChecksumMismatchError (every location that answered sent
     other bytes), DownloadError (nothing reachable; every location and its error listed).
     """
     if attempts < 1:
         raise ValueError(f"attempts must be at least 1, got {attempts}")
+    if deadline_s is not None and not deadline_s > 0:
+        raise ValueError(f"deadline_s must be positive or None, got {deadline_s}")
     info = model_info(name, registry)
     root = cache_root(cache_dir)
     models = root / "models"
     entry = _entry_dir(root, info)
     if not force and _is_complete(entry, info.sha256):
+        if verify:
+            _verify_entry(entry, info)
         return entry / CHECKPOINT
     # An entry without a valid marker was not published by a finished download: never used.
     # With ``force`` the old entry stays until the new one is ready (see _install).
@@ -492,6 +532,7 @@ def download(
     _clean_litter(models)
     if timeout_s is None:
         timeout_s = 120.0 + info.size_bytes / 2**20
+    deadline = time.monotonic() + (math.inf if deadline_s is None else deadline_s)
 
     def log(msg):
         if not quiet:
@@ -503,7 +544,7 @@ def download(
         label = location if isinstance(location, str) else json.dumps(location, sort_keys=True)
         log(f"zoo: downloading {info.name} ({_human_size(info.size_bytes)}) from {label}")
         try:
-            payload = _read_location(location, attempts=attempts, backoff_s=backoff_s, timeout_s=timeout_s, log=log)
+            payload = _read_location(location, attempts=attempts, backoff_s=backoff_s, timeout_s=timeout_s, deadline=deadline, log=log)
             entry = _install(models, info, payload, label, force=force)
         except ChecksumMismatchError as e:
             mismatches += 1
@@ -516,6 +557,8 @@ def download(
             continue
         return entry / CHECKPOINT
     listing = "\n".join(f"  - {loc}: {err}" for loc, err in failures)
+    if time.monotonic() >= deadline:
+        listing += f"\n  (stopped at the {deadline_s:.0f} s deadline; a longer one: tools/download --deadline)"
     if mismatches:
         raise ChecksumMismatchError(
             f"pretrained model {info.name!r}: no location gave the archive with sha256 {info.sha256} "
@@ -527,8 +570,22 @@ def download(
     )
 
 
+def _verify_entry(entry: Path, info: ModelInfo) -> None:
+    try:
+        ckpt.verify_checkpoint(entry / CHECKPOINT)
+    except ckpt.CheckpointError as e:
+        raise DamagedCacheError(
+            f"the cached copy of pretrained model {info.name!r} in {entry} was changed after its download ({e}); "
+            f"`tools/download {info.name} --force` replaces it"
+        ) from None
+
+
 def resolve_checkpoint(name_or_path, *, cache_dir=None, registry=None) -> Path:
-    """A checkpoint folder for ``name_or_path``: an existing path as it is, else a downloaded registry model."""
+    """A checkpoint folder for ``name_or_path``: an existing path as it is, else a downloaded registry model.
+
+    A cached model is re-verified each time (its files are a few MB), so damage after the
+    download is reported as such, with the command that repairs it.
+    """
     path = Path(os.fspath(name_or_path)).expanduser()
     if path.exists():
         return path
@@ -536,7 +593,7 @@ def resolve_checkpoint(name_or_path, *, cache_dir=None, registry=None) -> Path:
     models = load_registry(registry)
     if name not in models:
         raise _unknown(name, list(models), as_path=True)
-    return download(name, cache_dir=cache_dir, registry=registry)
+    return download(name, cache_dir=cache_dir, registry=registry, verify=True)
 
 
 def _human_size(n: int) -> str:

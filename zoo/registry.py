@@ -21,6 +21,8 @@ from typing import TypeVar
 
 import gin
 
+from zoo.errors import ZooError
+
 KINDS = (
     "system",
     "dataset",
@@ -87,6 +89,13 @@ def entries(kind: str | None = None) -> list[Entry]:
     return sorted(found, key=lambda e: (KINDS.index(e.kind), e.name.lower()))
 
 
+class UnknownNameError(ZooError, KeyError):
+    """A name nothing is registered under."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
 def lookup(name: str) -> Entry:
     _import_all()
     try:
@@ -96,7 +105,7 @@ def lookup(name: str) -> Entry:
 
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(f"nothing is registered as {name!r}{hint}") from None
+        raise UnknownNameError(f"nothing is registered as {name!r}{hint}") from None
 
 
 def _import_all() -> None:

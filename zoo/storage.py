@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from zoo.data import DatasetError, as_event_batch
+
 MANIFEST = "manifest.json"
 FORMAT = "zoo-dataset"
 FORMAT_VERSION = 1
@@ -33,10 +35,6 @@ SPLITS = ("train", "val", "test")
 ARRAYS = ("positions", "forces")
 _COMPRESSOR = {"id": "blosc", "cname": "zstd", "clevel": 9, "shuffle": 2}
 _CHUNK_ROWS = 8192
-
-
-class DatasetError(ValueError):
-    """A stored data set that cannot be used: missing or corrupt manifest or array, wrong system."""
 
 
 # ---------------------------------------------------------------------------- systems
@@ -123,20 +121,6 @@ def read_array(path) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- data sets
-def as_event_batch(arr, event_shape: tuple[int, ...], what: str = "positions") -> np.ndarray:
-    """``arr`` as float32 (n, *event_shape), accepting only (n, *event_shape) or flat (n, prod(event_shape)).
-
-    Any other layout of the same size, such as (n, d, N) for particles stored (n, N, d), is
-    an error naming both shapes: reshaping it would scramble coordinates without a trace.
-    """
-    arr = np.asarray(arr, dtype=np.float32)
-    flat = (int(np.prod(event_shape)),)
-    if arr.ndim < 1 or arr.shape[1:] not in (tuple(event_shape), flat):
-        expected = f"(n, {', '.join(map(str, event_shape))})" + (f" or (n, {flat[0]})" if len(event_shape) > 1 else "")
-        raise ValueError(f"{what} have shape {arr.shape}; expected {expected}")
-    return arr.reshape(arr.shape[0], *event_shape)
-
-
 def write_dataset(directory, splits: dict, *, system, extra: dict | None = None) -> dict:
     """Write ``splits`` = {name: (positions, forces or None)} and the manifest; returns the manifest.
 

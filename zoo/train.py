@@ -27,7 +27,9 @@ import zoo
 from zoo import checkpoint as ckpt
 from zoo import parallel
 from zoo.data import Batch, Dataset
+from zoo.errors import ZooError
 from zoo.optim import parameter_average_of, with_clipping, with_parameter_average
+from zoo.progress import bar as progress_bar
 
 
 @dataclasses.dataclass
@@ -97,7 +99,17 @@ def check_settings(owner: str, **settings) -> None:
             raise ValueError(f"check_settings does not know the setting {name!r}")
 
 
-class RunExistsError(FileExistsError):
+class NonFiniteStepError(ZooError, FloatingPointError):
+    """A training step whose loss or gradient is not finite where a finite one is needed."""
+
+
+def _metrics_line(metrics: dict) -> str:
+    """The headline metrics of a periodic evaluation, for the progress output."""
+    shown = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return "  ".join(f"{k}={v:.4g}" for k, v in shown) or "done"
+
+
+class RunExistsError(ZooError, FileExistsError):
     """A run would start in a folder that already holds one."""
 
 
@@ -203,6 +215,12 @@ class JsonlLog:
         self._f.close()
 
 
+def read_log(workdir) -> list[dict]:
+    """Every record of a run's ``log.jsonl``, across the processes that resumed it."""
+    path = Path(workdir) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
 def _to_python(tree) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in tree.items()}
 
@@ -250,8 +268,6 @@ def fit(
     evaluation sees, what checkpoints store as their model (the training weights beside it,
     for resuming) and what is returned.
     """
-    from tqdm.auto import tqdm
-
     check_settings(
         owner, n_steps=n_steps, time_budget_s=time_budget_s, batch_size=batch_size, accumulation=accumulation,
         clip_norm=clip_norm, ema_decay=ema_decay, seed=seed, log_every=log_every, eval_every=eval_every,
@@ -278,7 +294,7 @@ def fit(
         )
         stored_hash = restored.metadata.get("data_sha256")
         if stored_hash is not None and stored_hash != data_hash:
-            raise ValueError(
+            raise ckpt.CheckpointMismatchError(
                 f"cannot resume: the checkpoint was trained on data with sha256 {stored_hash[:12]}…, this run's data has {data_hash[:12]}…"
             )
         # With a moving average the checkpoint's model is the average; training continues from the raw weights.
@@ -315,7 +331,7 @@ def fit(
             metadata={**metadata, **clock},
         )
 
-    bar = tqdm(total=n_steps, initial=state.step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = progress_bar(n_steps, "training", "step", initial=state.step, enabled=progress)
     # The clock for time_budget_s starts after the first (compiling) step, so that equal
     # budgets compare training, not compilation; the compile time is logged separately.
     start = None
@@ -357,6 +373,7 @@ def fit(
                 eval_start = time.perf_counter()
                 metrics = evaluate(averaged(state), state.step)
                 paused_s += time.perf_counter() - eval_start
+                bar.write(f"step {state.step}: evaluation " + _metrics_line(metrics))
                 record = {"step": state.step, "time_s": round(train_clock(), 3), "eval": metrics}
                 log.write(record)
                 records.append(record)

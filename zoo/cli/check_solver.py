@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import math
 
+from zoo.cli import common
 
+
+@common.tool
 def main(argv=None) -> None:
-    from zoo.cli import common
-
     p = common.parser(
         "Solve the same samples with Dopri5 (rtol = atol = 1e-8, float64) and RK4 with 20 and 40 steps; "
         "writes solver_check.json and prints the differences of log q and the metrics."

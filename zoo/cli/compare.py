@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 
+from zoo.cli import common
 
+
+@common.tool
 def main(argv=None) -> None:
-    from zoo.cli import common
-
     p = common.parser("Compare training recipes at equal wall-clock budget; writes table.md, results.json and curves.")
     p.add_argument("--time_budget", type=float, metavar="SECONDS", help="training seconds per run (overrides compare.time_budget_s)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted comparison in WORKDIR (each run keeps its training seconds)")
     p.add_argument("--overwrite", action="store_true", help="replace the comparison already in WORKDIR (its runs are deleted)")
     args = p.parse_args(argv)
     if not args.gin:
@@ -21,14 +23,9 @@ def main(argv=None) -> None:
     common.parse_gin(args)
 
     from zoo import compare
-    from zoo.config import ConfigError
-    from zoo.train import RunExistsError
 
     start = time.perf_counter()
-    try:
-        compare.compare(args.workdir, overwrite=args.overwrite)
-    except (ConfigError, RunExistsError) as e:
-        common.fail(str(e))
+    compare.compare(args.workdir, resume=args.resume, overwrite=args.overwrite)
     print(f"done in {time.perf_counter() - start:.1f} s; outputs in {args.workdir}")
 
 

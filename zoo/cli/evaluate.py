@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from zoo.cli import common
 
+@common.tool
 def main(argv=None) -> None:
-    from zoo.cli import common
-
     p = common.parser("Evaluate a checkpointed flow: NLL, ESS-q, ESS-p, KL (where exact), path length, FM loss, plots.")
     p.add_argument("checkpoint", help="a checkpoint folder (WORKDIR/checkpoint or one step folder) or a pretrained model's name (tools/zoo list --models)")
     args = p.parse_args(argv)

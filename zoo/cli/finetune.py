@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 
+from zoo.cli import common
 
+
+@common.tool
 def main(argv=None) -> None:
     import gin
-
-    from zoo.cli import common
 
     p = common.parser("Fine-tune a pretrained flow; writes metrics_before.json, metrics.json, report.md, plots, checkpoint.")
     p.add_argument("--pretrained", help="checkpoint folder or registry name (overrides finetune.pretrained)")
@@ -40,9 +41,7 @@ def main(argv=None) -> None:
     args.gin_param = [*args.gin_param, *overrides]
     common.parse_gin(args)
 
-    from zoo import checkpoint as ckpt
     from zoo import config, finetune
-    from zoo.train import RunExistsError
 
     try:
         pretrained = gin.query_parameter("finetune.pretrained")
@@ -51,16 +50,11 @@ def main(argv=None) -> None:
     workdir = args.workdir
     if workdir is None:
         common.fail("--workdir is required")
-    try:
-        _, stored = finetune.stored_config(pretrained)
-        # The checkpoint's own config first, then the user's files and bindings on top.
-        config.parse(args.gin, args.gin_param, config_str=stored)
-        start = time.perf_counter()
-        finetune.finetune(
-            workdir, resume=args.resume, overwrite=args.overwrite, probe_lr=args.probe_lr, probe_samples=args.probe_samples
-        )
-    except (config.ConfigError, ckpt.CheckpointError, FileNotFoundError, KeyError, FloatingPointError, RunExistsError) as e:
-        common.fail(str(e))
+    _, stored = finetune.stored_config(pretrained)
+    # The checkpoint's own config first, then the user's files and bindings on top.
+    config.parse(args.gin, args.gin_param, config_str=stored)
+    start = time.perf_counter()
+    finetune.finetune(workdir, resume=args.resume, overwrite=args.overwrite, probe_lr=args.probe_lr, probe_samples=args.probe_samples)
     print(f"done in {time.perf_counter() - start:.1f} s; outputs in {workdir}")
 
 

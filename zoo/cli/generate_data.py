@@ -19,6 +19,8 @@ from pathlib import Path
 
 import gin
 
+from zoo.cli import common
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="generate-data", description=__doc__.splitlines()[0])
@@ -32,25 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue a partial run found in the workdir (default); --no-resume starts over",
     )
     p.add_argument("--max_chunks", type=int, default=None, help="stop after this many chunks (run again to continue)")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    common.add_progress_flag(p)
     return p
 
 
+@common.tool
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    common.apply_progress_flag(args)
     import zoo.ad2_generate  # noqa: F401  (registers the molecular generators with gin)
     import zoo.generate  # noqa: F401  (registers generate_data with gin before parsing)
-    from zoo.config import ConfigError, parse
     from zoo.generate import generate
 
     if not args.gin:
-        print("generate-data: give at least one --gin file (e.g. --gin=data_lj13)", file=sys.stderr)
-        return 2
-    try:
-        parse(args.gin, args.gin_param)
-    except ConfigError as e:
-        print(f"generate-data: {e}", file=sys.stderr)
-        return 2
+        common.fail("give at least one --gin file (e.g. --gin=data_lj13)")
+    common.parse_gin(args)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     # The full parsed config now (a killed run still records it), the operative one at the end.

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from zoo.cli import common
 
+
+@common.tool
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(
         description="Pack the latest checkpoint of a run into assets/models/NAME.tar and add or update NAME in "
@@ -27,28 +29,23 @@ def main(argv=None) -> None:
     p.add_argument("--location", action="append", default=[], help="a further location (mirror URL) for the entry; repeatable")
     args = p.parse_args(argv)
 
-    from zoo import checkpoint as ckpt
     from zoo import pretrained
 
     if not args.reevaluated and args.gin is None:
         p.error("--gin is required (the gin file the model was trained with)")
-    try:
-        if args.reevaluated:
-            info = pretrained.replace_metrics(args.name, args.run / "metrics.json", registry=args.registry)
-        else:
-            info = pretrained.release(
-                args.run,
-                args.name,
-                gin_file=args.gin,
-                recipe=args.recipe,
-                dest=args.dest,
-                registry=args.registry,
-                locations=args.location,
-                machine=args.machine,
-            )
-    except (ckpt.CheckpointError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    if args.reevaluated:
+        info = pretrained.replace_metrics(args.name, args.run / "metrics.json", registry=args.registry)
+    else:
+        info = pretrained.release(
+            args.run,
+            args.name,
+            gin_file=args.gin,
+            recipe=args.recipe,
+            dest=args.dest,
+            registry=args.registry,
+            locations=args.location,
+            machine=args.machine,
+        )
     m = info.metrics
     print(f"{'re-evaluated' if args.reevaluated else 'released'} {info.name} ({info.system}): {info.size_bytes} bytes, sha256 {info.sha256}")
     print(f"  locations: {', '.join(map(str, info.locations))}")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from zoo.cli import common
 
+
+@common.tool
 def main(argv=None) -> None:
-    from zoo.cli import common
-
     p = common.parser("Sample a checkpointed flow; writes an .npz with x, log_q, energy, log_w, path_length.")
     p.add_argument("checkpoint", help="a checkpoint folder or a pretrained model's name (tools/zoo list --models)")
     p.add_argument("--n", type=int, default=10000, help="number of samples")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 
+from zoo.cli import common
 
+
+@common.tool
 def main(argv=None) -> None:
-    from zoo.cli import common
-
     p = common.parser("Train a continuous normalizing flow (flow matching or any registered loss).")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in WORKDIR/checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in WORKDIR (its checkpoints are deleted)")
@@ -19,14 +20,9 @@ def main(argv=None) -> None:
     common.parse_gin(args)
 
     from zoo import experiment
-    from zoo.config import ConfigError
-    from zoo.train import RunExistsError
 
     start = time.perf_counter()
-    try:
-        experiment.train(args.workdir, resume=args.resume, overwrite=args.overwrite)
-    except (ConfigError, RunExistsError) as e:
-        common.fail(str(e))
+    experiment.train(args.workdir, resume=args.resume, overwrite=args.overwrite)
     print(f"done in {time.perf_counter() - start:.1f} s; outputs in {args.workdir}")
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from zoo.cli import common
 
+
+@common.tool
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="The zoo's registry: every name a gin file can use.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -22,7 +25,7 @@ def main(argv=None) -> None:
     if args.command == "list":
         kinds = [args.kind] if args.kind else list(registry.KINDS)
         if args.kind and args.kind not in registry.KINDS:
-            raise SystemExit(f"error: unknown kind {args.kind!r}; expected one of {', '.join(registry.KINDS)}")
+            common.fail(f"unknown kind {args.kind!r}; expected one of {', '.join(registry.KINDS)}")
         for kind in kinds:
             found = registry.entries(kind)
             if not found:
@@ -37,12 +40,7 @@ def main(argv=None) -> None:
 def _list_models() -> None:
     """The pretrained models as a table: name, system, recipe summary, metrics, size."""
     from zoo import pretrained
-    from zoo.cli.common import with_error
-
-    try:
-        models = pretrained.load_registry()
-    except pretrained.RegistryError as e:
-        raise SystemExit(f"error: {e}") from None
+    models = pretrained.load_registry()
     if not models:
         print(f"no pretrained models in {pretrained.registry_path()}")
         return
@@ -55,7 +53,7 @@ def _list_models() -> None:
         size = pretrained._human_size(info.size_bytes)
         divergence = info.extra.get("evaluation", {}).get("divergence", "?")
         counts = f"{divergence}, n={m.get('n_samples_q', '?')}/{m.get('n_samples_p', '?')}"
-        rows.append((info.name, info.system, recipe, with_error(m, "nll", ".3f"), with_error(m, "ess_q", ".3f"), with_error(m, "ess_p", ".3f"), with_error(m, "path_length", ".3f"), counts, size))
+        rows.append((info.name, info.system, recipe, common.with_error(m, "nll", ".3f"), common.with_error(m, "ess_q", ".3f"), common.with_error(m, "ess_p", ".3f"), common.with_error(m, "path_length", ".3f"), counts, size))
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     right = {3, 4, 5, 6, 8}
     for row in (header, *rows):

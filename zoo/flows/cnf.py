@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo._types import Array, PRNGKeyArray, Scalar, Vector
+from zoo.errors import ZooError
 from zoo.fields.base import AbstractVectorField
 from zoo.flows.base import AbstractBase
 from zoo.flows.solvers import is_adaptive, make_solver
@@ -254,7 +255,7 @@ def _check_batch(x: Array, dim: int) -> Array:
 
 
 # ---------------------------------------------------------------------- chunked evaluation
-class BatchedSolveError(RuntimeError):
+class BatchedSolveError(ZooError, RuntimeError):
     """A compiled batched solve disagrees with the same samples solved one at a time."""
 
 
@@ -295,9 +296,9 @@ def fingerprint(flow: CNF) -> str:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from zoo import progress
 
-    return tqdm(total=total, desc=desc, unit="sample", disable=not enabled, leave=False, dynamic_ncols=True)
+    return progress.bar(total, desc, "sample", enabled=enabled, leave=False)
 
 
 def _checked_entries(valid: int, n_checks: int, chunk_index: int) -> np.ndarray:

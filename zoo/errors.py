@@ -1,0 +1,19 @@
+"""The root of zoo's own errors: problems a person can fix, which the tools report as one line.
+
+Every error zoo raises about its inputs, settings, files or results derives from
+:class:`ZooError` (and, where it fits, from the builtin a caller would catch: ``ValueError``
+for a bad value, ``FileExistsError`` for an occupied folder). The tools turn a ``ZooError``
+into ``error: <message>`` and exit status :data:`EXIT_ERROR`; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+#: Exit status of a tool that stopped on a problem it named (the status argparse gives a bad flag).
+EXIT_ERROR = 2
+#: Exit status of a tool stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 130
+
+
+class ZooError(Exception):
+    """A problem with what zoo was given (settings, data, checkpoints, files), named in the message."""
