@@ -625,11 +625,9 @@ def test_shipped_model_reproduces_its_metrics(name, tmp_path, monkeypatch):
     assert type(system).__name__ == info.system
     assert restored.step == info.extra.get("step", restored.step)
     dataset = config.make_dataset(system)
-    # Re-measure the way the release was measured (e.g. Hutchinson for LJ13 and AD2).
-    settings = info.extra.get("evaluation", {})
-    pairs = (("divergence", "divergence"), ("solver", "solver"), ("n_steps", "n_solver_steps"), ("rtol", "solver_rtol"), ("atol", "solver_atol"))
-    overrides = {k: settings[s] for k, s in pairs if s in settings}
-    flow = dataclasses.replace(flow, **overrides)
+    # Loaded by name, the flow is set up the way the release was measured (e.g. Dopri5 for DW4).
+    overrides = pretrained.evaluation_settings(info)
+    assert {k: getattr(flow, k) for k in overrides} == overrides
     assert _disagreements(flow, system, dataset, info.metrics) == []
     # The loaded flow with freshly initialised weights (so the compiled code is reused).
     import equinox as eqx

@@ -19,3 +19,5 @@ from zoo.flows import CNF, MeanFreeNormal, StandardNormal  # noqa: E402
 from zoo.losses import AbstractLoss, FlowMatching, OTFlowMatching  # noqa: E402
 from zoo.systems import AbstractTarget, GaussianMixture2D  # noqa: E402
 from zoo import compare, experiment, finetune  # noqa: E402,F401  (the gin roots: train, evaluation, finetune, compare)
+from zoo.boltzmann import BoltzmannGenerator, load  # noqa: E402  (the Python API: zoo.load(name).sample(n))
+from zoo.metrics import reweight  # noqa: E402

@@ -7,6 +7,8 @@ used as given.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import os
 from pathlib import Path
@@ -42,6 +44,40 @@ def resolve_gin_file(name: str | os.PathLike) -> Path:
                 return folder / candidate
     available = sorted(p.name for p in GIN_DIR.glob("*.gin")) if GIN_DIR.is_dir() else []
     raise ConfigError(f"gin file {str(name)!r} not found (looked in the working directory and {', '.join(map(str, gin_search_path()))}); available: {', '.join(available)}")
+
+
+@contextlib.contextmanager
+def isolated():
+    """Parse and build inside without changing the caller's gin configuration.
+
+    gin keeps one global configuration; :func:`parse` clears it. A library call such as
+    :func:`zoo.load` must not clear a configuration its caller parsed, so its state is
+    saved and put back (gin has no public API for this; these are its module globals).
+    """
+    import gin.config as gc
+
+    saved = (
+        {k: dict(v) for k, v in gc._CONFIG.items()},
+        dict(gc._SINGLETONS),
+        set(gc._IMPORTS),
+        {k: copy.copy(v) for k, v in gc._OPERATIVE_CONFIG.items()},
+        gc.config_is_locked(),
+    )
+    try:
+        yield
+    finally:
+        config, singletons, imports, operative, locked = saved
+        gc._set_config_is_locked(False)
+        gc._CONFIG.clear()
+        gc._CONFIG.update(config)
+        gc._SINGLETONS.clear()
+        gc._SINGLETONS.update(singletons)
+        gc._IMPORTS.clear()
+        gc._IMPORTS.update(imports)
+        with gc._OPERATIVE_CONFIG_LOCK:
+            gc._OPERATIVE_CONFIG.clear()
+            gc._OPERATIVE_CONFIG.update(operative)
+        gc._set_config_is_locked(locked)
 
 
 def parse(gin_files=(), bindings=(), *, config_str: str | None = None) -> None:

@@ -218,18 +218,23 @@ def train(
 
 
 def load_flow(path, *, extra_gin_files=(), extra_bindings=()):
-    """Rebuild (system, dataset, flow, info) from a checkpoint folder and its stored gin config.
+    """Rebuild (system, flow, restored checkpoint) from a checkpoint folder and its stored gin config.
 
     ``path`` is a checkpoint folder or a pretrained model's registry name (downloaded and
-    verified by :func:`zoo.pretrained.resolve_checkpoint`). ``extra_*`` are parsed after
-    the stored config, so evaluation settings can be changed (e.g.
-    ``evaluation.n_samples = 100000``); they must not change the model's structure.
+    verified by :func:`zoo.pretrained.resolve_checkpoint`). A released model gets the
+    solver settings its registry metrics were computed with
+    (:func:`zoo.pretrained.evaluation_bindings`), so they are what it reproduces.
+    ``extra_*`` are parsed after these and the stored config, so evaluation settings can
+    be changed (e.g. ``evaluation.n_samples = 100000``); they must not change the
+    model's structure.
     """
-    from zoo.pretrained import resolve_checkpoint
+    from zoo.pretrained import evaluation_bindings, released_info, resolve_checkpoint
 
+    released = released_info(path)
     path = resolve_checkpoint(path)
     info = ckpt.read_checkpoint_info(path)
-    config.parse(extra_gin_files, extra_bindings, config_str=info.config)
+    as_released = [] if released is None else evaluation_bindings(released)
+    config.parse(extra_gin_files, [*as_released, *extra_bindings], config_str=info.config)
     system = config.make_system()
     flow_like = config.make_flow(system, key=jax.random.PRNGKey(0))
     restored = ckpt.load_checkpoint(path, model_like=flow_like)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -129,6 +130,47 @@ def kl_exact(log_p, log_q) -> float:
 @functools.lru_cache(maxsize=16)
 def _batched_energy(system):
     return jax.jit(jax.vmap(system.energy))
+
+
+class Reweighted(NamedTuple):
+    """A self-normalised importance-sampling estimate of E_p[f] from model samples."""
+
+    mean: np.ndarray  # E_p[f] (shape of one f value)
+    se: np.ndarray  # its delta-method standard error
+    ess: float  # Kish effective sample size (a count, not a fraction)
+    n: int  # samples used (finite weight and finite f)
+
+    def __str__(self) -> str:
+        fmt = np.array2string if np.ndim(self.mean) else (lambda v: f"{float(v):.6g}")
+        return f"{fmt(self.mean)} ± {fmt(self.se)} (ESS {self.ess:.1f} of {self.n})"
+
+
+def reweight(values, log_w) -> Reweighted:
+    r"""E_p[f] from model samples x_i ~ q with values f(x_i) and log weights log w_i = −u − log q.
+
+    $\hat μ = \sum_i w_i f_i / \sum_i w_i$ with standard error
+    $\sqrt{\sum_i w_i^2 (f_i − \hat μ)^2} / \sum_i w_i$ (delta method for a ratio of means),
+    computed with weights scaled by their maximum. ``values`` is (n,) or (n, k) (k
+    observables at once); samples with a non-finite weight or value are dropped and the
+    rest counted in ``n``. Like every importance-sampling error, the standard error
+    describes the sampling noise only and understates it when the weights are heavy-tailed
+    (a small ESS says so).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    log_w = np.asarray(log_w, dtype=np.float64)
+    if values.shape[:1] != log_w.shape or log_w.ndim != 1:
+        raise ValueError(f"reweight takes values (n,) or (n, k) and log_w (n,); got {values.shape} and {log_w.shape}")
+    flat = values.reshape(len(values), -1)
+    keep = np.isfinite(log_w) & np.all(np.isfinite(flat), axis=1)
+    if not keep.any():
+        raise ValueError("reweight: no sample has a finite weight and a finite value")
+    w = np.exp(log_w[keep] - log_w[keep].max())
+    f = flat[keep]
+    total = w.sum()
+    mean = (w[:, None] * f).sum(axis=0) / total
+    se = np.sqrt((w[:, None] ** 2 * (f - mean) ** 2).sum(axis=0)) / total
+    shape = values.shape[1:]
+    return Reweighted(mean=mean.reshape(shape), se=se.reshape(shape), ess=float(total**2 / np.sum(w * w)), n=int(keep.sum()))
 
 
 def energies_chunked(system, x: np.ndarray, chunk_size: int = 4096) -> np.ndarray:
