@@ -358,3 +358,36 @@ def test_unpack_refuses_escaping_members(tmp_path):
         ck.unpack_checkpoint(evil, tmp_path / "dest")
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "dest").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_a_full_disk_while_saving_is_named_and_publishes_nothing(tmp_path, monkeypatch):
+    """tensorstore reports a failed write as a ValueError carrying the OS error code; the
+    save names the checkpoint folder and the reason, removes its temporary folder and keeps
+    the checkpoints written before."""
+    import errno
+
+    model = {"w": jnp.ones(3)}
+    ck.save_checkpoint(tmp_path, step=1, model=model)
+    real_open = ck.ts.open
+
+    class FullDisk:
+        """A tensorstore array whose writes fail the way a full disk makes them fail."""
+
+        def __init__(self, future):
+            self.future = future
+
+        def result(self):
+            self.future.result()
+            return self
+
+        def write(self, data):
+            raise ValueError("RESOURCE_EXHAUSTED: Error writing local file \"x/0.0\": No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(ck.ts, "open", lambda *a, **k: FullDisk(real_open(*a, **k)))
+    with pytest.raises(ck.CheckpointWriteError) as err:
+        ck.save_checkpoint(tmp_path, step=2, model=model)
+    assert isinstance(err.value, OSError) and err.value.errno == errno.ENOSPC
+    assert f"cannot write checkpoint step_00000002 in {tmp_path}: No space left on device" in str(err.value)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "step_00000001"]
+    assert ck.load_checkpoint(tmp_path, model_like=model).step == 1

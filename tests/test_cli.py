@@ -33,6 +33,9 @@ def test_the_tool_wrapper_maps_problems_to_one_line_and_keeps_bugs(capsys):
     assert code == EXIT_ERROR and err == "error: No space left on device: /runs/x/metrics.json\n"
     code, err = _stopped(capsys, raising(PermissionError(errno.EACCES, "Permission denied", "/ro")))
     assert code == EXIT_ERROR and err == "error: Permission denied: /ro\n"
+    gin_wrapped = ZooError("train.n_steps must be an integer >= 1 or None, got -3\n  In call to configurable 'train' (<function train at 0x7f>)")
+    code, err = _stopped(capsys, raising(gin_wrapped))
+    assert err == "error: train.n_steps must be an integer >= 1 or None, got -3\n"
     code, err = _stopped(capsys, raising(KeyboardInterrupt()))
     assert code == EXIT_INTERRUPTED and "interrupted" in err
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
@@ -142,3 +145,24 @@ def test_training_off_a_terminal_writes_plain_lines_and_evaluations(tmp_path, ca
     assert "\r" not in err
     assert "training: 20/20 step (100%)" in err and "loss=" in err
     assert "step 10: evaluation val_fm_loss=" in err and "step 20: evaluation val_fm_loss=" in err
+
+
+def test_samples_go_to_exactly_the_file_named_and_a_full_disk_is_one_line(tmp_path, capsys):
+    """NumPy appends '.npz' to a name without it; tools/sample writes the name given, atomically,
+    and a failed write leaves nothing behind."""
+    import numpy as np
+
+    from zoo import storage
+
+    out = storage.write_npz(tmp_path / "samples", x=np.arange(3))
+    assert out == tmp_path / "samples" and sorted(p.name for p in tmp_path.iterdir()) == ["samples"]
+    np.testing.assert_array_equal(np.load(out)["x"], np.arange(3))
+
+    def failing(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "samples"))
+
+    with pytest.raises(OSError):
+        storage.write_atomic(tmp_path / "samples", failing)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples"]  # the old file intact, no temporary left
+    np.testing.assert_array_equal(np.load(out)["x"], np.arange(3))

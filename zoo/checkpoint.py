@@ -111,6 +111,10 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint file is missing, truncated, garbled, or fails its sha256."""
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (full disk, read-only folder); nothing was published."""
+
+
 class CheckpointMismatchError(CheckpointError):
     """The stored tree differs from the template (paths, shapes or dtypes)."""
 
@@ -260,8 +264,17 @@ def save_checkpoint(
             os.rename(final, root / f".trash-{name}-{uuid.uuid4().hex[:12]}")
         os.rename(tmp, final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and not isinstance(err, CheckpointError):
+            raise CheckpointWriteError(err.errno, err.strerror or str(err)) from err
+        if isinstance(err, CheckpointWriteError):
+            # Name the checkpoint folder, not the temporary leaf; say what survived.
+            raise CheckpointWriteError(
+                err.errno,
+                f"cannot write checkpoint {name} in {root}: {err.strerror}; nothing was published "
+                f"(the checkpoints written before are intact)",
+            ) from None
         raise
     _write_latest(root, name)
     if keep is not None:
@@ -383,8 +396,12 @@ def _write_leaf(target: pathlib.Path, data: np.ndarray) -> None:
         dtype = ts.dtype(data.dtype.name)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"cannot store an array of dtype {data.dtype} in zarr: {err}") from err
-    store = ts.open(spec, create=True, dtype=dtype).result()
-    store.write(data).result()
+    try:
+        store = ts.open(spec, create=True, dtype=dtype).result()
+        store.write(data).result()
+    except ValueError as err:  # tensorstore reports I/O failures (a full disk, a read-only folder) as ValueError
+        code = re.search(r"os_error_code='(\d+)'", str(err))
+        raise CheckpointWriteError(int(code.group(1)) if code else None, os.strerror(int(code.group(1))) if code else str(err)) from None
 
 
 def _fsync_file(path) -> None:

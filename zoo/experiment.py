@@ -20,7 +20,8 @@ import numpy as np
 import zoo
 from zoo import checkpoint as ckpt
 from zoo import config, plots
-from zoo.metrics import energies_chunked, ess_p, ess_p_se, ess_q, ess_q_se, evaluate_flow, nll, nll_se
+from zoo.metrics import energies_chunked, ess_p, ess_p_se, ess_q, ess_q_se, evaluate_flow, format_metrics, nll, nll_se
+from zoo.storage import write_json, write_npz
 from zoo.train import fit, read_log
 
 
@@ -55,9 +56,6 @@ def evaluation(
     The folder is checked for writing before any work; the metrics are printed and written
     before the plots, so that a failing plot loses no numbers.
     """
-    from zoo.cli.common import format_metrics
-    from zoo.storage import write_json
-
     overrides = {k: v for k, v in (("divergence", divergence), ("solver", solver), ("n_steps", n_solver_steps)) if v is not None}
     if overrides:
         flow = dataclasses.replace(flow, **overrides)
@@ -250,7 +248,7 @@ def sample_to_file(flow, system, out: Path, *, n: int = 10000, seed: int = 0, ch
     res = sample_and_log_prob_chunked(flow, jax.random.PRNGKey(seed), n, chunk_size=chunk_size, progress=True)
     res["x"], res["log_q"] = system.fold(flow, res["x"], res["log_q"])
     u = energies_chunked(system, res["x"])
-    np.savez_compressed(
+    write_npz(
         out,
         x=res["x"].reshape(n, *system.event_shape),
         log_q=res["log_q"],

@@ -315,3 +315,20 @@ def evaluate_flow(
         "u_target": u_target,
     }
     return metrics, arrays
+
+
+# ---------------------------------------------------------------------- printing
+def with_error(metrics: dict, key: str, fmt: str = ".4g") -> str:
+    """``metrics[key]`` formatted, followed by ``± metrics[key + '_se']`` where there is one; '-' if absent."""
+    if key not in metrics:
+        return "-"
+    se = metrics.get(f"{key}_se")
+    return format(metrics[key], fmt) + (f" ± {se:.2g}" if se is not None else "")
+
+
+def format_metrics(metrics: dict) -> str:
+    """The headline metrics on one line, with their standard errors and sample counts."""
+    keys = [k for k in ("kl", "nll", "ess_q", "ess_p", "path_length", "fm_loss") if k in metrics]
+    failed = [f"{k}={metrics[k]}" for k in ("n_nonfinite_q", "n_nonfinite_p") if metrics.get(k)]
+    counts = f"n_q={metrics.get('n_samples_q')}, n_p={metrics.get('n_samples_p')}" + "".join(f", {f}" for f in failed)
+    return "  ".join(f"{k}={with_error(metrics, k)}" for k in keys) + f"  ({counts})"

@@ -181,10 +181,37 @@ def write_dataset(directory, splits: dict, *, system, extra: dict | None = None)
     return manifest
 
 
+def write_atomic(path, write) -> Path:
+    """``write(file)`` into a temporary file beside ``path``, flushed to disk, then renamed onto it.
+
+    ``path`` is either untouched or completely replaced; on any failure (a full disk, an
+    interrupt) the temporary file is removed and the error propagates.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_npz(path, **arrays) -> Path:
+    """A compressed .npz at exactly ``path`` (NumPy would append '.npz' to a name without it), atomically."""
+    return write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
+
+
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_value) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_value) + "\n"
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def update_manifest(directory, **fields) -> dict:
@@ -252,9 +279,8 @@ def write_json(path: Path, data: dict) -> None:
     clean = {k: (None if k in nonfinite else v) for k, v in data.items() if k != NONFINITE}
     if nonfinite:
         clean[NONFINITE] = nonfinite
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def read_json(path: Path) -> dict:

@@ -10,20 +10,32 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import sys
 from pathlib import Path
 
 import gin
 
 from zoo import config, progress
+from zoo.metrics import format_metrics, with_error  # noqa: F401  (what the tools print)
 from zoo.errors import EXIT_ERROR, EXIT_INTERRUPTED, ZooError
 
 
 def os_error_message(e: OSError) -> str:
     """An OSError as a person reads it: what failed and on which path (no errno tuple)."""
-    what = e.strerror or str(e)
+    if e.strerror is None:  # e.g. re-raised by gin with only its text: drop the "[Errno 28] " prefix
+        return re.sub(r"^\[Errno \d+\] ", "", str(e))
     paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
-    return f"{what}: {' -> '.join(paths)}" if paths else what
+    return f"{e.strerror}: {' -> '.join(paths)}" if paths else e.strerror
+
+
+#: gin appends where an error passed through a configurable; the message already names the setting.
+_GIN_CONTEXT = re.compile(r"\n\s*In call to configurable '[^']*' \([^)]*\)")
+
+
+def problem_message(e: BaseException | str) -> str:
+    """The message of a problem zoo named, without gin's call-site suffix."""
+    return _GIN_CONTEXT.sub("", str(e)).strip()
 
 
 def tool(main):
@@ -33,10 +45,8 @@ def tool(main):
     def run(argv=None):
         try:
             return main(argv)
-        except ZooError as e:
-            fail(str(e))
-        except OSError as e:
-            fail(os_error_message(e))
+        except (ZooError, OSError) as e:
+            fail(problem_message(os_error_message(e) if isinstance(e, OSError) else e))
         except KeyboardInterrupt:
             print("\ninterrupted; what was checkpointed is kept (continue with --resume where the tool has it)", file=sys.stderr)
             raise SystemExit(EXIT_INTERRUPTED) from None
@@ -91,18 +101,3 @@ def load_checkpoint_for_output(args, output_folder: Path, *, with_dataset: bool 
 
 def write_operative_config(workdir: Path) -> None:
     (workdir / "operative_config.gin").write_text(gin.operative_config_str())
-
-
-def with_error(metrics: dict, key: str, fmt: str = ".4g") -> str:
-    """``metrics[key]`` formatted, followed by ``± metrics[key + '_se']`` where there is one; '-' if absent."""
-    if key not in metrics:
-        return "-"
-    se = metrics.get(f"{key}_se")
-    return format(metrics[key], fmt) + (f" ± {se:.2g}" if se is not None else "")
-
-
-def format_metrics(metrics: dict) -> str:
-    keys = [k for k in ("kl", "nll", "ess_q", "ess_p", "path_length", "fm_loss") if k in metrics]
-    failed = [f"{k}={metrics[k]}" for k in ("n_nonfinite_q", "n_nonfinite_p") if metrics.get(k)]
-    counts = f"n_q={metrics.get('n_samples_q')}, n_p={metrics.get('n_samples_p')}" + "".join(f", {f}" for f in failed)
-    return "  ".join(f"{k}={with_error(metrics, k)}" for k in keys) + f"  ({counts})"

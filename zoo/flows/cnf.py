@@ -377,7 +377,7 @@ def sample_and_log_prob_chunked(
             if stored is not None:
                 for name in out:
                     out[name].append(stored[name])
-                bar.update(chunk)
+                bar.update(min(chunk, n - c * chunk))
                 continue
             z, eps = _compiled(flow, "draw_base", k, chunk)
             x, log_q, length = _compiled(flow, "push_forward", *_spread((z, eps), chunk))
@@ -392,7 +392,7 @@ def sample_and_log_prob_chunked(
                 store.save(c, result)
             for name, value in result.items():
                 out[name].append(value)
-            bar.update(chunk)
+            bar.update(min(chunk, n - c * chunk))  # the last chunk is drawn whole and cut to n
     return {name: np.concatenate(parts)[:n] for name, parts in out.items()}
 
 
