@@ -37,12 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
+from zoo import resources
 from zoo.data import SPLITS, Dataset, make_split
 from zoo.registry import register
 from zoo.systems import alanine
 from zoo.systems.engines import XTBEngine, kbt_kj_per_mol, openmm_system
 
-ASSET_DATA = Path(__file__).resolve().parents[1] / "assets" / "data"
+ASSET_DATA = resources.ASSETS / "data"
 FIELDS = ("positions", "forces", "energies", "source_index")
 EXTRA_ARRAYS = ("energies", "source_index")
 # amu, IUPAC standard atomic weights (conventional values)

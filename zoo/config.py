@@ -15,12 +15,13 @@ from pathlib import Path
 
 import gin
 
-import zoo
+from zoo import resources
 from zoo.errors import ZooError
 from zoo.flows.cnf import CNF
 
-REPO_ROOT = Path(zoo.__file__).resolve().parent.parent
-GIN_DIR = REPO_ROOT / "gin"
+#: The folder holding gin/ and assets/ (the checkout, or the installed package's copy).
+REPO_ROOT = resources.ROOT
+GIN_DIR = resources.GIN_DIR
 
 
 class ConfigError(ZooError, ValueError):

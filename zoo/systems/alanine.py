@@ -17,13 +17,13 @@ are reduced, u = E/k_BT at 300 K, and forces are −∇u in k_BT per nm (typical
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
+from zoo import resources
 from zoo._types import Array, Scalar
 from zoo.flows.base import AbstractBase, MeanFreeNormal
 from zoo.registry import register
@@ -31,7 +31,7 @@ from zoo.systems.engines import OpenMMEngine, XTBEngine, engine_energy, engine_e
 from zoo.systems.particles import AbstractParticleSystem
 
 N_ATOMS = 22
-PDB_PATH = Path(__file__).resolve().parents[2] / "assets" / "ad2" / "alanine-dipeptide.pdb"
+PDB_PATH = resources.ASSETS / "ad2" / "alanine-dipeptide.pdb"
 
 ATOM_NAMES = (
     "H1", "CH3", "H2", "H3", "C", "O",
