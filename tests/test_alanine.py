@@ -531,3 +531,45 @@ def test_generate_data_tool_runs_the_xtb_generator(tmp_path):
     x = ad2_data.read_arrays(tmp_path / "set", "train")
     u, _ = alanine.AlanineDipeptideXTB(n_workers=0).energies_and_forces(x["positions"])
     np.testing.assert_allclose(u, x["energies"], atol=1e-3)
+
+
+@pytest.mark.parametrize("fmt", ["pdb", "dcd", "h5"])
+def test_samples_are_written_as_trajectories_mdtraj_reads_back(fmt, tmp_path):
+    """tools/sample --format=pdb|dcd|h5: an mdtraj trajectory in the shipped topology (nm), folded
+    onto L, with log q and log weights in an .npz beside it."""
+    pytest.importorskip("openmm")
+    import mdtraj
+
+    from zoo.boltzmann import draw_samples, save_samples
+
+    system = alanine.AlanineDipeptideClassical()
+    samples = draw_samples(_tiny_flow("egnn"), system, 6, seed=2)
+    files = save_samples(samples, system, tmp_path / f"s.{fmt}")
+    assert [f.name for f in files] == [f"s.{fmt}", "s.npz"]
+    kwargs = {} if fmt in ("pdb", "h5") else {"top": str(alanine.PDB_PATH)}
+    trajectory = mdtraj.load(str(files[0]), **kwargs)
+    assert trajectory.n_frames == 6 and trajectory.n_atoms == 22
+    assert [a.name for a in trajectory.topology.atoms] == [a.name for a in alanine.topology().atoms]
+    # PDB stores Å with three decimals (1e-4 nm); DCD single precision; HDF5 exact float32.
+    np.testing.assert_allclose(trajectory.xyz, samples["x"], atol=2e-4 if fmt == "pdb" else 1e-5)
+    assert np.all(alanine.handedness(trajectory.xyz.reshape(6, 66)) == alanine.l_handedness())
+    beside = np.load(files[1])
+    assert sorted(beside.files) == ["energy", "log_q", "log_w", "path_length"]
+    np.testing.assert_array_equal(beside["log_w"], samples["log_w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for f in files)  # no temporary left
+
+
+def test_particle_samples_go_to_npy_and_have_no_trajectory(tmp_path, capsys):
+    from zoo.boltzmann import save_samples
+    from zoo.config import ConfigError
+    from zoo.systems import DoubleWell
+
+    system = DoubleWell()
+    samples = {"x": np.ones((3, 4, 2), np.float32), "log_q": np.zeros(3), "energy": np.zeros(3), "log_w": np.zeros(3), "path_length": np.ones(3)}
+    files = save_samples(samples, system, tmp_path / "s.npy")
+    np.testing.assert_array_equal(np.load(files[0]), samples["x"])
+    assert files[1].name == "s.npz" and "x" not in np.load(files[1]).files
+    with pytest.raises(ConfigError, match="DoubleWell has no molecular topology, so no pdb trajectory"):
+        save_samples(samples, system, tmp_path / "s.pdb")
+    with pytest.raises(ConfigError, match="unknown sample format 'xyz'"):
+        save_samples(samples, system, tmp_path / "s.npz", format="xyz")

@@ -70,6 +70,7 @@ BAD_INPUTS = [
     ("evaluate", ["no_such_model", "--workdir={tmp}/w"], "no_such_model"),
     ("sample", ["no_such_model", "--out={tmp}/s.npz"], "no_such_model"),
     ("check_solver", ["no_such_model", "--workdir={tmp}/w"], "no_such_model"),
+    ("sample", ["gmm_fm", "--out={tmp}/s.pdb", "--n=4"], "no molecular topology"),
     ("finetune", ["--gin=gmm_pg.gin", "--pretrained=no_such_model", "--workdir={tmp}/w"], "no_such_model"),
     ("compare", ["--gin=no_such_config.gin", "--workdir={tmp}/w"], "no_such_config"),
     ("generate_data", ["--gin=no_such_config.gin", "--workdir={tmp}/w"], "no_such_config"),
@@ -79,7 +80,7 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("tool, argv, named", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+@pytest.mark.parametrize("tool, argv, named", BAD_INPUTS, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_INPUTS)])
 def test_every_tool_names_a_problem_in_one_line_with_status_2(tool, argv, named, tmp_path, capsys):
     main = importlib.import_module(f"zoo.cli.{tool}").main
     code, err = _stopped(capsys, lambda: main([a.format(tmp=tmp_path) for a in argv]))

@@ -16,6 +16,7 @@ Loading parses the checkpoint's stored gin configuration without touching the ca
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -23,10 +24,68 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo import config
+from zoo.config import ConfigError
 from zoo.data import as_event_batch
 from zoo.flows.cnf import CNF, log_prob_chunked, sample_and_log_prob_chunked
 from zoo.losses.pg import grad_log_prob
 from zoo.metrics import energies_chunked
+
+
+#: Sample file formats: NumPy archives (every array) and arrays (positions only), and mdtraj
+#: trajectories (molecular systems) with the per-sample numbers in a .npz beside them.
+SAMPLE_FORMATS = ("npz", "npy", "pdb", "dcd", "h5")
+_TRAJECTORY_FORMATS = ("pdb", "dcd", "h5")
+
+
+def draw_samples(flow, system, n: int, *, seed: int = 0, chunk_size: int = 1024, progress: bool = False) -> dict[str, np.ndarray]:
+    """n samples of ``flow`` for ``system``: ``x`` (n, *event_shape), ``log_q``, ``energy``,
+    ``log_w`` = −u − log q and ``path_length`` (each (n,)), folded where the target folds."""
+    if n < 1:
+        raise ValueError(f"n must be positive, got {n}")
+    res = sample_and_log_prob_chunked(flow, jax.random.PRNGKey(seed), n, chunk_size=chunk_size, progress=progress)
+    x, log_q = system.fold(flow, res["x"], res["log_q"])
+    energy = energies_chunked(system, x)
+    return {"x": x.reshape(n, *system.event_shape), "log_q": log_q, "energy": energy, "log_w": -energy - log_q, "path_length": res["path_length"]}
+
+
+def sample_format(path, format: str | None = None) -> str:
+    """The format to write ``path`` in: ``format`` if given, else its suffix when known, else npz."""
+    if format is None:
+        suffix = Path(path).suffix.lstrip(".").lower()
+        format = {"hdf5": "h5"}.get(suffix, suffix) if suffix in (*SAMPLE_FORMATS, "hdf5") else "npz"
+    if format not in SAMPLE_FORMATS:
+        raise ConfigError(f"unknown sample format {format!r}; expected one of {', '.join(SAMPLE_FORMATS)}")
+    return format
+
+
+def save_samples(samples: dict, system, path, format: str | None = None) -> list[Path]:
+    """Write :func:`draw_samples` output; returns the files written.
+
+    ``npz``: every array; ``npy``: the positions (n, *event_shape) with the per-sample
+    numbers in ``<stem>.npz`` beside it; ``pdb``/``dcd``/``h5``: an mdtraj trajectory in
+    the target's topology and length unit (nm), which needs a molecular target, with the
+    per-sample numbers beside it likewise. Each file appears complete or not at all.
+    """
+    from zoo.storage import write_atomic, write_atomic_path, write_npz
+
+    path = Path(path)
+    format = sample_format(path, format)
+    numbers = {k: v for k, v in samples.items() if k != "x"}
+    if format == "npz":
+        return [write_npz(path, **samples)]
+    beside = path.with_suffix(".npz") if path.suffix else path.with_name(path.name + ".npz")
+    if format == "npy":
+        written = write_atomic(path, lambda f: np.save(f, samples["x"]))
+    else:
+        topology = system.topology()
+        if topology is None:
+            raise ConfigError(f"{type(system).__name__} has no molecular topology, so no {format} trajectory: write npz or npy")
+        import mdtraj
+
+        trajectory = mdtraj.Trajectory(np.asarray(samples["x"], np.float32).reshape(len(samples["x"]), -1, 3), topology)
+        save = {"pdb": trajectory.save_pdb, "dcd": trajectory.save_dcd, "h5": trajectory.save_hdf5}[format]
+        written = write_atomic_path(path, lambda tmp: save(str(tmp)))
+    return [written, write_npz(beside, **numbers)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,18 +105,11 @@ class BoltzmannGenerator:
 
         The same samples, log densities and fold as ``tools/sample --seed=SEED``.
         """
-        if n < 1:
-            raise ValueError(f"n must be positive, got {n}")
-        res = sample_and_log_prob_chunked(self.flow, jax.random.PRNGKey(seed), n, chunk_size=chunk_size, progress=progress)
-        x, log_q = self.system.fold(self.flow, res["x"], res["log_q"])
-        energy = energies_chunked(self.system, x)
-        return {
-            "x": x.reshape(n, *self.system.event_shape),
-            "log_q": log_q,
-            "energy": energy,
-            "log_w": -energy - log_q,
-            "path_length": res["path_length"],
-        }
+        return draw_samples(self.flow, self.system, n, seed=seed, chunk_size=chunk_size, progress=progress)
+
+    def save(self, samples: dict, path, format: str | None = None) -> list[Path]:
+        """:func:`save_samples`: npz, npy, or (molecules) a pdb/dcd/h5 trajectory mdtraj opens."""
+        return save_samples(samples, self.system, path, format)
 
     def log_prob(self, x, *, seed: int = 0, chunk_size: int = 1024, progress: bool = False) -> np.ndarray:
         """log q_θ(x) for samples (n, *event_shape) or (n, dim), of the folded flow where the target folds.

@@ -21,7 +21,7 @@ import zoo
 from zoo import checkpoint as ckpt
 from zoo import config, plots
 from zoo.metrics import energies_chunked, ess_p, ess_p_se, ess_q, ess_q_se, evaluate_flow, format_metrics, nll, nll_se
-from zoo.storage import write_json, write_npz
+from zoo.storage import write_json
 from zoo.train import fit, read_log
 
 
@@ -240,23 +240,14 @@ def load_flow(path, *, extra_gin_files=(), extra_bindings=()):
 
 
 @gin.configurable
-def sample_to_file(flow, system, out: Path, *, n: int = 10000, seed: int = 0, chunk_size: int = 1024, with_log_prob: bool = True):
-    """Draw samples (with log densities and log weights) and save them as a compressed .npz."""
-    from zoo.flows.cnf import sample_and_log_prob_chunked
-    from zoo.metrics import energies_chunked
+def sample_to_file(flow, system, out: Path, *, n: int = 10000, seed: int = 0, chunk_size: int = 1024, format: str | None = None) -> list[Path]:
+    """Draw samples with log densities and log weights and write them (:func:`zoo.boltzmann.save_samples`)."""
+    from zoo.boltzmann import draw_samples, sample_format, save_samples
 
-    res = sample_and_log_prob_chunked(flow, jax.random.PRNGKey(seed), n, chunk_size=chunk_size, progress=True)
-    res["x"], res["log_q"] = system.fold(flow, res["x"], res["log_q"])
-    u = energies_chunked(system, res["x"])
-    write_npz(
-        out,
-        x=res["x"].reshape(n, *system.event_shape),
-        log_q=res["log_q"],
-        energy=u,
-        log_w=-u - res["log_q"],
-        path_length=res["path_length"],
-    )
-    return out
+    format = sample_format(out, format)  # an unknown format fails before the sampling
+    if format in ("pdb", "dcd", "h5") and system.topology() is None:
+        raise config.ConfigError(f"{type(system).__name__} has no molecular topology, so no {format} trajectory: write npz or npy")
+    return save_samples(draw_samples(flow, system, n, seed=seed, chunk_size=chunk_size, progress=True), system, out, format)
 
 
 #: The ODE settings :func:`solver_agreement` compares by default: (name, CNF fields). The first is the reference.

@@ -204,6 +204,23 @@ def write_atomic(path, write) -> Path:
     return path
 
 
+def write_atomic_path(path, write) -> Path:
+    """``write(tmp)`` for writers that take a file name (mdtraj): a temporary name beside
+    ``path`` with the same suffix, renamed onto ``path`` when complete, removed on failure."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_npz(path, **arrays) -> Path:
     """A compressed .npz at exactly ``path`` (NumPy would append '.npz' to a name without it), atomically."""
     return write_atomic(path, lambda f: np.savez_compressed(f, **arrays))

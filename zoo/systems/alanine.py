@@ -211,6 +211,9 @@ class _AlanineDipeptide(AbstractParticleSystem):
         mirrored = handedness(x) != l_handedness()
         return np.where(mirrored[:, None], -x, x), log_q + np.log(2.0)
 
+    def topology(self):
+        return topology()
+
     def write_views(self, arrays: dict, workdir, *, prefix: str = "") -> dict:
         """Ramachandran maps, bond lengths and the φ free-energy difference (data, model, reweighted)."""
         from zoo.views import molecule_views

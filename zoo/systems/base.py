@@ -75,6 +75,10 @@ class AbstractTarget(eqx.Module):
         """
         return x, log_q
 
+    def topology(self):
+        """The mdtraj Topology of a molecular target (atom names, residues, bonds), else None."""
+        return None
+
     def default_base(self) -> AbstractBase:
         """The base density a flow for this target starts from."""
         return StandardNormal(self.dim)
