@@ -13,6 +13,7 @@ _xla.apply()
 from zoo import data, fields, flows, losses, metrics, optim, systems  # noqa: E402  (registration side effects)
 from zoo import ad2_data, ad2_generate  # noqa: E402,F401  (registers the AD2 data sets and their generators)
 from zoo import generate, mcmc, storage  # noqa: E402,F401  (MCMC data sets; registers generate_data)
+from zoo import importing  # noqa: E402,F401  (registers imported_dataset)
 from zoo.data import Batch, Dataset, Split  # noqa: E402
 from zoo.fields import AbstractVectorField, MLPField  # noqa: E402
 from zoo.flows import CNF, MeanFreeNormal, StandardNormal  # noqa: E402

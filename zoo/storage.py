@@ -160,7 +160,7 @@ def write_dataset(directory, splits: dict, *, system, extra: dict | None = None)
                     continue
                 arr = as_event_batch(arr, shape, f"{name} {what}")
                 if not np.isfinite(arr).all():
-                    raise ValueError(f"{name} {what} contain NaN or inf; refusing to store them")
+                    raise DatasetError(f"{name} {what} contain NaN or inf; refusing to store them")
                 write_array(tmp / name / what, arr)
                 entry["arrays"][what] = {"path": f"{name}/{what}", "shape": list(arr.shape), "sha256": array_sha256(arr)}
             entry["count"] = int(np.shape(positions)[0])
