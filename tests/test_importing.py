@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zoo import config, storage
+
 from zoo.data import DatasetError, stored_dataset
 from zoo.importing import read_positions
 from zoo.systems import DoubleWell, LennardJones
