@@ -137,7 +137,9 @@ def test_resume_refuses_different_data(tmp_path):
     _, data, flow = _setup()
     fit(flow, data, FlowMatching(), optax.adam(1e-2), workdir=tmp_path, n_steps=2, batch_size=32, progress=False)
     _, other, _ = _setup(seed=1)
-    with pytest.raises(ValueError, match="sha256"):
+    from zoo.checkpoint import CheckpointMismatchError
+
+    with pytest.raises(CheckpointMismatchError, match="sha256"):
         fit(flow, other, FlowMatching(), optax.adam(1e-2), workdir=tmp_path, n_steps=4, batch_size=32, progress=False, resume=True)
 
 
