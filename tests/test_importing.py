@@ -108,3 +108,27 @@ def test_trajectories_and_molecular_arrays_with_their_units_and_atom_order(tmp_p
     splits, _ = import_splits(system, {"test": tmp_path / "t.dcd"}, topology=alanine.PDB_PATH)
     u, f = system.energies_and_forces(splits["test"][0].reshape(4, 66))
     np.testing.assert_allclose(splits["test"][1].reshape(4, 66), f, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_published_lj13_npy_and_an_ad2_trajectory_evaluate_released_models(tmp_path):
+    """The issue's end-to-end case: files as published, evaluated by released models through
+    make_dataset.dataset = @imported_dataset (8 samples each; exact LJ13 divergence)."""
+    pytest.importorskip("openmm")
+    import mdtraj
+
+    from zoo.cli import evaluate
+    from zoo.systems import alanine
+
+    lj13, _ = _lj13_published(tmp_path, n=8)
+    ad2 = stored_dataset(alanine.AlanineDipeptideClassical(), path="assets/data/ad2_classical", n_train=8, n_val=8, n_test=8)
+    dcd = tmp_path / "ad2.dcd"
+    mdtraj.Trajectory(ad2.test.positions.reshape(8, 22, 3), alanine.topology()).save_dcd(str(dcd))
+    for name, f, extra in (("lj13_otfm_pg", lj13, []), ("ad2_classical_fm", dcd, [f"--gin_param=imported_dataset.topology = '{alanine.PDB_PATH}'"])):
+        evaluate.main(
+            [name, f"--workdir={tmp_path / name}", "--no_progress", "--gin_param=make_dataset.dataset = @imported_dataset",
+             f"--gin_param=imported_dataset.train = '{f}'", f"--gin_param=imported_dataset.val = '{f}'", f"--gin_param=imported_dataset.test = '{f}'",
+             "--gin_param=evaluation.n_samples = 8", "--gin_param=evaluation.n_target = 8", *extra]  # fmt: skip
+        )
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert metrics["n_samples_p"] == 8 and np.isfinite(metrics["nll"]), name
