@@ -20,15 +20,30 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 
 
-def initialize_distributed() -> None:
-    """Start JAX's distributed runtime when launched as one process of several.
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> bool:
+    """Join a multi-process run (one process per host or per GPU); True if one was joined.
 
-    Uses ``jax.distributed.initialize()``, which reads the cluster from the environment
-    (SLURM, Open MPI, TPU, or ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``).
-    A no-op for a single process.
+    Call it first, before any JAX computation, in every process of the run. With arguments
+    they name the cluster (``"10.0.0.1:1234"``, the process count, this process's rank);
+    without, ``jax.distributed.initialize()`` reads it from the environment (SLURM, Open
+    MPI, or ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``), and a
+    single process does nothing. CPU processes exchange gradients through gloo.
     """
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":
-        jax.distributed.initialize()
+    env = os.environ
+    if coordinator_address is None and env.get("JAX_COORDINATOR_ADDRESS"):
+        coordinator_address = env["JAX_COORDINATOR_ADDRESS"]
+        num_processes = int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None
+        process_id = int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env else None
+    if coordinator_address is None and env.get("SLURM_NTASKS", "1") == "1":
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices of several processes; GPUs use NCCL
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+    return True
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the run's files (logs, checkpoints, metrics): process 0."""
+    return jax.process_index() == 0
 
 
 @functools.lru_cache(maxsize=4)
@@ -42,9 +57,33 @@ def data_mesh(n_devices: int | None = None) -> Mesh:
 
 
 def replicate(tree, mesh: Mesh):
-    """Place every array leaf of ``tree`` on all devices of ``mesh``."""
+    """Place every array leaf of ``tree`` on all devices of ``mesh`` (those of other processes too)."""
     sharding = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(lambda a: jax.device_put(a, sharding) if isinstance(a, (jax.Array, np.ndarray)) else a, tree)
+
+    def put(a):
+        if not isinstance(a, (jax.Array, np.ndarray)):
+            return a
+        if isinstance(a, jax.Array) and (a.sharding == sharding or jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)):
+            return a if a.sharding == sharding else jax.device_put(a, sharding)
+        host = np.asarray(to_host(a))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
+def to_host(tree):
+    """Every array leaf as NumPy; a replicated array spanning several processes is read from this one's copy."""
+
+    def get(a):
+        if not isinstance(a, jax.Array):
+            return a
+        if a.is_fully_addressable:
+            return np.asarray(a) if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else a
+        if not a.sharding.is_fully_replicated:
+            raise ValueError(f"an array sharded over several processes ({a.sharding}) has no single host copy")
+        return np.asarray(a.addressable_data(0))
+
+    return jax.tree.map(get, tree)
 
 
 def shard_batch(tree, mesh: Mesh, axis: int = 0):
