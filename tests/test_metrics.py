@@ -237,3 +237,29 @@ def test_solver_agreement_reports_differences_that_shrink_with_the_step():
     err20, err40 = rows[1]["data_log_q_minus_reference_max_abs"], rows[2]["data_log_q_minus_reference_max_abs"]
     assert err20 > 1e-6 and 4 < err20 / err40 < 64
     assert not jax.config.jax_enable_x64  # switched back after the call
+
+
+def test_free_energy_difference_and_its_error_against_a_two_state_model():
+    """Two states with P(A) = 0.2: ΔF = −log(0.2/0.8) = log 4. Unweighted it is the samples'
+    own log ratio; reweighted from a proposal with P(A) = 0.5 it lies within 4 standard errors,
+    and the error matches the spread over repetitions."""
+    import math
+
+    from zoo.metrics import free_energy_difference
+
+    in_a = np.array([1] * 30 + [0] * 70)
+    value, se = free_energy_difference(in_a)
+    assert value == pytest.approx(-math.log(30 / 70))
+    assert se == pytest.approx(math.sqrt(0.3 * 0.7 / 100) / (0.3 * 0.7))
+    rng = np.random.default_rng(0)
+
+    def draw(n):
+        a = rng.random(n) < 0.5  # proposal: P(A) = 0.5
+        log_w = np.where(a, math.log(0.2 / 0.5), math.log(0.8 / 0.5))
+        return free_energy_difference(a, log_w)
+
+    value, se = draw(20000)
+    assert abs(value - math.log(4.0)) < 4 * se
+    values, ses = zip(*(draw(2000) for _ in range(300)))
+    assert np.std(values, ddof=1) == pytest.approx(np.mean(ses), rel=0.15)
+    assert free_energy_difference(np.zeros(5))[0] == math.inf and math.isnan(free_energy_difference(np.zeros(5))[1])

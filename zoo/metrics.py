@@ -173,6 +173,23 @@ def reweight(values, log_w) -> Reweighted:
     return Reweighted(mean=mean.reshape(shape), se=se.reshape(shape), ess=float(total**2 / np.sum(w * w)), n=int(keep.sum()))
 
 
+def free_energy_difference(in_a, log_w=None) -> tuple[float, float]:
+    r"""ΔF = F_A − F_B = −log(P(A) / P(B)) in k_BT, B the complement of A, and its standard error.
+
+    ``in_a`` (n,) says which samples lie in A (e.g. φ > 0 for alanine dipeptide). With
+    ``log_w`` (model samples) P(A) is the :func:`reweight` estimate of E_p[1_A]; without,
+    the samples' own fraction. The error is the delta method's,
+    $\mathrm{se}(ΔF) = \mathrm{se}(P) / (P(1 − P))$. A state no sample reaches gives ±inf
+    (and a NaN error).
+    """
+    in_a = np.asarray(in_a, dtype=np.float64)
+    p = reweight(in_a, np.zeros(len(in_a)) if log_w is None else log_w)
+    prob, se = float(p.mean), float(p.se)
+    if prob <= 0.0 or prob >= 1.0:
+        return (math.inf if prob <= 0.0 else -math.inf), math.nan
+    return -math.log(prob / (1.0 - prob)), se / (prob * (1.0 - prob))
+
+
 def energies_chunked(system, x: np.ndarray, chunk_size: int = 4096) -> np.ndarray:
     """u(x) for many flat samples, jit-compiled in chunks; non-finite energies stay non-finite."""
     energy = _batched_energy(system)

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
+from zoo.metrics import free_energy_difference  # noqa: E402
 from zoo.plots import density_hist  # noqa: E402
 
 
@@ -27,15 +28,6 @@ def normalised_weights(log_w: np.ndarray) -> np.ndarray:
         return np.zeros_like(log_w)
     w = np.exp(log_w - log_w.max())
     return w / w.sum()
-
-
-def free_energy_difference(phi: np.ndarray, weights: np.ndarray | None = None) -> float:
-    r"""ΔF = F(φ > 0) − F(φ < 0) = −log(P(φ > 0) / P(φ < 0)) in k_BT (inf when φ > 0 is never seen)."""
-    w = np.ones_like(phi) if weights is None else weights
-    pos, neg = w[phi > 0].sum(), w[phi <= 0].sum()
-    if pos == 0 or neg == 0:
-        return math.inf if pos == 0 else -math.inf
-    return float(-math.log(pos / neg))
 
 
 def bond_lengths(x: np.ndarray, pairs: np.ndarray, n_atoms: int) -> np.ndarray:
@@ -112,12 +104,11 @@ def molecule_views(arrays: dict, workdir: Path, *, prefix: str, dihedrals, bonds
     names = [f"{elements[i]}{i}–{elements[j]}{j}" for i, j in pairs]
     bond_histograms(bond_lengths(x_data, pairs, n_atoms), bond_lengths(x_model, pairs, n_atoms), weights, names, workdir / f"{prefix}bond_lengths.png")
 
-    return {
-        "delta_f_phi_data": free_energy_difference(phi_psi["data"][0]),
-        "delta_f_phi_model": free_energy_difference(phi_psi["model"][0]),
-        "delta_f_phi_reweighted": free_energy_difference(phi_psi["model"][0], weights),
-        "phi_positive_fraction_data": float(np.mean(phi_psi["data"][0] > 0)),
-    }
+    numbers = {"phi_positive_fraction_data": float(np.mean(phi_psi["data"][0] > 0))}
+    for name, phi, log_w in (("data", phi_psi["data"][0], None), ("model", phi_psi["model"][0], None),
+                             ("reweighted", phi_psi["model"][0], arrays["log_w_model"][finite])):  # fmt: skip
+        numbers[f"delta_f_phi_{name}"], numbers[f"delta_f_phi_{name}_se"] = free_energy_difference(phi > 0, log_w)
+    return numbers
 
 
 def pair_distance_histogram(arrays: dict, workdir: Path, *, prefix: str, n_particles: int, spatial_dim: int) -> dict:
