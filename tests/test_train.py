@@ -347,6 +347,8 @@ def test_alanine_dipeptide_fm_then_path_gradient_finetune(tmp_path):
     for metrics in (before, after):
         assert metrics["divergence"] == "exact" and 0 <= metrics["n_folded_q"] <= 16
         assert np.isfinite(metrics["nll"])
+        # The φ free-energy differences come with their errors (metrics.free_energy_difference).
+        assert all(f"delta_f_phi_{w}" in metrics and f"delta_f_phi_{w}_se" in metrics for w in ("data", "model", "reweighted"))
     steps = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if "loss" in r][-1] == 2
 
