@@ -555,22 +555,24 @@ def test_aligned_cost_is_below_the_unaligned_and_matches_scipy():
         np.testing.assert_allclose(np.sum(np.asarray(aligned) ** 2), np.sum(a**2), rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["host", "vectorised"])
 @pytest.mark.parametrize("n,d", [(4, 2), (5, 3)])
-def test_batch_pairing_equals_scipy_on_the_aligned_cost_matrix(n, d):
+def test_batch_pairing_equals_scipy_on_the_aligned_cost_matrix(n, d, method):
     b = 7
     base = MeanFreeNormal(n, d)
     x0 = base.sample(jax.random.PRNGKey(2), b)
     x1 = 2.0 * base.sample(jax.random.PRNGKey(3), b)
     p0, p1 = np.asarray(x0, np.float64).reshape(b, n, d), np.asarray(x1, np.float64).reshape(b, n, d)
     ref = np.array([[_reference_align(p0[i], p1[j])[1] for j in range(b)] for i in range(b)])
-    cost, perms = jax.jit(lambda a, c: aligned_cost_matrix(a, c, n, d, rows_per_chunk=3))(x0, x1)
+    cost, perms = jax.jit(lambda a, c: aligned_cost_matrix(a, c, n, d, method=method, rows_per_chunk=3))(x0, x1)
     np.testing.assert_allclose(np.asarray(cost), ref, rtol=1e-4, atol=1e-4)
     rows, cols = scipy.optimize.linear_sum_assignment(ref)
     expected = np.empty(b, int)
     expected[cols] = rows
     np.testing.assert_array_equal(np.asarray(exact_assignment(cost)), expected)
 
-    aligned, same = jax.jit(lambda a, c: EquivariantOTFlowMatching().pair(a, c, None, base=base))(x0, x1)
+    loss = EquivariantOTFlowMatching(alignment=method)
+    aligned, same = jax.jit(lambda a, c: loss.pair(a, c, None, base=base))(x0, x1)
     np.testing.assert_array_equal(same, x1)  # the data are not moved
     for j in range(b):
         ref_aligned, ref_cost = _reference_align(p0[expected[j]], p1[j])
@@ -591,16 +593,74 @@ def test_enumerated_permutations_equal_the_hungarian_search(n, d, types):
     rng = np.random.default_rng(n)
     x0 = jnp.asarray(rng.normal(size=(32, n * d)), jnp.float32)
     x1 = jnp.asarray(2.0 * rng.normal(size=(32, n * d)), jnp.float32)
-    fast = jax.jit(lambda a, c: aligned_cost_matrix(a, c, n, d, types))(x0, x1)
+    fast = jax.jit(lambda a, c: aligned_cost_matrix(a, c, n, d, types, method="vectorised"))(x0, x1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(equivariant, "MAX_ENUMERATED_PERMUTATIONS", 0)
         equivariant.admissible_permutations.cache_clear()
         assert equivariant.admissible_permutations(n, types) is None
-        slow = jax.jit(lambda a, c: aligned_cost_matrix(a, c, n, d, types))(x0, x1)
+        slow = jax.jit(lambda a, c: aligned_cost_matrix(a, c, n, d, types, method="vectorised"))(x0, x1)
     equivariant.admissible_permutations.cache_clear()
     np.testing.assert_array_equal(np.asarray(fast[1]), np.asarray(slow[1]))
     np.testing.assert_allclose(np.asarray(fast[0]), np.asarray(slow[0]), rtol=1e-5, atol=1e-4)
     assert equivariant.admissible_permutations(13) is None  # LJ13 keeps the Hungarian search
+    assert equivariant.admissible_permutations(22) is None  # 22! overflows int64: still counted right
+    assert equivariant.admissible_permutations(55, (0,) * 54 + (1,)) is None
+
+
+@pytest.mark.parametrize(
+    "n,d,b,types,seed",
+    [(13, 3, 48, None, 0), (13, 3, 48, None, 1), (4, 2, 64, None, 2), (6, 3, 32, (0, 0, 1, 1, 1, 2), 3), (22, 3, 8, None, 4)],
+)
+def test_host_alignment_equals_the_vectorised_search(n, d, b, types, seed):
+    """The compiled host searches give the vectorised implementation's permutations, costs and pairing."""
+    rng = np.random.default_rng(seed)
+    base = MeanFreeNormal(n, d)
+    x0 = base.sample(jax.random.PRNGKey(seed), b)
+    # Data unlike the noise: a scaled, shifted-shell cloud (mean-free), as LJ clusters are.
+    shell = rng.normal(size=(b, n, d))
+    shell *= (1.0 + 0.3 * rng.random((b, n, 1))) / np.linalg.norm(shell, axis=-1, keepdims=True)
+    x1 = jnp.asarray((1.5 * (shell - shell.mean(1, keepdims=True))).reshape(b, n * d), jnp.float32)
+    run = lambda m: jax.jit(lambda a, c: aligned_cost_matrix(a, c, n, d, types, method=m))(x0, x1)  # noqa: E731
+    (c_host, p_host), (c_vec, p_vec) = run("host"), run("vectorised")
+    np.testing.assert_array_equal(np.asarray(p_host), np.asarray(p_vec))
+    np.testing.assert_allclose(np.asarray(c_host), np.asarray(c_vec), rtol=1e-5, atol=2e-5)
+    pair = lambda m: jax.jit(lambda a, c: EquivariantOTFlowMatching(alignment=m, atom_types=types).pair(a, c, None, base=base))  # noqa: E731
+    np.testing.assert_allclose(np.asarray(pair("host")(x0, x1)[0]), np.asarray(pair("vectorised")(x0, x1)[0]), atol=1e-5)
+
+
+def test_host_rotation_trace_equals_the_singular_value_form():
+    r"""Horn's largest eigenvalue by Newton equals σ₁ + σ₂ + sign(det H) σ₃, also for mirror and flat point sets."""
+    from zoo.losses._host_alignment import _max_rotation_trace_3d
+
+    rng = np.random.default_rng(0)
+    cases = [rng.normal(size=(3, 3)) for _ in range(200)]
+    cases += [np.diag([2.0, 1.0, -0.5]), np.diag([1.0, 1.0, 0.0]), np.eye(3), np.zeros((3, 3))]
+    flat = rng.normal(size=(7, 3)) * [1.0, 1.0, 0.0]
+    cases.append(flat.T @ rng.normal(size=(7, 3)))
+    for h in cases:
+        sigma = np.linalg.svd(h, compute_uv=False)
+        expected = sigma[0] + sigma[1] + np.sign(np.linalg.det(h) or 1.0) * sigma[2]
+        bound = 2.0 * np.sum(np.abs(h)) + 1.0
+        np.testing.assert_allclose(_max_rotation_trace_3d(h, bound, np.empty((2, 4, 4))), expected, rtol=1e-9, atol=1e-7)
+
+
+def test_auto_alignment_searches_on_the_host_unless_permutations_are_few(monkeypatch):
+    from zoo.losses import equivariant
+
+    calls = []
+    real = equivariant._aligned_cost_matrix_on_host
+    monkeypatch.setattr(equivariant, "_aligned_cost_matrix_on_host", lambda *a: calls.append(a[0].shape) or real(*a))
+    for n, d in [(13, 3), (4, 2)]:  # LJ13: host search; DW4: 24 permutations, enumerated
+        x = MeanFreeNormal(n, d).sample(jax.random.PRNGKey(0), 3)
+        aligned_cost_matrix(x, x, n, d)
+    assert calls == [(3, 13, 3)]
+
+
+def test_unknown_alignment_method_is_refused():
+    with pytest.raises(ValueError, match="unknown alignment"):
+        EquivariantOTFlowMatching(alignment="fast")
+    with pytest.raises(ValueError, match="unknown alignment method"):
+        aligned_cost_matrix(jnp.zeros((2, 6)), jnp.zeros((2, 6)), 2, 3, method="gpu")
 
 
 def test_equivariant_ot_loss_trains_an_egnn_flow(key):

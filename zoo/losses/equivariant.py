@@ -16,16 +16,18 @@ subspace (for mean-free $x_0$, centring $x_1$ changes every cost of a column by 
 and so does not change the assignment). The B×B matrix of aligned costs goes into the batch
 assignment, and the noise sample is aligned to the data sample it is paired with.
 
-The B² per-pair particle assignments dominate the cost; they use :func:`linear_assignment`,
-a shortest-augmenting-path Hungarian algorithm whose inner loop runs over all columns at once
-(vectorised), so that ``vmap`` over many small problems becomes array work instead of
-scalar loops.
+The B² per-pair particle assignments dominate the cost. On a CPU they run as compiled scalar
+searches on the host (:mod:`zoo.losses._host_alignment`); on accelerators as
+:func:`linear_assignment`, a shortest-augmenting-path Hungarian algorithm whose inner loop runs
+over all columns at once, so that ``vmap`` over many small problems becomes array work. Both
+give the same permutations and costs (to float32 rounding).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import equinox as eqx
 import jax
@@ -145,7 +147,8 @@ def admissible_permutations(n: int, atom_types: tuple[int, ...] | None = None) -
     an (m, n) array, or ``None`` when there are more than :data:`MAX_ENUMERATED_PERMUTATIONS`."""
     types = (0,) * n if atom_types is None else tuple(atom_types)
     sizes = [types.count(t) for t in set(types)]
-    if np.prod([np.prod(np.arange(1, k + 1)) for k in sizes]) > MAX_ENUMERATED_PERMUTATIONS:
+    # Python integers: a float or int64 product of factorials overflows from 21 particles on.
+    if math.prod(math.factorial(k) for k in sizes) > MAX_ENUMERATED_PERMUTATIONS:
         return None
     perms = [p for p in itertools.permutations(range(n)) if all(types[a] == types[b] for a, b in enumerate(p))]
     return np.asarray(perms, dtype=np.int32)
@@ -225,19 +228,35 @@ def aligned_cost_matrix(
     spatial_dim: int,
     atom_types=None,
     *,
+    method: str = "auto",
     rows_per_chunk: int | None = None,
 ) -> tuple[Float[Array, "b b"], Int[Array, "b b n"]]:
     """C[i, j] = c(x0_i, x1_j) for all pairs, and the particle permutations that achieve it.
 
-    ``perms[i, j]`` permutes the particles of x0_i onto x1_j. The B² small assignments run
-    vectorised (:func:`linear_assignment` under ``vmap``, or :func:`enumerated_permutation`
-    when there are few admissible permutations), ``rows_per_chunk`` rows of x0 at a time
-    (default: as many as keep the pair cost tensors near 64 MB).
+    ``perms[i, j]`` permutes the particles of x0_i onto x1_j. Two implementations of the same
+    quantity (``method``):
+
+    - ``"host"``: compiled scalar searches on the host's cores
+      (:mod:`zoo.losses._host_alignment`, float64), each stopping as soon as its search ends;
+    - ``"vectorised"``: the B² small assignments in lock step as array operations
+      (:func:`linear_assignment` under ``vmap``, or :func:`enumerated_permutation` when there
+      are few admissible permutations), ``rows_per_chunk`` rows of x0 at a time (default: as
+      many as keep the pair cost tensors near 64 MB); the choice for accelerators;
+    - ``"auto"``: host on a CPU backend in 2-D and 3-D unless the admissible permutations are
+      few enough to enumerate (one matrix product per pair beats any search: DW4), vectorised
+      otherwise.
     """
+    if method not in ALIGNMENT_METHODS:
+        raise ValueError(f"unknown alignment method {method!r}; choose one of {ALIGNMENT_METHODS}")
     b0, b1 = x0.shape[0], x1.shape[0]
     p0 = x0.reshape(b0, n_particles, spatial_dim)
     p1 = x1.reshape(b1, n_particles, spatial_dim)
     enumerated = admissible_permutations(n_particles, None if atom_types is None else tuple(atom_types))
+    if method == "auto":
+        on_host = jax.default_backend() == "cpu" and spatial_dim in (2, 3) and enumerated is None
+        method = "host" if on_host else "vectorised"
+    if method == "host":
+        return _aligned_cost_matrix_on_host(p0, p1, atom_types)
 
     def one(a, b):
         if enumerated is not None:
@@ -255,6 +274,25 @@ def aligned_cost_matrix(
     return cost, perms
 
 
+#: The implementations of :func:`aligned_cost_matrix`.
+ALIGNMENT_METHODS = ("auto", "host", "vectorised")
+
+
+def _aligned_cost_matrix_on_host(p0: Array, p1: Array, atom_types) -> tuple[Array, Array]:
+    b0, n, _ = p0.shape
+    b1 = p1.shape[0]
+    types = None if atom_types is None else tuple(atom_types)
+
+    def on_host(a, b):
+        from zoo.losses._host_alignment import aligned_cost_matrix_host  # numba compiles on first use
+
+        cost, perms = aligned_cost_matrix_host(np.asarray(a), np.asarray(b), types)
+        return cost.astype(p0.dtype), perms.astype(np.int32)
+
+    out = (jax.ShapeDtypeStruct((b0, b1), p0.dtype), jax.ShapeDtypeStruct((b0, b1, n), jnp.int32))
+    return jax.pure_callback(on_host, out, jax.lax.stop_gradient(p0), jax.lax.stop_gradient(p1), vmap_method="sequential")
+
+
 # ---------------------------------------------------------------------------- loss
 @register("loss")
 class EquivariantOTFlowMatching(FlowMatching):
@@ -268,12 +306,18 @@ class EquivariantOTFlowMatching(FlowMatching):
     """
 
     atom_types: tuple[int, ...] | None = eqx.field(static=True, default=None)
+    #: How the B×B aligned costs are computed (see :func:`aligned_cost_matrix`); same result.
+    alignment: str = eqx.field(static=True, default="auto")
+
+    def __check_init__(self):
+        if self.alignment not in ALIGNMENT_METHODS:
+            raise ValueError(f"unknown alignment {self.alignment!r}; choose one of {ALIGNMENT_METHODS}")
 
     def pair(self, x0: Array, x1: Array, key: PRNGKeyArray, *, base=None) -> tuple[Array, Array]:
         del key
         n, d = _particle_shape(base, x0.shape[-1])
         x0s, x1s = jax.lax.stop_gradient(x0), jax.lax.stop_gradient(x1)
-        cost, perms = aligned_cost_matrix(x0s, x1s, n, d, self.atom_types)
+        cost, perms = aligned_cost_matrix(x0s, x1s, n, d, self.atom_types, method=self.alignment)
         rows = exact_assignment(cost)  # noise rows[j] goes with data j
         b = x1.shape[0]
         p0 = x0s.reshape(b, n, d)[rows]
