@@ -32,8 +32,9 @@ _LOCK = threading.Lock()  # numba's default threading layer takes one parallel l
 def _assign(cost, u, v, shortest, path, col_of_row, row_of_col, remaining, in_tree, perm):
     """Shortest augmenting paths on one n×n cost matrix; ``perm[j]`` = row paired with column j.
 
-    After a column reduction, the rows left unassigned enter one at a time; a Dijkstra search over reduced costs ``cost[i, j] - u[i] - v[j]``
-    from the entering row visits only the columns not yet reached (kept packed in
+    After a column reduction and an augmenting row reduction, the rows left unassigned enter
+    one at a time; a Dijkstra search over reduced costs ``cost[i, j] - u[i] - v[j]`` from the
+    entering row visits only the columns not yet reached (kept packed in
     ``remaining``) and stops at the first free column; the potentials are then corrected by the
     path lengths and the path is flipped.
     """
@@ -53,6 +54,65 @@ def _assign(cost, u, v, shortest, path, col_of_row, row_of_col, remaining, in_tr
         if col_of_row[best_i] < 0:
             col_of_row[best_i] = j
             row_of_col[j] = best_i
+    # Augmenting row reduction (Jonker–Volgenant): a free row takes its cheapest column
+    # (reduced by v), lowering that column's v by the gap to its second cheapest so that it is
+    # tight for this row and no cheaper for any other; the previous owner becomes free and
+    # goes next. v only decreases, so every reduced cost stays ≥ 0. Two passes, a bounded
+    # number of moves each; rows still free go to the search below.
+    free = remaining
+    n_free = 0
+    for i in range(n):
+        if col_of_row[i] < 0:
+            free[n_free] = i
+            n_free += 1
+    for _ in range(2):
+        if n_free == 0:
+            break
+        k = 0
+        n_left = 0
+        moves = 0
+        while k < n_free and moves < 4 * n:
+            moves += 1
+            i = free[k]
+            k += 1
+            first, second = np.inf, np.inf
+            j1, j2 = 0, 0
+            for j in range(n):
+                h = cost[i, j] - v[j]
+                if h < second:
+                    if h >= first:
+                        second = h
+                        j2 = j
+                    else:
+                        second = first
+                        j2 = j1
+                        first = h
+                        j1 = j
+            owner = row_of_col[j1]
+            if first < second:
+                v[j1] -= second - first
+            elif owner >= 0:  # a tie: take the second column instead, leaving v as it is
+                j1 = j2
+                owner = row_of_col[j2]
+            row_of_col[j1] = i
+            col_of_row[i] = j1
+            if owner >= 0:
+                col_of_row[owner] = -1
+                if first < second:
+                    k -= 1
+                    free[k] = owner
+                else:
+                    path[n_left] = owner
+                    n_left += 1
+        for m in range(k, n_free):  # rows not reached within the move budget stay free
+            path[n_left] = free[m]
+            n_left += 1
+        for m in range(n_left):
+            free[m] = path[m]
+        n_free = n_left
+    for i in range(n):
+        j = col_of_row[i]
+        u[i] = cost[i, j] - v[j] if j >= 0 else 0.0
     for entering in range(n):
         if col_of_row[entering] >= 0:
             continue
@@ -184,7 +244,12 @@ def _pair(a, b, types, has_types, pc, scratch, index_scratch, in_tree, perm, h, 
     if d == 2:
         trace = np.sqrt((h[0, 0] + h[1, 1]) ** 2 + (h[0, 1] - h[1, 0]) ** 2)
     else:
-        trace = _max_rotation_trace_3d(h, 0.5 * norms, work)
+        frobenius = 0.0
+        for k in range(3):
+            for m in range(3):
+                frobenius += h[k, m] * h[k, m]
+        # Both bound σ₁ + σ₂ + σ₃ from above; the second is usually within 10 %.
+        trace = _max_rotation_trace_3d(h, min(0.5 * norms, np.sqrt(3.0 * frobenius)), work)
     return max(norms - 2.0 * trace, 0.0)
 
 
@@ -215,7 +280,7 @@ def aligned_cost_matrix_host(x0: np.ndarray, x1: np.ndarray, atom_types=None) ->
     has_types = atom_types is not None
     types = np.asarray(atom_types if has_types else np.zeros(n), np.int64)
     cost = np.empty((x0.shape[0], x1.shape[0]))
-    perms = np.empty((x0.shape[0], x1.shape[0], n), np.int64)
+    perms = np.empty((x0.shape[0], x1.shape[0], n), np.int32)
     with _LOCK:
         _cost_matrix(x0, x1, types, has_types, cost, perms)
     return cost, perms

@@ -287,7 +287,7 @@ def _aligned_cost_matrix_on_host(p0: Array, p1: Array, atom_types) -> tuple[Arra
         from zoo.losses._host_alignment import aligned_cost_matrix_host  # numba compiles on first use
 
         cost, perms = aligned_cost_matrix_host(np.asarray(a), np.asarray(b), types)
-        return cost.astype(p0.dtype), perms.astype(np.int32)
+        return cost.astype(p0.dtype), perms
 
     out = (jax.ShapeDtypeStruct((b0, b1), p0.dtype), jax.ShapeDtypeStruct((b0, b1, n), jnp.int32))
     return jax.pure_callback(on_host, out, jax.lax.stop_gradient(p0), jax.lax.stop_gradient(p1), vmap_method="sequential")
