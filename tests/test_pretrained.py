@@ -528,6 +528,16 @@ def test_reevaluated_metrics_replace_only_the_metrics(tmp_path, toy):
     assert after.metrics == {**new, "n_samples_p": 1024}
     assert after.extra["evaluation"] == {"divergence": "exact"}
     assert (after.sha256, after.locations, after.recipe) == (before.sha256, before.locations, before.recipe)
+    # A recipe's closing metrics clause is rewritten from the new evaluation; the rest stays.
+    entries = pretrained._read_registry_file(reg)
+    entries[0]["recipe"] = "FM, 10 steps; metrics: exact divergence, RK4-20, 256 model / 256 test samples"
+    pretrained.write_registry(entries, reg)
+    evaluation = {"divergence": "exact", "solver": "rk4", "n_solver_steps": 40, "n_samples_p": 10000, "n_samples_q": 10000}
+    (run / "metrics.json").write_text(json.dumps({**new, **evaluation, "checkpoint": "toy"}))
+    recipe = pretrained.replace_metrics("toy", run / "metrics.json", registry=reg).recipe
+    assert recipe == "FM, 10 steps; metrics: exact divergence, RK4-40, 10000 model / 10000 test samples, delta-method standard errors"
+    adaptive = {"solver": "dopri5", "solver_rtol": 1e-5, "solver_atol": 1e-5, "divergence": "exact", "n_samples_q": 5, "n_samples_p": 6}
+    assert pretrained.metrics_clause(adaptive) == "metrics: exact divergence, Dopri5 rtol = atol = 1e-5, 5 model / 6 test samples, delta-method standard errors"
     # An evaluation of another checkpoint is refused, naming both.
     (run / "metrics.json").write_text(json.dumps({**new, "n_samples_p": 1024, "checkpoint": "runs/x/checkpoint"}))
     with pytest.raises(pretrained.RegistryError, match="'runs/x/checkpoint', not of the released 'toy'"):

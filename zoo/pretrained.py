@@ -871,11 +871,28 @@ def _evaluation_table(raw: Mapping[str, Any]) -> dict:
     return {k: raw[k] for k in EVALUATION_KEYS if k in raw}
 
 
+def metrics_clause(evaluation: Mapping[str, Any]) -> str:
+    """How an evaluation's metrics were computed, in words: divergence, solver, sample counts."""
+    solver = str(evaluation.get("solver", "?"))
+    if "n_solver_steps" in evaluation and solver in ("rk4", "euler", "midpoint", "heun"):
+        how = f"{solver.upper() if solver == 'rk4' else solver}-{evaluation['n_solver_steps']}"
+    elif "solver_rtol" in evaluation:
+        rtol, atol = evaluation["solver_rtol"], evaluation.get("solver_atol")
+        short = lambda x: f"{x:g}".replace("e-0", "e-")  # noqa: E731  (1e-5, not 1e-05)
+        tol = f"rtol = atol = {short(rtol)}" if atol == rtol else f"rtol = {short(rtol)}, atol = {short(atol)}"
+        how = f"{solver.capitalize()} {tol}"
+    else:
+        how = solver
+    counts = f"{evaluation.get('n_samples_q', '?')} model / {evaluation.get('n_samples_p', '?')} test samples"
+    return f"metrics: {evaluation.get('divergence', '?')} divergence, {how}, {counts}, delta-method standard errors"
+
+
 def replace_metrics(name: str, metrics_file, *, registry=None) -> ModelInfo:
     """Replace a released model's metrics by a new evaluation of the same archive.
 
     ``metrics_file`` must be the ``metrics.json`` of ``tools/evaluate NAME`` (it records
-    the registry name it evaluated); the archive, sha256 and recipe stay as they are.
+    the registry name it evaluated); the archive and sha256 stay as they are, and so does
+    the recipe, except its closing "metrics: ..." clause, rewritten by :func:`metrics_clause`.
     """
     metrics_file = Path(metrics_file)
     raw = read_json(metrics_file)
@@ -894,6 +911,11 @@ def replace_metrics(name: str, metrics_file, *, registry=None) -> ModelInfo:
     evaluation = _evaluation_table(raw)
     if evaluation:
         entry["evaluation"] = evaluation
+    # A recipe that ends by saying how its metrics were computed is told the new way.
+    recipe = str(entry.get("recipe", ""))
+    clause = re.search(r";\s*metrics:[^;]*$", recipe)
+    if clause:
+        entry["recipe"] = recipe[: clause.start()] + "; " + metrics_clause(raw)
     entries[names.index(name)] = entry
     write_registry(entries, path)
     return _check_entry(entry, name)
