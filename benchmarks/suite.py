@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import flops
 from benchmarks._timing import machine, run_interleaved, timed
 from zoo import config
 from zoo.data import Batch
@@ -174,6 +176,18 @@ def run_case(name: str, case: Case, repeats: int) -> dict:
     for work, entry in timing.items():
         # Sampling: the first call compiled and ran once; the compile estimate subtracts a run.
         entry["compile_s"] = compile_s[work] - (entry["wall_ms"] / 1e3 if work.startswith("sample") else 0.0)
+
+    # FLOP rates against the machine's own matmul rate on the field's products, measured now.
+    units = flops.unit_flops(flow)
+    batch_of = {"fm": case.fm_batch, "eqot": case.fm_batch, "fm_at_pg_batch": case.pg_batch, "pg": case.pg_batch}
+    batch_of.update({work: batch for work, (_, batch) in sampling.items()})
+    chunk = flow.field.train_chunk_size(case.fm_batch) if hasattr(flow.field, "train_chunk_size") else case.fm_batch
+    attainable = flops.matmul_rate(flops.product_shapes(flow.field, [chunk, case.fm_batch]), repeats=max(3, repeats))
+    for work, entry in timing.items():
+        count = flops.work_flops(units, work, batch_of[work])
+        entry["gflop"] = count / 1e9
+        entry["gflop_per_s"] = count / (entry["wall_ms"] / 1e3) / 1e9
+        entry["of_attainable"] = entry["gflop_per_s"] * 1e9 / attainable["best"]
     fm_equal = timing.get("fm_at_pg_batch", timing["fm"])
     result = {
         "label": case.label,
@@ -186,6 +200,8 @@ def run_case(name: str, case: Case, repeats: int) -> dict:
         "pg_over_fm": timing["pg"]["wall_ms"] / fm_equal["wall_ms"],
         "pg_over_fm_cpu": timing["pg"]["cpu_ms"] / fm_equal["cpu_ms"],
         "pg_temp_bytes": pg_temp,
+        "flops_per_sample": units,
+        "matmul_gflop_per_s": {"best": attainable["best"] / 1e9, **{k: v / 1e9 for k, v in attainable["by_shape"].items()}},
         "reference_samples": case.reference_samples,
         "reference": case.reference,
     }
@@ -212,8 +228,12 @@ def table(results: dict, info: dict) -> str:
         "Medians over interleaved rounds; compilation excluded (own column). Reference: PyTorch bgflow/torchdiffeq "
         "(quiet 2 threads / the issue's 1 thread with the other core busy) → our speed-up.",
         "",
-        "| case | work | batch | wall | CPU | compile (s) | reference → speed-up |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "GFLOP/s: the work's counted FLOPs (benchmarks/flops.py: XLA's count of the per-sample computation, loops "
+        "multiplied out; the EQ-OT pairing and the PG step are not counted) over its wall time, and the share of the "
+        "best float32 matmul rate measured in the same run on the field's own products (listed below the table).",
+        "",
+        "| case | work | batch | wall | CPU | GFLOP/s (share) | compile (s) | reference → speed-up |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     measured = [r for r in results.values() if "measured" in r]
     if len({r["measured"]["date"] for r in measured}) > 1:
@@ -246,9 +266,17 @@ def table(results: dict, info: dict) -> str:
                 rows.append((label, work, r["batches"][work], extra + (f"; {speed}" if speed else "")))
         for label, work, batch, note in rows:
             e = t[work]
+            rate = e.get("gflop_per_s", math.nan)
+            rate = "–" if not math.isfinite(rate) else f"{rate:.1f} ({100 * e['of_attainable']:.0f} %)"
             lines.append(
-                f"| {r['label']} | {label} | {batch} | {_ms(e['wall_ms'])} | {_ms(e['cpu_ms'])} | {e['compile_s']:.1f} | {note} |"
+                f"| {r['label']} | {label} | {batch} | {_ms(e['wall_ms'])} | {_ms(e['cpu_ms'])} | {rate} | {e['compile_s']:.1f} | {note} |"
             )
+    rates = {r["label"]: r["matmul_gflop_per_s"] for r in results.values() if r.get("matmul_gflop_per_s")}
+    if rates:
+        lines += ["", "The machine's float32 matmul rate on each field's products (m×k×n), GFLOP/s; the best is the share's base:", ""]
+        for label, row in rates.items():
+            cells = ", ".join(f"{shape} {v:.1f}" for shape, v in row.items() if shape != "best")
+            lines.append(f"- {label}: best {row['best']:.1f} ({cells})")
     memory = {r["label"]: r["pg_memory_by_steps"] for r in results.values() if r.get("pg_memory_by_steps")}
     if memory:
         lines += ["", "Temporary memory of one compiled PG step (backsolve adjoint) against RK4 steps, MiB:", ""]

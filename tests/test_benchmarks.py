@@ -15,6 +15,8 @@ def _check(results, names):
         assert all(e["wall_ms"] > 0 and e["rounds"] >= 1 for e in timing.values())
         assert r["pg_over_fm"] > 1  # a PG step solves three ODEs; an FM step evaluates the field once
         assert ("eqot" in timing) == suite.CASES[name].eqot  # the EQ-OT step where the case asks for it
+        assert timing["fm"]["gflop_per_s"] > 0 and timing["fm"]["of_attainable"] > 0  # FLOP rate against the machine's
+        assert timing["pg"]["gflop_per_s"] != timing["pg"]["gflop_per_s"]  # the PG step has no count (NaN)
 
 
 def test_quick_suite_on_the_2d_model(capsys, tmp_path):
@@ -22,7 +24,8 @@ def test_quick_suite_on_the_2d_model(capsys, tmp_path):
     results = suite.main(["--quick", "--only", "mlp2d", "--out", str(out)])
     _check(results, ["mlp2d"])
     assert results["mlp2d"]["pg_memory_by_steps"]  # memory against solver steps is measured
-    assert "| 2-D GMM, MLP 4×64 | FM step |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| 2-D GMM, MLP 4×64 | FM step |" in printed and "GFLOP/s (share)" in printed and "best float32 matmul" in printed
 
     # --merge: the cases run now replace theirs; the file's other cases stay, in suite order.
     saved = json.loads(out.read_text())
@@ -45,3 +48,33 @@ def test_quick_suite_on_the_2d_model(capsys, tmp_path):
 def test_quick_suite_on_every_case():
     names = list(suite.CASES)
     _check(suite.main(["--quick", "--only", *names]), names)
+
+
+def test_flop_counts_against_formulas():
+    """XLA's count of a matmul is 2mkn, a loop body is counted once (which is why benchmarks/flops.py
+    multiplies loops out), and an MLP field costs its products plus a few operations per unit."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import flops
+    from zoo.fields import MLPField
+    from zoo.flows import CNF, StandardNormal
+
+    a, b = jnp.ones((30, 20)), jnp.ones((20, 10))
+    assert flops.count_flops(jnp.matmul, a, b) == 2 * 30 * 20 * 10
+    looped = flops.count_flops(lambda x, y: jax.lax.fori_loop(0, 10, lambda i, z: z + x @ y, jnp.zeros((30, 10))), a, b)
+    assert 2 * 30 * 20 * 10 <= looped < 2 * (2 * 30 * 20 * 10)
+
+    field = MLPField(2, width=64, depth=4, key=jax.random.PRNGKey(0))
+    shapes = [layer.weight.shape for layer in field.mlp.layers]
+    products = sum(2 * o * i for o, i in shapes)
+    units = flops.unit_flops(CNF(field, StandardNormal(2)))
+    assert products <= units["field"] <= products + 12 * sum(o for o, _ in shapes)
+    assert 2 * units["field"] <= units["fm"] <= 4 * units["field"]  # forward plus a reverse pass
+    assert units["field"] < units["stage_hutchinson"] <= units["stage_exact"] <= 4 * units["field"]  # d = 2 JVPs
+    assert flops.work_flops(units, "sample_exact", 10, n_steps=20) == units["stage_exact"] * 4 * 20 * 10
+    assert flops.work_flops(units, "eqot", 8) == 8 * units["fm"]
+    assert flops.work_flops(units, "pg", 8) != flops.work_flops(units, "pg", 8)  # NaN: not counted
+    assert flops.product_shapes(field, [5]) == [(5, i, o) for o, i in shapes]
+    rate = flops.matmul_rate([(64, 32, 16), (128, 32, 16)], repeats=3, min_seconds=0.001)
+    assert rate["best"] == max(rate["by_shape"].values()) > 0
