@@ -2,7 +2,8 @@ r"""The B×B aligned costs of equivariant OT on the host, compiled by numba.
 
 Same quantity as the vectorised :func:`zoo.losses.equivariant.aligned_cost_matrix`: for every
 noise/data pair the particle permutation π minimising $\sum_a \|x_{0,π(a)} - x_{1,a}\|^2$
-(Hungarian search, same tie-breaking), then the aligned cost
+(the same optimum as the vectorised Hungarian search; exact ties, which continuous data do not
+produce, may be broken differently), then the aligned cost
 $\|x_0\|^2 + \|x_1\|^2 - 2\max_{R \in SO(d)} \mathrm{tr}(R H)$ with $H = (π x_0)^\top x_1$.
 
 Why a second implementation: the vectorised search runs every one of the B² problems for the
