@@ -171,7 +171,7 @@ def main(argv=None) -> dict:
         "| case | variant | wall (ms) | wall IQR (ms) | CPU (ms) | compile (s) | reference (s) | speed-up vs reference |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for name, case in cases.items():
+    for case in cases.values():
         label = f"LJ{case['particles']} {case['layers']}L b{case['batch']}"
         for vname, e in case["variants"].items():
             lo, hi = e["wall_ms_iqr"]

@@ -250,7 +250,7 @@ def table(results: dict, info: dict) -> str:
             + "."
             + (" **The cases ran on different machines: compare numbers only within one machine.**" if mixed else ""),
         )
-    for name, r in results.items():
+    for r in results.values():
         t, ref = r["timing"], r["reference"]
         rows = [("FM step", "fm", r["batches"]["fm"], _speedup(t["fm"]["wall_ms"] / 1e3, ref.get("fm")))]
         if "eqot" in t:

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import re
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import gin
 import zoo
 from zoo import config
-from zoo.config import REPO_ROOT
+from zoo.resources import ROOT as REPO_ROOT
 
 
 @pytest.fixture(scope="module")

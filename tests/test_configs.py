@@ -3,10 +3,10 @@ and flow (a typo in a rarely used config fails here, not in a user's first run).
 
 from __future__ import annotations
 
-import gin
 import jax
 import pytest
 
+import gin
 from zoo import config
 from zoo.resources import GIN_DIR
 

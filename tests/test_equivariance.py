@@ -17,9 +17,9 @@ from zoo.fields import EGNNField, MLPField
 from zoo.flows import CNF, MeanFreeNormal, StandardNormal
 from zoo.losses import EquivariantOTFlowMatching, FlowMatching, OTFlowMatching, exact_assignment, linear_assignment
 from zoo.losses.equivariant import (
+    align_noise,
     aligned_cost,
     aligned_cost_matrix,
-    align_noise,
     kabsch_cost,
     kabsch_rotation,
     particle_cost,
@@ -303,8 +303,8 @@ def test_flow_matching_loss_is_independent_of_the_chunking(key):
     out = {}
     for chunk in (None, 1, 4, 6, 16):  # 6 → the largest divisor of 16 not above it, 4
         loss = FlowMatching(sigma=0.01, chunk_size=chunk)
-        out[chunk] = eqx.filter_jit(eqx.filter_value_and_grad(lambda m: loss(m, batch, key)[0]))(flow)
-    for chunk, (value, grads) in out.items():
+        out[chunk] = eqx.filter_jit(eqx.filter_value_and_grad(lambda m: loss(m, batch, key)[0]))(flow)  # noqa: B023  (used within the iteration)
+    for value, grads in out.values():
         np.testing.assert_allclose(value, out[16][0], rtol=1e-5)
         for a, b_ in zip(jax.tree.leaves(grads), jax.tree.leaves(out[16][1])):
             np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5 * float(jnp.abs(b_).max()))

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-
 from zoo.data import DatasetError, stored_dataset
 from zoo.importing import read_positions
 from zoo.systems import DoubleWell, LennardJones

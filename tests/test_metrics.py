@@ -97,7 +97,7 @@ def test_evaluate_flow_counts_failed_energies():
     assert 0 < metrics["ess_q"] <= 1 - broken / 256 + 1e-9
     # Failed target energies count too (their weight is unusable), and the summary says so.
     assert metrics["n_nonfinite_p"] == int((arrays["x_target"][:, 0] > 0).sum()) > 0
-    from zoo.cli.common import format_metrics
+    from zoo.metrics import format_metrics
 
     assert f"n_nonfinite_q={broken}" in format_metrics(metrics)
 
@@ -118,14 +118,9 @@ def test_metric_files_store_nonfinite_numbers_as_strict_json(tmp_path):
 
 
 def test_density_hist_with_no_mass_in_range_draws_a_legend_entry_only():
-    import matplotlib
+    from zoo.plots import density_hist, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from zoo.plots import density_hist
-
-    fig, ax = plt.subplots()
+    fig, ax = subplots(figsize=(4, 3))
     bins = np.linspace(0.0, 1.0, 11)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no division by an empty histogram's zero mass
@@ -135,7 +130,6 @@ def test_density_hist_with_no_mass_in_range_draws_a_legend_entry_only():
     labels = [t.get_text() for t in ax.legend().get_texts()]
     assert labels == ["outside (none in range)", "weightless (none in range)", "inside"]
     assert len(ax.patches) == 10  # only the histogram inside the range drew bars
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- standard errors
@@ -176,8 +170,7 @@ def test_an_interrupted_evaluation_resumes_from_its_finished_chunks(tmp_path, mo
 
     from zoo.data import exact_samples
     from zoo.fields import MLPField
-    from zoo.flows import CNF, StandardNormal
-    from zoo.flows import cnf
+    from zoo.flows import CNF, StandardNormal, cnf
     from zoo.metrics import evaluate_flow
     from zoo.systems import GaussianMixture2D
 

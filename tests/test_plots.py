@@ -9,19 +9,15 @@ from zoo import plots
 
 @pytest.fixture
 def figures(monkeypatch):
-    """The figures the plot functions would save (kept open for inspection)."""
+    """The figures the plot functions would save, kept for inspection."""
     kept = []
 
     def keep(fig, path):
         kept.append(fig)
         return path
 
-    monkeypatch.setattr(plots, "_save", keep)
-    yield kept
-    import matplotlib.pyplot as plt
-
-    for fig in kept:
-        plt.close(fig)
+    monkeypatch.setattr(plots, "save", keep)
+    return kept
 
 
 def _labels(ax):

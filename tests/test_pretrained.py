@@ -23,7 +23,7 @@ import pytest
 
 from zoo import checkpoint as ckpt
 from zoo import pretrained
-from zoo.config import REPO_ROOT
+from zoo.resources import ROOT as REPO_ROOT
 
 FAST = dict(attempts=3, backoff_s=0.01, timeout_s=10.0, quiet=True)
 
@@ -545,7 +545,8 @@ def test_reevaluated_metrics_replace_only_the_metrics(tmp_path, toy):
 
 
 def test_cli_list_models_and_download(tmp_path, toy, monkeypatch, capsys):
-    from zoo.cli import download, zoo as zoo_cli
+    from zoo.cli import download
+    from zoo.cli import zoo as zoo_cli
 
     archive, data, _, _ = toy
     reg = write_registry(tmp_path / "models.toml", data, [str(archive)])

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from zoo import storage
-from zoo.config import REPO_ROOT
 from zoo.data import load_dataset, stored_dataset
+from zoo.resources import ROOT as REPO_ROOT
 from zoo.storage import DatasetError
 from zoo.systems import DoubleWell, LennardJones
 

@@ -2,23 +2,57 @@
 
 Continuous normalizing flows (Diffrax) trained by flow matching and fine-tuned with path
 gradients of the forward KL, with the metrics to judge them as samplers.
+
+``import zoo`` exports the public names of the numerical core and the Python API
+(``zoo.load(name).sample(n)``). It selects no plotting backend; gin names are registered in
+:mod:`zoo.configurables`, which every config parse imports.
 """
 
-__version__ = "0.1.0"
-
 from zoo import _xla  # noqa: E402  (first: XLA flags must be set before JAX starts its backends)
+from zoo._version import __version__
 
 _xla.apply()
 
-from zoo import data, fields, flows, losses, metrics, optim, systems  # noqa: E402  (registration side effects)
-from zoo import ad2_data, ad2_generate  # noqa: E402,F401  (registers the AD2 data sets and their generators)
-from zoo import generate, mcmc, storage  # noqa: E402,F401  (MCMC data sets; registers generate_data)
-from zoo import importing  # noqa: E402,F401  (registers imported_dataset)
+from zoo import configurables  # noqa: E402,F401  (the names gin configs use)
+from zoo.boltzmann import BoltzmannGenerator, load  # noqa: E402
 from zoo.data import Batch, Dataset, Split  # noqa: E402
-from zoo.fields import AbstractVectorField, MLPField  # noqa: E402
+from zoo.fields import AbstractVectorField, EGNNField, MLPField  # noqa: E402
 from zoo.flows import CNF, MeanFreeNormal, StandardNormal  # noqa: E402
-from zoo.losses import AbstractLoss, FlowMatching, OTFlowMatching  # noqa: E402
-from zoo.systems import AbstractTarget, GaussianMixture2D  # noqa: E402
-from zoo import compare, experiment, finetune  # noqa: E402,F401  (the gin roots: train, evaluation, finetune, compare)
-from zoo.boltzmann import BoltzmannGenerator, load  # noqa: E402  (the Python API: zoo.load(name).sample(n))
+from zoo.losses import (  # noqa: E402
+    AbstractLoss,
+    EquivariantOTFlowMatching,
+    FlowMatching,
+    MaximumLikelihood,
+    OTFlowMatching,
+    PathGradientForwardKL,
+)
 from zoo.metrics import reweight  # noqa: E402
+from zoo.systems import AbstractTarget, AlanineDipeptideClassical, AlanineDipeptideXTB, DoubleWell, GaussianMixture2D, LennardJones  # noqa: E402
+
+__all__ = [
+    "CNF",
+    "AbstractLoss",
+    "AbstractTarget",
+    "AbstractVectorField",
+    "AlanineDipeptideClassical",
+    "AlanineDipeptideXTB",
+    "Batch",
+    "BoltzmannGenerator",
+    "Dataset",
+    "DoubleWell",
+    "EGNNField",
+    "EquivariantOTFlowMatching",
+    "FlowMatching",
+    "GaussianMixture2D",
+    "LennardJones",
+    "MLPField",
+    "MaximumLikelihood",
+    "MeanFreeNormal",
+    "OTFlowMatching",
+    "PathGradientForwardKL",
+    "Split",
+    "StandardNormal",
+    "__version__",
+    "load",
+    "reweight",
+]

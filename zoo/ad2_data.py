@@ -39,7 +39,6 @@ import numpy as np
 
 from zoo import resources
 from zoo.data import SPLITS, Dataset, make_split
-from zoo.registry import register
 from zoo.systems import alanine
 from zoo.systems.engines import XTBEngine, kbt_kj_per_mol, openmm_system
 
@@ -135,7 +134,6 @@ def read_dataset(path) -> Dataset:
     return Dataset(*splits, description=manifest.get("ad2", {}).get("description", str(path)))
 
 
-@register("dataset")
 def ad2_dataset(system=None, *, name: str = "ad2_classical", path: str | None = None) -> Dataset:
     """A stored alanine dipeptide data set: ``name`` under assets/data, or an explicit ``path``.
 

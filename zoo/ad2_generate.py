@@ -18,12 +18,11 @@ import json
 import shutil
 from pathlib import Path
 
-import gin
 import numpy as np
 
+import gin
 from zoo import ad2_data
 from zoo.systems import alanine
-
 
 #: Cores of the two φ basins, in rad, for counting transitions: φ > 0 (αL / C7ax, around
 #: φ ≈ 1) and the rest (C7eq / β / αR, φ < 0 and the β basin's wrap to φ ≈ +π). Frames

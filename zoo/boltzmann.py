@@ -30,7 +30,6 @@ from zoo.flows.cnf import CNF, log_prob_chunked, sample_and_log_prob_chunked
 from zoo.losses.pg import grad_log_prob
 from zoo.metrics import energies_chunked
 
-
 #: Sample file formats: NumPy archives (every array) and arrays (positions only), and mdtraj
 #: trajectories (molecular systems) with the per-sample numbers in a .npz beside them.
 SAMPLE_FORMATS = ("npz", "npy", "pdb", "dcd", "h5")

@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
+from zoo._version import __version__
 from zoo.errors import ZooError
 
 __all__ = [
@@ -235,12 +236,11 @@ def save_checkpoint(
                         "key_impl": key_impl,
                     }
                 )
-        import zoo  # late: zoo/__init__ imports this module
 
         meta = {
             "step": step,
-            "zoo_version": zoo.__version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "zoo_version": __version__,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "metadata": user_metadata,
         }
         files = {

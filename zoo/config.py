@@ -14,13 +14,10 @@ import os
 from pathlib import Path
 
 import gin
-
 from zoo import resources
 from zoo.errors import ZooError
 from zoo.flows.cnf import CNF
 
-#: The folder holding gin/ and assets/ (the checkout, or the installed package's copy).
-REPO_ROOT = resources.ROOT
 GIN_DIR = resources.GIN_DIR
 
 
@@ -83,6 +80,9 @@ def isolated():
 
 def parse(gin_files=(), bindings=(), *, config_str: str | None = None) -> None:
     """Clear gin and parse files, bindings (and/or a stored operative config), with clear errors."""
+    from zoo import registry
+
+    registry.import_all()
     gin.clear_config()
     search = [str(p) for p in gin_search_path()]
     for folder in search:

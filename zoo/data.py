@@ -9,14 +9,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from pathlib import Path
 
 import equinox as eqx
 import jax
 import numpy as np
 
+from zoo import resources
 from zoo._types import Array
 from zoo.errors import ZooError
-from zoo.registry import register
 
 SPLITS = ("train", "val", "test")
 
@@ -128,7 +129,6 @@ def make_split(positions, forces=None, *, event_shape: tuple[int, ...] | None = 
     return Split(positions=positions, forces=forces)
 
 
-@register("dataset")
 def exact_samples(system, *, n_train: int = 2000, n_val: int = 2048, n_test: int = 2048, seed: int = 0) -> Dataset:
     """Draw a data set from a target's exact sampler, with forces −∇u from autodiff."""
     if not system.has_exact_sampler:
@@ -143,17 +143,13 @@ def exact_samples(system, *, n_train: int = 2000, n_val: int = 2048, n_test: int
 
 
 # ---------------------------------------------------------------------------- stored data sets
-def resolve_data_path(path) -> "Path":
+def resolve_data_path(path) -> Path:
     """A data-set directory as given, or relative to the repository root when it is not found here."""
-    from pathlib import Path
-
-    from zoo.config import REPO_ROOT
-
     p = Path(path).expanduser()
     if p.exists() or p.is_absolute():
         return p
-    if (REPO_ROOT / p).exists():
-        return REPO_ROOT / p
+    if (resources.ROOT / p).exists():
+        return resources.ROOT / p
     return p
 
 
@@ -170,7 +166,6 @@ def load_dataset(directory, split: str = "test"):
     return storage.read_split(resolve_data_path(directory), split)
 
 
-@register("dataset")
 def stored_dataset(system, *, path, n_train: int | None = None, n_val: int | None = None, n_test: int | None = None) -> Dataset:
     """A data set read from a stored directory (``tools/generate-data``), checked against ``system``.
 

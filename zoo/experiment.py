@@ -12,17 +12,19 @@ import time
 from pathlib import Path
 
 import equinox as eqx
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import zoo
+import gin
 from zoo import checkpoint as ckpt
 from zoo import config, plots
-from zoo.metrics import energies_chunked, ess_p, ess_p_se, ess_q, ess_q_se, evaluate_flow, format_metrics, nll, nll_se
+from zoo._version import __version__
+from zoo.losses.fm import FlowMatching
+from zoo.metrics import energies_chunked, ess_p, ess_p_se, ess_q, ess_q_se, evaluate_flow, fm_loss_on, format_metrics, nll, nll_se, observables
 from zoo.storage import write_json
 from zoo.train import fit, read_log
+from zoo.views import write_views
 
 
 @gin.configurable
@@ -78,12 +80,10 @@ def evaluation(
     )
     metrics.update(provenance or {})
     metrics_path = workdir / (metrics_file or f"{prefix}metrics.json")
+    metrics.update(observables(system, arrays))
     print(f"{prefix or ''}metrics: {format_metrics(metrics)}")
     write_json(metrics_path, metrics)
-    viewed = write_views(flow, system, arrays, workdir, prefix=prefix)
-    if viewed:  # numbers the system's own views measure (e.g. free-energy differences)
-        metrics.update(viewed)
-        write_json(metrics_path, metrics)
+    write_views(flow, system, arrays, workdir, prefix=prefix)
     if records:
         plots.loss_curves(records, workdir / f"{prefix}loss_curve.png", title=f"training run {Path(workdir).resolve().name}")
     return metrics
@@ -108,32 +108,27 @@ def _label(provenance: dict | None, workdir: Path) -> str:
     return f"the model evaluated into {workdir}"
 
 
-def write_views(flow, system, arrays: dict, workdir: Path, *, prefix: str = "") -> dict:
-    """The plots for a system: 2-D densities, energy histograms, and whatever the system adds.
-
-    Returns the numbers a system's own views measure (e.g. free-energy differences).
-    """
-    if system.dim == 2:
-        plots.density_2d(flow, system, workdir / f"{prefix}density.png", samples=arrays["x_model"][:2000])
-    plots.energy_histogram(
-        arrays["u_target"], arrays["u_model"], arrays["log_w_model"], workdir / f"{prefix}energy_histogram.png", title=type(system).__name__
-    )
-    extra = getattr(system, "write_views", None)
-    return extra(arrays, workdir, prefix=prefix) if extra is not None else {}
+def held_out_fm_loss(loss) -> FlowMatching:
+    """The flow-matching loss a run tracks on held-out data: its own if it trains by flow matching, else plain FM."""
+    return loss if isinstance(loss, FlowMatching) else FlowMatching()
 
 
 def fit_tracking_fm(flow, system, dataset, loss, optimizer, workdir: Path, *, metadata: dict | None = None, **fit_kwargs):
-    """:func:`zoo.train.fit` with the held-out FM loss as its periodic evaluation.
+    """:func:`zoo.train.fit` with the held-out FM loss as its periodic evaluation (``val_fm_loss``).
 
-    Checkpoints store every parsed gin binding (not only the operative ones so far), so
-    that evaluating a checkpoint later uses the same evaluation settings as this run.
-    Returns the model and every record of the run's log (across resumes).
+    The held-out loss is the training loss itself when that is a flow-matching loss (same σ,
+    same coupling, batches of the training size, so the two curves measure one quantity);
+    for any other training loss (path gradients, maximum likelihood) it is plain flow
+    matching, σ = 0 with independent pairs, which shows how far training moves the model
+    from the flow-matching optimum. Checkpoints store every parsed gin binding (not only the
+    operative ones so far), so that evaluating a checkpoint later uses the same evaluation
+    settings as this run. Returns the model and every record of the run's log (across resumes).
     """
-    from zoo.losses.fm import FlowMatching
-    from zoo.metrics import fm_loss_on
+    held_out = held_out_fm_loss(loss)
+    batch_size = fit_kwargs.get("batch_size") or 256
 
     def periodic_eval(model, step):
-        return {"val_fm_loss": fm_loss_on(model, dataset.val.positions, FlowMatching(), jax.random.PRNGKey(step))}
+        return {"val_fm_loss": fm_loss_on(model, dataset.val.positions, held_out, jax.random.PRNGKey(step), batch_size=batch_size)}
 
     flow, _ = fit(
         flow,
@@ -143,7 +138,7 @@ def fit_tracking_fm(flow, system, dataset, loss, optimizer, workdir: Path, *, me
         workdir=workdir,
         evaluate=periodic_eval,
         config=gin.config_str(),
-        metadata={"system": type(system).__name__, "zoo_version": zoo.__version__, **(metadata or {})},
+        metadata={"system": type(system).__name__, "zoo_version": __version__, **(metadata or {})},
         **fit_kwargs,
     )
     return flow, read_log(workdir)

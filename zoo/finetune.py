@@ -13,10 +13,10 @@ import math
 from pathlib import Path
 
 import equinox as eqx
-import gin
 import jax
 import numpy as np
 
+import gin
 from zoo import checkpoint as ckpt
 from zoo import config, plots
 from zoo.experiment import evaluation, fit_tracking_fm
@@ -257,7 +257,7 @@ def probe_learning_rates(
     }
     for lr in learning_rates:
         scale = lr / configured_learning_rate
-        moved = eqx.apply_updates(flow, jax.tree.map(lambda u: scale * u, update))
+        moved = eqx.apply_updates(flow, jax.tree.map(lambda u: scale * u, update))  # noqa: B023  (applied at once)
         diff = nll(moved) - before
         result["d_nll_mean"].append(float(np.mean(diff)))
         result["d_nll_sem"].append(float(np.std(diff, ddof=1) / math.sqrt(diff.size)))

@@ -18,10 +18,10 @@ import functools
 import math
 from pathlib import Path
 
-import gin
 import jax
 import numpy as np
 
+import gin
 from zoo import storage
 from zoo.mcmc import SamplerSettings, run_chains
 

@@ -25,7 +25,6 @@ import jax
 import numpy as np
 
 from zoo.data import SPLITS, Dataset, DatasetError, as_event_batch, make_split
-from zoo.registry import register
 from zoo.systems.particles import AbstractParticleSystem
 
 #: Length units a molecular array may be declared in, as factors to nm.
@@ -128,7 +127,6 @@ def import_splits(system, files: dict, *, length_unit=None, topology=None, with_
     return splits, reports
 
 
-@register("dataset")
 def imported_dataset(system, *, train, val, test, length_unit: str | None = None, topology: str | None = None) -> Dataset:
     """A data set read straight from published files (one per split; :func:`read_positions`), with forces from the energy."""
     splits, _ = import_splits(system, {"train": train, "val": val, "test": test}, length_unit=length_unit, topology=topology)

@@ -27,7 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import logsumexp
 
-from zoo.registry import register
+from zoo.data import Batch
+from zoo.flows.cnf import fingerprint, log_prob_chunked, sample_and_log_prob_chunked
+from zoo.flows.solvers import is_adaptive
+from zoo.losses.fm import FlowMatching
+from zoo.storage import ChunkStore, array_sha256
+from zoo.systems import AbstractParticleSystem, AlanineDipeptideClassical, AlanineDipeptideXTB
+from zoo.systems.alanine import dihedrals
 
 
 def _clean_model_log_w(log_w) -> np.ndarray:
@@ -36,7 +42,6 @@ def _clean_model_log_w(log_w) -> np.ndarray:
     return np.where(np.isfinite(log_w), log_w, -np.inf)
 
 
-@register("metric")
 def ess_q(log_w) -> float:
     """Relative Kish ESS in [0, 1] from log weights of model samples (non-finite → weight 0)."""
     log_w = _clean_model_log_w(log_w)
@@ -48,7 +53,6 @@ def ess_q(log_w) -> float:
     return float(np.exp(2 * logsumexp(log_w) - logsumexp(2 * log_w) - math.log(n)))
 
 
-@register("metric")
 def ess_p(log_w) -> float:
     """Relative ESS from log weights of TARGET samples: n² / (Σw · Σ1/w), in [0, 1].
 
@@ -78,7 +82,6 @@ def _relative_se(terms: list[tuple[np.ndarray, float]]) -> float:
     return float(np.sqrt(max(grad @ cov @ grad, 0.0) / n))
 
 
-@register("metric")
 def ess_q_se(log_w) -> float:
     """Delta-method standard error of :func:`ess_q` (Kish: mean(w)² / mean(w²)).
 
@@ -92,7 +95,6 @@ def ess_q_se(log_w) -> float:
     return ess_q(log_w) * _relative_se([(w, 2.0), (w * w, -1.0)])
 
 
-@register("metric")
 def ess_p_se(log_w) -> float:
     """Delta-method standard error of :func:`ess_p` (1 / (mean(w) · mean(1/w)))."""
     log_w = np.asarray(log_w, dtype=np.float64)
@@ -102,7 +104,6 @@ def ess_p_se(log_w) -> float:
     return ess_p(log_w) * _relative_se([(w, -1.0), (inv_w, -1.0)])
 
 
-@register("metric")
 def nll_se(log_q) -> float:
     """Standard error of :func:`nll` (finite entries only)."""
     log_q = np.asarray(log_q, dtype=np.float64)
@@ -110,7 +111,6 @@ def nll_se(log_q) -> float:
     return float(log_q.std(ddof=1) / math.sqrt(log_q.size)) if log_q.size > 1 else float("nan")
 
 
-@register("metric")
 def nll(log_q) -> float:
     """Mean negative log likelihood of held-out target samples (finite entries only)."""
     log_q = np.asarray(log_q, dtype=np.float64)
@@ -120,7 +120,6 @@ def nll(log_q) -> float:
     return float(-log_q[finite].mean())
 
 
-@register("metric")
 def kl_exact(log_p, log_q) -> float:
     """KL(p‖q) = E_p[log p − log q] from target samples with normalised log p."""
     diff = np.asarray(log_p, np.float64) - np.asarray(log_q, np.float64)
@@ -190,6 +189,52 @@ def free_energy_difference(in_a, log_w=None) -> tuple[float, float]:
     return -math.log(prob / (1.0 - prob)), se / (prob * (1.0 - prob))
 
 
+def pair_distances(x, n_particles: int, spatial_dim: int) -> np.ndarray:
+    """All inter-particle distances, (n, n_particles(n_particles − 1)/2), of flat samples (n, n_particles·spatial_dim)."""
+    x = np.asarray(x)
+    p = x.reshape(x.shape[0], n_particles, spatial_dim)
+    i, j = np.triu_indices(n_particles, k=1)
+    return np.linalg.norm(p[:, i] - p[:, j], axis=-1)
+
+
+def phi_angles(x) -> np.ndarray:
+    """The backbone dihedral φ (radians) of flat alanine dipeptide samples (n, 66)."""
+    phi, _ = jax.jit(jax.vmap(dihedrals))(jnp.asarray(x))
+    return np.asarray(phi)
+
+
+def observables(system, arrays: dict) -> dict:
+    """The numbers beyond the weights by which a system's samples are judged.
+
+    ``arrays`` holds ``x_target`` (data), ``x_model`` and ``log_w_model`` (as
+    :func:`evaluate_flow` returns them); non-finite model samples are left out.
+
+    - alanine dipeptide: the fraction of data with φ > 0, and ΔF = F(φ > 0) − F(φ < 0) in
+      k_BT with its standard error (:func:`free_energy_difference`) for the data, the model
+      samples, and the model samples reweighted to the target;
+    - other particle systems: the mean over samples of the smallest inter-particle distance,
+      for data and model (a model that lets particles overlap shows it here first);
+    - anything else: nothing.
+    """
+    x_data, x_model = np.asarray(arrays["x_target"]), np.asarray(arrays["x_model"])
+    finite = np.all(np.isfinite(x_model), axis=1)
+    x_model = x_model[finite]
+    if isinstance(system, (AlanineDipeptideClassical, AlanineDipeptideXTB)):
+        phi_data, phi_model = phi_angles(x_data), phi_angles(x_model)
+        numbers = {"phi_positive_fraction_data": float(np.mean(phi_data > 0))}
+        for name, phi, log_w in (("data", phi_data, None), ("model", phi_model, None),
+                                 ("reweighted", phi_model, np.asarray(arrays["log_w_model"])[finite])):  # fmt: skip
+            numbers[f"delta_f_phi_{name}"], numbers[f"delta_f_phi_{name}_se"] = free_energy_difference(phi > 0, log_w)
+        return numbers
+    if isinstance(system, AbstractParticleSystem):
+        shape = (system.n_particles, system.spatial_dim)
+        return {
+            "min_pair_distance_data": float(pair_distances(x_data, *shape).min(axis=1).mean()),
+            "min_pair_distance_model": float(pair_distances(x_model, *shape).min(axis=1).mean()) if len(x_model) else math.nan,
+        }
+    return {}
+
+
 def energies_chunked(system, x: np.ndarray, chunk_size: int = 4096) -> np.ndarray:
     """u(x) for many flat samples, jit-compiled in chunks; non-finite energies stay non-finite."""
     energy = _batched_energy(system)
@@ -205,8 +250,6 @@ def energies_chunked(system, x: np.ndarray, chunk_size: int = 4096) -> np.ndarra
 
 @eqx.filter_jit
 def _fm_loss_batch(flow, loss, x, key):
-    from zoo.data import Batch
-
     return loss(flow, Batch(x=x), key)[0]
 
 
@@ -256,10 +299,6 @@ def evaluate_flow(
     (:class:`zoo.storage.ChunkStore`), and a repeated call with the same flow and settings
     continues from them: a 10 000-sample evaluation killed midway loses one chunk at most.
     """
-    from zoo.flows.cnf import fingerprint, log_prob_chunked, sample_and_log_prob_chunked
-    from zoo.flows.solvers import is_adaptive
-    from zoo.losses.fm import FlowMatching
-    from zoo.storage import ChunkStore, array_sha256
 
     sample_key, density_key, fm_key = jax.random.split(key, 3)
     target = dataset.split(split).positions

@@ -1,5 +1,7 @@
-"""Optax optimisers and schedules, registered with gin under their optax names; gradient
-clipping and a moving average of the parameters as optax transformations."""
+"""Gradient clipping and a moving average of the parameters as optax transformations.
+
+The optimisers and schedules themselves are optax's, named in configs by their optax names
+(:mod:`zoo.configurables`)."""
 
 from __future__ import annotations
 
@@ -8,21 +10,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-
-from zoo.registry import register_external
-
-for _name in ("adam", "adamw", "sgd", "lamb", "rmsprop", "lion"):
-    register_external(getattr(optax, _name), kind="optimizer", name=_name)
-
-for _name in (
-    "constant_schedule",
-    "cosine_decay_schedule",
-    "warmup_cosine_decay_schedule",
-    "exponential_decay",
-    "linear_schedule",
-    "piecewise_constant_schedule",
-):
-    register_external(getattr(optax, _name), kind="schedule", name=_name)
 
 
 def with_clipping(optimizer: optax.GradientTransformation, clip_norm: float | None) -> optax.GradientTransformation:

@@ -1,22 +1,31 @@
-"""Plots people would rather look at than read: densities, samples, energies, curves."""
+"""Plots people would rather look at than read: densities, samples, energies, curves.
+
+Figures are built with matplotlib's object interface (:class:`matplotlib.figure.Figure`, no
+pyplot): they render to files with Agg without selecting a global backend, keep no global
+figure registry, and need no closing.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 
-def _save(fig, path: Path) -> Path:
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize, **kwargs):
+    """A figure and its axes, as ``pyplot.subplots`` would return them."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+def save(fig: Figure, path: Path) -> Path:
+    """Lay out and write a figure (PNG at 110 dpi), creating the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -36,7 +45,7 @@ def loss_curves(records: list[dict], path: Path, *, title: str = "training") -> 
     steps = [r for r in records if isinstance(r.get("loss"), (int, float)) and np.isfinite(r["loss"])]
     evals = [r for r in records if isinstance(r.get("eval"), dict) and np.isfinite(r["eval"].get("val_fm_loss", np.nan))]
     fm_is_loss = bool(steps) and all(r.get("fm_loss") == r["loss"] for r in steps)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = subplots(figsize=(6.5, 4.2))
     lines = []
     if steps:
         loss = [r["loss"] for r in steps]
@@ -60,7 +69,7 @@ def loss_curves(records: list[dict], path: Path, *, title: str = "training") -> 
     else:
         ax.legend(lines, [line.get_label() for line in lines], loc="best")
     ax.set_title(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def metric_vs_time(curves: dict[str, list[list[dict]]], key: str, path: Path, *, ylabel: str, title: str, seeds=None, log: bool = False) -> Path:
@@ -71,8 +80,8 @@ def metric_vs_time(curves: dict[str, list[list[dict]]], key: str, path: Path, *,
     mean over seeds (at each evaluation index, over the seeds that reached it; time and
     value averaged) is the thick line.
     """
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = subplots(figsize=(7.5, 4.6))
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = "os^Dv<>p"
     for color, (name, runs) in zip(colors * 4, curves.items()):
         tracks = []
@@ -94,16 +103,15 @@ def metric_vs_time(curves: dict[str, list[list[dict]]], key: str, path: Path, *,
         ax.set_yscale("log")
     ax.set_title(title)
     ax.legend(fontsize="small", ncol=2 if sum(len(r) for r in curves.values()) > 6 else 1)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def density_2d(flow, system, path: Path, *, samples: np.ndarray | None = None, lim: float = 3.5, n: int = 120) -> Path:
     """Model density beside the target density, with model samples, for a 2-D system."""
+    import jax
     import jax.numpy as jnp
 
     from zoo.flows.cnf import log_prob_chunked
-
-    import jax
 
     g = np.linspace(-lim, lim, n)
     xx, yy = np.meshgrid(g, g)
@@ -111,7 +119,7 @@ def density_2d(flow, system, path: Path, *, samples: np.ndarray | None = None, l
     log_q = log_prob_chunked(flow, grid, key=jax.random.PRNGKey(0), chunk_size=4096)["log_q"]
     target = np.exp(-np.asarray(jax.vmap(system.energy)(jnp.asarray(grid))) - (system.log_z or 0.0))
     panels = [("model density q_θ", np.exp(log_q).reshape(n, n)), ("target density p", target.reshape(n, n))]
-    fig, axes = plt.subplots(1, 3 if samples is not None else 2, figsize=(13 if samples is not None else 9, 4.2))
+    fig, axes = subplots(1, 3 if samples is not None else 2, figsize=(13 if samples is not None else 9, 4.2))
     vmax = max(p.max() for _, p in panels)
     for ax, (title, dens) in zip(axes, panels):
         image = ax.imshow(dens, origin="lower", extent=(-lim, lim, -lim, lim), cmap="viridis", vmin=0, vmax=vmax)
@@ -129,7 +137,7 @@ def density_2d(flow, system, path: Path, *, samples: np.ndarray | None = None, l
         ax.set_xlabel("$x_1$")
         ax.set_ylabel("$x_2$")
         ax.set_title(f"{len(samples)} model samples")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def density_hist(ax, values: np.ndarray, bins: np.ndarray, *, weights: np.ndarray | None = None, label: str, **style) -> None:
@@ -149,7 +157,7 @@ def density_hist(ax, values: np.ndarray, bins: np.ndarray, *, weights: np.ndarra
 
 def energy_histogram(u_target: np.ndarray, u_model: np.ndarray, log_w: np.ndarray, path: Path, *, title: str = "") -> Path:
     """Energy histograms of data, model samples, and model samples reweighted to the target."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     finite = np.isfinite(u_model) & np.isfinite(log_w)
     lo, hi = np.percentile(u_target, [0.1, 99.9])
     span = hi - lo
@@ -163,7 +171,7 @@ def energy_histogram(u_target: np.ndarray, u_model: np.ndarray, log_w: np.ndarra
     ax.set_ylabel("density")
     ax.set_title(title)
     ax.legend()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def learning_rate_probe(result: dict, path: Path, *, title: str = "") -> Path:
@@ -172,7 +180,7 @@ def learning_rate_probe(result: dict, path: Path, *, title: str = "") -> Path:
     order = np.argsort(lrs)
     mean = np.asarray(result["d_nll_mean"])[order]
     sem = np.asarray(result["d_nll_sem"])[order]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     ax.errorbar(lrs[order], mean, yerr=sem, marker="o", capsize=3)
     ax.axhline(0.0, color="0.5", lw=0.8)
     ax.axvline(result["configured_learning_rate"], color="C3", ls="--", lw=0.8, label="configured")
@@ -183,4 +191,4 @@ def learning_rate_probe(result: dict, path: Path, *, title: str = "") -> Path:
     ax.set_ylabel("held-out NLL change after one step (nats)")
     ax.set_title(title or f"first step on {result['n_gradient_samples']} samples, NLL on {result['n_eval']}")
     ax.legend()
-    return _save(fig, path)
+    return save(fig, path)

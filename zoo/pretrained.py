@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from zoo import checkpoint as ckpt
-from zoo.config import REPO_ROOT
+from zoo.resources import ROOT as REPO_ROOT
 from zoo.storage import read_json
 
 __all__ = [
@@ -479,7 +479,7 @@ def _install(models: Path, info: ModelInfo, payload: bytes, source: str, *, forc
             "sha256": info.sha256,
             "size_bytes": info.size_bytes,
             "source": source,
-            "downloaded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "downloaded": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         (staging / COMPLETE).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
         _fsync(staging / COMPLETE)

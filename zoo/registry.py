@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import gin
-
 from zoo.errors import ZooError
 
 KINDS = (
@@ -84,7 +83,7 @@ def register_external(obj: object, *, kind: str, name: str | None = None, summar
 
 def entries(kind: str | None = None) -> list[Entry]:
     """Registered entries (all, or one kind), sorted by kind then name."""
-    _import_all()
+    import_all()
     found = [e for e in _REGISTRY.values() if kind is None or e.kind == kind]
     return sorted(found, key=lambda e: (KINDS.index(e.kind), e.name.lower()))
 
@@ -97,7 +96,7 @@ class UnknownNameError(ZooError, KeyError):
 
 
 def lookup(name: str) -> Entry:
-    _import_all()
+    import_all()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -108,6 +107,22 @@ def lookup(name: str) -> Entry:
         raise UnknownNameError(f"nothing is registered as {name!r}{hint}") from None
 
 
-def _import_all() -> None:
-    """Import every module that registers components (registration is an import side effect)."""
-    import zoo  # noqa: F401  (zoo/__init__ imports the registering modules)
+#: The modules whose import registers names: the core components (all in one module) and the
+#: gin roots of the experiments (train, evaluation, finetune, compare, data generation).
+REGISTERING_MODULES = (
+    "zoo.configurables",
+    "zoo.config",
+    "zoo.experiment",
+    "zoo.finetune",
+    "zoo.compare",
+    "zoo.generate",
+    "zoo.ad2_generate",
+)
+
+
+def import_all() -> None:
+    """Import every module that registers names, so that any config can be parsed."""
+    import importlib
+
+    for module in REGISTERING_MODULES:
+        importlib.import_module(module)

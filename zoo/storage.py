@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from zoo._version import __version__
 from zoo.data import DatasetError, as_event_batch
 
 MANIFEST = "manifest.json"
@@ -129,8 +130,6 @@ def write_dataset(directory, splits: dict, *, system, extra: dict | None = None)
     so an interrupted write leaves either the old data set or the new one; an existing
     non-empty directory without a manifest is refused rather than replaced.
     """
-    import zoo
-
     directory = Path(directory)
     unknown = set(splits) - set(SPLITS)
     if unknown:
@@ -144,8 +143,8 @@ def write_dataset(directory, splits: dict, *, system, extra: dict | None = None)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "zoo_version": zoo.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "zoo_version": __version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "system": system_spec(system),
         "event_shape": list(shape),
         "dtype": "float32",

@@ -17,13 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import equinox as eqx
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-import zoo
 from zoo import checkpoint as ckpt
 from zoo import parallel
 from zoo.data import Batch, Dataset

@@ -1,7 +1,8 @@
-"""Views of molecular samples: Ramachandran maps, bond lengths, the φ free-energy difference.
+"""Views of samples: the figures an evaluation writes for each system.
 
 Each view compares the data, the model's samples, and the model's samples reweighted to
-the target with w ∝ exp(−u − log q) (self-normalised).
+the target with w ∝ exp(−u − log q) (self-normalised). The numbers these views show
+(free-energy differences, pair distances) are computed in :mod:`zoo.metrics`.
 """
 
 from __future__ import annotations
@@ -9,16 +10,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+import jax
+import numpy as np
+from matplotlib.colors import LogNorm
 
-matplotlib.use("Agg")
-import jax  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
-
-from zoo.metrics import free_energy_difference  # noqa: E402
-from zoo.plots import density_hist  # noqa: E402
+from zoo import plots
+from zoo.metrics import pair_distances
+from zoo.plots import density_hist, save, subplots
+from zoo.systems import AbstractParticleSystem, AlanineDipeptideClassical, AlanineDipeptideXTB, alanine
 
 
 def normalised_weights(log_w: np.ndarray) -> np.ndarray:
@@ -51,20 +50,17 @@ def ramachandran(phi_psi: dict, path: Path, *, weights: np.ndarray | None = None
     panels = [("data", phi_psi["data"], None), ("model", phi_psi["model"], None)]
     if weights is not None:
         panels.append(("model, reweighted", phi_psi["model"], weights))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4.0))
+    fig, axes = subplots(1, len(panels), figsize=(4.3 * len(panels), 4.0))
     for ax, (title, (phi, psi), w) in zip(axes, panels):
         ramachandran_panel(ax, phi, psi, title=f"{title} (n={len(phi)})", weights=w)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def bond_histograms(data: np.ndarray, model: np.ndarray, weights: np.ndarray, names: list[str], path: Path) -> Path:
     n = len(names)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
     for k, ax in enumerate(axes.ravel()):
         if k >= n:
             ax.axis("off")
@@ -78,19 +74,13 @@ def bond_histograms(data: np.ndarray, model: np.ndarray, weights: np.ndarray, na
         ax.set_title(names[k])
         ax.set_xlabel("length (nm)")
     axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
-def molecule_views(arrays: dict, workdir: Path, *, prefix: str, dihedrals, bonds: np.ndarray, elements, n_atoms: int) -> dict:
-    """Write the Ramachandran and bond-length views; return the φ free-energy differences.
-
-    ``dihedrals`` maps one flat configuration to (φ, ψ); ``bonds`` is an (n_bonds, 2) array.
-    """
+def molecule_views(arrays: dict, workdir: Path, *, prefix: str = "") -> None:
+    """Ramachandran maps and bond-length histograms of alanine dipeptide (data, model, reweighted)."""
     workdir = Path(workdir)
-    batched = jax.jit(jax.vmap(dihedrals))
+    batched = jax.jit(jax.vmap(alanine.dihedrals))
     x_data, x_model = arrays["x_target"], arrays["x_model"]
     finite = np.all(np.isfinite(x_model), axis=1)
     x_model = x_model[finite]
@@ -98,32 +88,25 @@ def molecule_views(arrays: dict, workdir: Path, *, prefix: str, dihedrals, bonds
     phi_psi = {"data": tuple(np.asarray(a) for a in batched(x_data)), "model": tuple(np.asarray(a) for a in batched(x_model))}
     ramachandran(phi_psi, workdir / f"{prefix}ramachandran.png", weights=weights)
 
+    elements = alanine.ELEMENTS
+    bonds = alanine.bonds()
     cn = [(i, j) for i, j in bonds if {elements[i], elements[j]} == {"C", "N"}]
     others = [(i, j) for i, j in bonds if {elements[i], elements[j]} in ({"C", "O"}, {"C"})][:3]
     pairs = np.array(cn + others)
     names = [f"{elements[i]}{i}–{elements[j]}{j}" for i, j in pairs]
-    bond_histograms(bond_lengths(x_data, pairs, n_atoms), bond_lengths(x_model, pairs, n_atoms), weights, names, workdir / f"{prefix}bond_lengths.png")
-
-    numbers = {"phi_positive_fraction_data": float(np.mean(phi_psi["data"][0] > 0))}
-    for name, phi, log_w in (("data", phi_psi["data"][0], None), ("model", phi_psi["model"][0], None),
-                             ("reweighted", phi_psi["model"][0], arrays["log_w_model"][finite])):  # fmt: skip
-        numbers[f"delta_f_phi_{name}"], numbers[f"delta_f_phi_{name}_se"] = free_energy_difference(phi > 0, log_w)
-    return numbers
+    lengths = (bond_lengths(x, pairs, alanine.N_ATOMS) for x in (x_data, x_model))
+    bond_histograms(*lengths, weights, names, workdir / f"{prefix}bond_lengths.png")
 
 
-def pair_distance_histogram(arrays: dict, workdir: Path, *, prefix: str, n_particles: int, spatial_dim: int) -> dict:
+def pair_distance_histogram(arrays: dict, workdir: Path, *, prefix: str = "", n_particles: int, spatial_dim: int) -> Path:
     """Histogram of all inter-particle distances: data, model, model reweighted."""
-    def distances(x):
-        p = x.reshape(x.shape[0], n_particles, spatial_dim)
-        i, j = np.triu_indices(n_particles, k=1)
-        return np.linalg.norm(p[:, i] - p[:, j], axis=-1)
-
     x_model = arrays["x_model"]
     finite = np.all(np.isfinite(x_model), axis=1)
-    d_data, d_model = distances(arrays["x_target"]), distances(x_model[finite])
+    d_data = pair_distances(arrays["x_target"], n_particles, spatial_dim)
+    d_model = pair_distances(x_model[finite], n_particles, spatial_dim)
     w = normalised_weights(arrays["log_w_model"][finite])
     w_pairs = np.repeat(w, d_model.shape[1])
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     bins = np.linspace(0, np.percentile(d_data, 99.9) * 1.1, 100)
     density_hist(ax, d_data, bins, alpha=0.5, label="data")
     density_hist(ax, d_model, bins, histtype="step", lw=1.5, label="model")
@@ -132,7 +115,22 @@ def pair_distance_histogram(arrays: dict, workdir: Path, *, prefix: str, n_parti
     ax.set_xlabel("inter-particle distance")
     ax.set_ylabel("density")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(Path(workdir) / f"{prefix}pair_distances.png", dpi=110)
-    plt.close(fig)
-    return {"min_pair_distance_data": float(d_data.min(axis=1).mean()), "min_pair_distance_model": float(d_model.min(axis=1).mean()) if len(d_model) else math.nan}
+    return save(fig, Path(workdir) / f"{prefix}pair_distances.png")
+
+
+def write_views(flow, system, arrays: dict, workdir: Path, *, prefix: str = "") -> None:
+    """Every figure of an evaluation: the 2-D density, the energy histograms, and the system's own views.
+
+    Alanine dipeptide gets Ramachandran maps and bond lengths, other particle systems the
+    pair-distance histogram.
+    """
+    workdir = Path(workdir)
+    if system.dim == 2:
+        plots.density_2d(flow, system, workdir / f"{prefix}density.png", samples=arrays["x_model"][:2000])
+    plots.energy_histogram(
+        arrays["u_target"], arrays["u_model"], arrays["log_w_model"], workdir / f"{prefix}energy_histogram.png", title=type(system).__name__
+    )
+    if isinstance(system, (AlanineDipeptideClassical, AlanineDipeptideXTB)):
+        molecule_views(arrays, workdir, prefix=prefix)
+    elif isinstance(system, AbstractParticleSystem):
+        pair_distance_histogram(arrays, workdir, prefix=prefix, n_particles=system.n_particles, spatial_dim=system.spatial_dim)

@@ -6,6 +6,7 @@ import json
 import math
 
 from zoo.cli import common
+from zoo.metrics import with_error
 
 
 @common.tool
@@ -33,7 +34,7 @@ def main(argv=None) -> None:
         print(
             f"| {r['setting']} | {r['data_log_q_minus_reference_mean']:+.4f} / {r['data_log_q_minus_reference_max_abs']:.4f} "
             f"| {r['model_log_w_minus_reference_mean']:+.4f} / {r['model_log_w_minus_reference_max_abs']:.4f} "
-            f"| {common.with_error(r, 'nll')} | {common.with_error(r, 'ess_q')} | {common.with_error(r, 'ess_p')} | {r['seconds']} |"
+            f"| {with_error(r, 'nll')} | {with_error(r, 'ess_q')} | {with_error(r, 'ess_p')} | {r['seconds']} |"
         )
     for r in rows:  # strict JSON: a non-finite number becomes null (an ESS of no usable weight)
         r.update({k: None for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)})

@@ -15,9 +15,7 @@ import sys
 from pathlib import Path
 
 import gin
-
 from zoo import config, progress
-from zoo.metrics import format_metrics, with_error  # noqa: F401  (what the tools print)
 from zoo.errors import EXIT_ERROR, EXIT_INTERRUPTED, ZooError
 
 

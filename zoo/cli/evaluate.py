@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from zoo.cli import common
 
+
 @common.tool
 def main(argv=None) -> None:
     p = common.parser("Evaluate a checkpointed flow: NLL, ESS-q, ESS-p, KL (where exact), path length, FM loss, plots.")

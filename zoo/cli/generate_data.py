@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import gin
-
 from zoo.cli import common
 
 

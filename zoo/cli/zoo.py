@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from zoo.cli import common
+from zoo.metrics import with_error
 
 
 @common.tool
@@ -53,7 +54,7 @@ def _list_models() -> None:
         size = pretrained._human_size(info.size_bytes)
         divergence = info.extra.get("evaluation", {}).get("divergence", "?")
         counts = f"{divergence}, n={m.get('n_samples_q', '?')}/{m.get('n_samples_p', '?')}"
-        rows.append((info.name, info.system, recipe, common.with_error(m, "nll", ".3f"), common.with_error(m, "ess_q", ".3f"), common.with_error(m, "ess_p", ".3f"), common.with_error(m, "path_length", ".3f"), counts, size))
+        rows.append((info.name, info.system, recipe, with_error(m, "nll", ".3f"), with_error(m, "ess_q", ".3f"), with_error(m, "ess_p", ".3f"), with_error(m, "path_length", ".3f"), counts, size))
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     right = {3, 4, 5, 6, 8}
     for row in (header, *rows):

@@ -40,7 +40,6 @@ from jax.custom_derivatives import SymbolicZero
 
 from zoo._types import Array, Float, PRNGKeyArray, Time, Vector
 from zoo.fields.base import AbstractVectorField, cache_sized_chunk
-from zoo.registry import register
 
 #: Added under the square root of ‖x_i − x_j‖²: keeps the derivative finite on the
 #: diagonal (i = j, where x_i − x_j = 0 multiplies it away) and for coinciding particles.
@@ -287,7 +286,6 @@ class _EGCL(eqx.Module):
         return h, x
 
 
-@register("field")
 class EGNNField(AbstractVectorField):
     r"""E(n)-equivariant GNN vector field $v_θ(t, x)$ for N particles in d dimensions.
 

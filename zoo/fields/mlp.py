@@ -8,7 +8,6 @@ import jax.numpy as jnp
 
 from zoo._types import PRNGKeyArray, Time, Vector
 from zoo.fields.base import AbstractVectorField
-from zoo.registry import register
 
 ACTIVATIONS = {
     "elu": jax.nn.elu,
@@ -27,7 +26,6 @@ def activation(name: str):
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
 
 
-@register("field")
 class MLPField(AbstractVectorField):
     r"""MLP vector field $v_θ(t, x) = \mathrm{MLP}([x, t])$ (path-gradient paper: 4 × 64, ELU).
 

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 
 from zoo._types import Array, PRNGKeyArray, Scalar, Vector
-from zoo.registry import register
 
 
 class AbstractBase(eqx.Module):
@@ -42,7 +41,6 @@ class AbstractBase(eqx.Module):
         return x
 
 
-@register("base")
 class StandardNormal(AbstractBase):
     r"""Isotropic standard normal on R^dim: $\log q_0(z) = -\|z\|^2/2 - (d/2)\log 2\pi$."""
 
@@ -64,7 +62,6 @@ class StandardNormal(AbstractBase):
         return -z
 
 
-@register("base")
 class MeanFreeNormal(AbstractBase):
     r"""Isotropic normal N(0, s²) on the centre-of-mass-free subspace of N particles in d dimensions.
 

@@ -30,7 +30,6 @@ from zoo.errors import ZooError
 from zoo.fields.base import AbstractVectorField
 from zoo.flows.base import AbstractBase
 from zoo.flows.solvers import is_adaptive, make_solver
-from zoo.registry import register
 
 DIVERGENCES = ("exact", "hutchinson")
 NOISES = ("rademacher", "gaussian")
@@ -46,7 +45,6 @@ class Solution(NamedTuple):
     path_length: Array
 
 
-@register("flow")
 class CNF(eqx.Module):
     r"""A continuous normalizing flow $T_θ$ pushing ``base`` forward along ``field``.
 

@@ -8,8 +8,6 @@ from typing import ClassVar
 import diffrax
 import numpy as np
 
-from zoo.registry import register_external
-
 _rk4_tableau = diffrax.ButcherTableau(
     a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])),
     b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
@@ -59,6 +57,3 @@ def is_adaptive(name: str) -> bool:
     make_solver(name)  # validates the name
     return name in ADAPTIVE_SOLVERS
 
-
-for _name, _cls in {**FIXED_STEP_SOLVERS, **ADAPTIVE_SOLVERS}.items():
-    register_external(_cls, kind="solver", name=_cls.__name__, summary=f"diffrax solver '{_name}' (CNF.solver = '{_name}')")

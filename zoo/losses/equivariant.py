@@ -37,7 +37,6 @@ import numpy as np
 from zoo._types import Array, Float, Int, PRNGKeyArray
 from zoo.losses.coupling import exact_assignment
 from zoo.losses.fm import FlowMatching
-from zoo.registry import register
 
 
 # ---------------------------------------------------------------------------- assignment
@@ -141,7 +140,7 @@ def particle_permutation(x: Float[Array, "n d"], y: Float[Array, "n d"], atom_ty
 MAX_ENUMERATED_PERMUTATIONS = 120
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def admissible_permutations(n: int, atom_types: tuple[int, ...] | None = None) -> np.ndarray | None:
     """Every permutation of n particles that exchanges only particles of one type, as rows of
     an (m, n) array, or ``None`` when there are more than :data:`MAX_ENUMERATED_PERMUTATIONS`."""
@@ -294,7 +293,6 @@ def _aligned_cost_matrix_on_host(p0: Array, p1: Array, atom_types) -> tuple[Arra
 
 
 # ---------------------------------------------------------------------------- loss
-@register("loss")
 class EquivariantOTFlowMatching(FlowMatching):
     r"""Equivariant OT flow matching (Klein et al. 2023) for particle systems.
 

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 
 from zoo._types import Array, PRNGKeyArray
 from zoo.data import Batch
 from zoo.losses.base import AbstractLoss
 from zoo.losses.chunked import chunked_squared_error, resolve_chunk_size
 from zoo.losses.coupling import exact_assignment, squared_distances
-from zoo.registry import register
 
 
 def fm_regression(
@@ -44,7 +42,6 @@ def fm_regression(
     return chunked_squared_error(model.field, t[:, 0], xt, ut, chunk_size)
 
 
-@register("loss")
 class FlowMatching(AbstractLoss):
     """Standard flow matching: noise and data paired at random (Lipman et al. 2023)."""
 
@@ -76,7 +73,6 @@ class FlowMatching(AbstractLoss):
         return loss, {"fm_loss": loss}
 
 
-@register("loss")
 class OTFlowMatching(FlowMatching):
     """OT flow matching (Tong et al. 2023): exact assignment of noise to data per batch, squared Euclidean cost."""
 

@@ -56,7 +56,6 @@ from zoo.data import Batch
 from zoo.flows.solvers import is_adaptive, make_solver
 from zoo.losses.base import AbstractLoss
 from zoo.losses.chunked import from_chunks, resolve_chunk_size, to_chunks
-from zoo.registry import register
 
 ADJOINTS = ("backsolve", "direct")
 FORCE_SOURCES = ("data", "energy")
@@ -294,7 +293,6 @@ def path_gradient(
     return PathGradientTerms(surrogate=surrogate, grad_log_q=grad_log_q, c=c, z=z, x_end=x_end, log_q=log_q)
 
 
-@register("loss")
 class PathGradientForwardKL(AbstractLoss):
     r"""Path gradient of the forward KL on target samples with forces (path-gradient paper).
 
@@ -368,7 +366,6 @@ class PathGradientForwardKL(AbstractLoss):
         return jnp.mean(terms.surrogate), jax.lax.stop_gradient(aux)
 
 
-@register("loss")
 class MaximumLikelihood(AbstractLoss):
     r"""Forward KL by maximum likelihood: $-\mathrm{mean}_i \log q_θ(x_i)$, differentiated through the solver."""
 

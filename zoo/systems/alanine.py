@@ -26,7 +26,6 @@ import numpy as np
 from zoo import resources
 from zoo._types import Array, Scalar
 from zoo.flows.base import AbstractBase, MeanFreeNormal
-from zoo.registry import register
 from zoo.systems.engines import OpenMMEngine, XTBEngine, engine_energy, engine_energy_and_force
 from zoo.systems.particles import AbstractParticleSystem
 
@@ -214,17 +213,10 @@ class _AlanineDipeptide(AbstractParticleSystem):
     def topology(self):
         return topology()
 
-    def write_views(self, arrays: dict, workdir, *, prefix: str = "") -> dict:
-        """Ramachandran maps, bond lengths and the φ free-energy difference (data, model, reweighted)."""
-        from zoo.views import molecule_views
-
-        return molecule_views(arrays, workdir, prefix=prefix, dihedrals=dihedrals, bonds=bonds(), elements=ELEMENTS, n_atoms=N_ATOMS)
-
     def field_kwargs(self) -> dict:
         return {**super().field_kwargs(), "atom_types": encoding(self.encoding)}
 
 
-@register("system")
 class AlanineDipeptideClassical(_AlanineDipeptide):
     """Alanine dipeptide, Amber ff99SB-ILDN + OBC implicit solvent (OpenMM), 300 K, nm.
 
@@ -242,7 +234,6 @@ class AlanineDipeptideClassical(_AlanineDipeptide):
         return OpenMMEngine(str(PDB_PATH), N_ATOMS, platform=self.platform, temperature=self.temperature)
 
 
-@register("system")
 class AlanineDipeptideXTB(_AlanineDipeptide):
     """Alanine dipeptide with GFN2-xTB (tblite), 300 K, nm; batches spread over processes.
 

@@ -10,11 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo._types import Array, PRNGKeyArray, Scalar
-from zoo.registry import register
 from zoo.systems.base import AbstractTarget
 
 
-@register("system")
 class GaussianMixture2D(AbstractTarget):
     r"""Four equally weighted isotropic Gaussians at $(\pm s, \pm s)$ with width σ.
 

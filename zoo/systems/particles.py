@@ -12,7 +12,6 @@ import jax.numpy as jnp
 
 from zoo._types import Array, Scalar
 from zoo.flows.base import AbstractBase, MeanFreeNormal
-from zoo.registry import register
 from zoo.systems.base import AbstractTarget
 
 PAIR_CONVENTIONS = ("ordered", "halved")
@@ -46,14 +45,7 @@ class AbstractParticleSystem(AbstractTarget):
     def field_kwargs(self) -> dict:
         return {"dim": self.dim, "n_particles": self.n_particles, "spatial_dim": self.spatial_dim}
 
-    def write_views(self, arrays: dict, workdir, *, prefix: str = "") -> dict:
-        """Inter-particle distance histogram of data, model and reweighted model samples."""
-        from zoo.views import pair_distance_histogram
 
-        return pair_distance_histogram(arrays, workdir, prefix=prefix, n_particles=self.n_particles, spatial_dim=self.spatial_dim)
-
-
-@register("system")
 class LennardJones(AbstractParticleSystem):
     r"""Lennard-Jones cluster with a harmonic tether to the centre of mass.
 
@@ -92,7 +84,6 @@ class LennardJones(AbstractParticleSystem):
         return pair + 0.5 * self.oscillator_scale * jnp.sum(centred**2)
 
 
-@register("system")
 class DoubleWell(AbstractParticleSystem):
     r"""Multi-particle double well (DW4 by default: 4 particles in 2-D).
 

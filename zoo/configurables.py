@@ -1,0 +1,60 @@
+"""Every component of the numerical core that a gin file can name, registered in one place.
+
+The core (``systems``, ``fields``, ``flows``, ``losses``, ``metrics``, ``data``) knows nothing of
+gin: its classes and functions are plain Python. This module, part of the experiments layer,
+is the only place that makes them nameable from a config (``@EGNNField()``,
+``train.loss = @OTFlowMatching()``) and records their kind for ``tools/zoo list``. The names
+are stable and module-free, so released checkpoints' stored configs keep resolving wherever
+the code lives.
+"""
+
+from __future__ import annotations
+
+import optax
+
+from zoo import ad2_data, data, importing, metrics
+from zoo.fields import EGNNField, MLPField
+from zoo.flows import CNF, MeanFreeNormal, StandardNormal
+from zoo.flows.solvers import ADAPTIVE_SOLVERS, FIXED_STEP_SOLVERS
+from zoo.losses import EquivariantOTFlowMatching, FlowMatching, MaximumLikelihood, OTFlowMatching, PathGradientForwardKL
+from zoo.registry import register_external
+from zoo.systems import AlanineDipeptideClassical, AlanineDipeptideXTB, DoubleWell, GaussianMixture2D, LennardJones
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "lamb", "rmsprop", "lion")
+SCHEDULES = (
+    "constant_schedule",
+    "cosine_decay_schedule",
+    "warmup_cosine_decay_schedule",
+    "exponential_decay",
+    "linear_schedule",
+    "piecewise_constant_schedule",
+)
+
+_CORE = {
+    "system": (GaussianMixture2D, LennardJones, DoubleWell, AlanineDipeptideClassical, AlanineDipeptideXTB),
+    "dataset": (data.exact_samples, data.stored_dataset, importing.imported_dataset, ad2_data.ad2_dataset),
+    "base": (StandardNormal, MeanFreeNormal),
+    "field": (MLPField, EGNNField),
+    "flow": (CNF,),
+    "loss": (FlowMatching, OTFlowMatching, EquivariantOTFlowMatching, PathGradientForwardKL, MaximumLikelihood),
+    "metric": (metrics.ess_q, metrics.ess_p, metrics.ess_q_se, metrics.ess_p_se, metrics.nll, metrics.nll_se, metrics.kl_exact),
+}
+
+
+def register_core() -> None:
+    """Register the core components, optax's optimisers and schedules, and diffrax's solvers.
+
+    Idempotent: registering the same object under the same name again is a no-op.
+    """
+    for kind, objects in _CORE.items():
+        for obj in objects:
+            register_external(obj, kind=kind)
+    for name in OPTIMIZERS:
+        register_external(getattr(optax, name), kind="optimizer", name=name)
+    for name in SCHEDULES:
+        register_external(getattr(optax, name), kind="schedule", name=name)
+    for name, cls in {**FIXED_STEP_SOLVERS, **ADAPTIVE_SOLVERS}.items():
+        register_external(cls, kind="solver", name=cls.__name__, summary=f"diffrax solver '{name}' (CNF.solver = '{name}')")
+
+
+register_core()
