@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import gin
-from zoo import ad2_data
+from zoo import ad2_data, config
 from zoo.systems import alanine
 
 #: Cores of the two φ basins, in rad, for counting transitions: φ > 0 (αL / C7ax, around
@@ -61,7 +61,7 @@ def _prepare(workdir: Path, output_dir, resume: bool, caches: tuple[str, ...]) -
 
 
 def _finish(output_dir: Path, manifest_entry: dict, plots: bool) -> dict:
-    (output_dir / "operative_config.gin").write_text(gin.operative_config_str())
+    config.write_operative_config(output_dir)
     if plots:
         write_plots(output_dir)
     summary = describe(manifest_entry)

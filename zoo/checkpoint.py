@@ -65,6 +65,7 @@ import tensorstore as ts
 
 from zoo._version import __version__
 from zoo.errors import ZooError
+from zoo.storage import array_sha256, write_atomic
 
 __all__ = [
     "Checkpoint",
@@ -232,7 +233,7 @@ def save_checkpoint(
                         "dtype": str(leaf.dtype),
                         "data_shape": list(data.shape),
                         "data_dtype": str(data.dtype),
-                        "sha256": _array_sha256(data),
+                        "sha256": array_sha256(data, dtype=data.dtype),
                         "key_impl": key_impl,
                     }
                 )
@@ -367,10 +368,6 @@ def _unique(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def _array_sha256(data: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(data).reshape(-1).view(np.uint8)).hexdigest()
-
-
 def _zarr_spec(target: pathlib.Path) -> dict:
     return {
         "driver": "zarr",
@@ -427,16 +424,7 @@ def _fsync_tree(top: pathlib.Path) -> None:
 
 
 def _write_latest(root: pathlib.Path, name: str) -> None:
-    tmp = root / f".tmp-{LATEST}-{uuid.uuid4().hex[:12]}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, root / LATEST)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(root / LATEST, lambda f: f.write((name + "\n").encode("utf-8")))
     _fsync_dir(root)
 
 
@@ -617,7 +605,7 @@ def _read_leaf(step_dir: pathlib.Path, entry: dict) -> np.ndarray:
             f"leaf {label} ({entry['file']}) holds {_describe(data.shape, data.dtype)}, "
             f"the manifest says {_describe(entry['data_shape'], entry['data_dtype'])}"
         )
-    if _array_sha256(data) != entry["sha256"]:
+    if array_sha256(data, dtype=data.dtype) != entry["sha256"]:
         raise CorruptCheckpointError(f"leaf {label} ({entry['file']}) fails its sha256 check: the data is damaged")
     return data
 
@@ -801,9 +789,9 @@ def pack_checkpoint(step_dir, out_file) -> pathlib.Path:
     if not (step_dir / MANIFEST).is_file():
         raise CheckpointError(f"{step_dir} is not a step dir (no {MANIFEST}); pack one step_* dir")
     out = pathlib.Path(out_file)
-    tmp = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:12]}")
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+
+    def write(file) -> None:
+        with tarfile.open(fileobj=file, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for rel in _files(step_dir):
                 path = step_dir / rel
                 info = tarfile.TarInfo(rel)
@@ -814,11 +802,8 @@ def pack_checkpoint(step_dir, out_file) -> pathlib.Path:
                 info.uname = info.gname = ""
                 with open(path, "rb") as f:
                     tar.addfile(info, f)
-        _fsync_file(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    write_atomic(out, write)
     _fsync_dir(out.parent)
     return out
 

@@ -114,7 +114,7 @@ def compare(
         claim_run_dir(run / "checkpoint", resume=False, overwrite=True)
     system = config.make_system()
     dataset = config.make_dataset(system)
-    (workdir / "operative_config.gin").write_text(gin.config_str())
+    config.write_operative_config(workdir, everything=True)
     results: dict[str, list[dict]] = {r.name: [] for r in recipes}
     curves: dict[str, list[list[dict]]] = {r.name: [] for r in recipes}
     # One optimiser object per stage, reused across seeds, so jit caches are reused too.

@@ -105,6 +105,24 @@ def parse(gin_files=(), bindings=(), *, config_str: str | None = None) -> None:
         root.setLevel(level)
 
 
+OPERATIVE_CONFIG = "operative_config.gin"
+
+
+def write_operative_config(folder, *, everything: bool = False) -> Path:
+    """Record the configuration of a run as ``folder/operative_config.gin`` (atomically).
+
+    By default the operative bindings (those the run has read so far); ``everything=True``
+    writes every parsed binding, for a record made before the run has read them all (a run
+    that may be killed still leaves its full configuration behind).
+    """
+    from zoo.storage import write_atomic
+
+    text = gin.config_str() if everything else gin.operative_config_str()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_atomic(folder / OPERATIVE_CONFIG, lambda f: f.write(text.encode("utf-8")))
+
+
 # ---------------------------------------------------------------------- model construction
 @gin.configurable
 def make_system(system=gin.REQUIRED):

@@ -181,7 +181,7 @@ def train(
     dataset = config.make_dataset(system)
     init_key = jax.random.fold_in(jax.random.PRNGKey(seed), 10**6)
     flow = config.make_flow(system, key=init_key)
-    (workdir / "operative_config.gin").write_text(gin.operative_config_str())
+    config.write_operative_config(workdir)
     flow, all_records = fit_tracking_fm(
         flow,
         system,
@@ -206,7 +206,7 @@ def train(
     )
     metrics = evaluation(flow, system, dataset, workdir, records=all_records)
     # The operative config is complete only now (every configurable has been called).
-    (workdir / "operative_config.gin").write_text(gin.operative_config_str())
+    config.write_operative_config(workdir)
     return flow, metrics
 
 

@@ -128,7 +128,7 @@ def finetune(
     )
     after = evaluation(flow, system, dataset, workdir, records=all_records)
     _fm_curve(all_records, workdir / "fm_loss_during_finetuning.png")
-    (workdir / "operative_config.gin").write_text(gin.operative_config_str())
+    config.write_operative_config(workdir)
     report = write_report(workdir, before, after, title=f"Fine-tuning {pretrained} with {type(loss).__name__}", records=all_records)
     print(report)
     return flow, before, after

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 import gin
-from zoo import storage
+from zoo import config, storage
 from zoo.mcmc import SamplerSettings, run_chains
 
 # Statistics of the published LJ13 test set (Klein et al. 2023) in the 'ordered' convention,
@@ -252,7 +252,7 @@ def generate_data(
     manifest = storage.write_dataset(output_dir, splits, system=system, extra=extra)
     # gin records a configurable's bindings when it is called, so the operative config is
     # complete here; beside the data it tells how to regenerate them.
-    (output_dir / "operative_config.gin").write_text(gin.operative_config_str())
+    config.write_operative_config(output_dir)
     if plots:
         write_plots(output_dir / "plots", system, splits, result)
     (output_dir / "README.md").write_text(describe(manifest))

@@ -32,7 +32,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +44,7 @@ import numpy as np
 from zoo._types import Array
 from zoo.errors import ZooError
 from zoo.progress import bar as progress_bar
+from zoo.storage import write_atomic
 
 KERNELS = ("rwm", "mala", "hmc")
 DEFAULT_TARGET_ACCEPT = {"rwm": 0.3, "mala": 0.5, "hmc": 0.65}
@@ -451,12 +451,7 @@ def _chunks(system, settings: SamplerSettings) -> _Chunks:
 
 
 def _save_atomic(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def _fingerprint(system, settings: SamplerSettings, n_per_chain: int, seed: int) -> str:

@@ -58,7 +58,7 @@ from typing import Any
 
 from zoo import checkpoint as ckpt
 from zoo.resources import ROOT as REPO_ROOT
-from zoo.storage import read_json
+from zoo.storage import read_json, write_atomic
 
 __all__ = [
     "ChecksumMismatchError",
@@ -698,10 +698,7 @@ def write_registry(entries: Sequence[Mapping[str, Any]], registry=None) -> Path:
     if not _same([dict(e) for e in entries], tomllib.loads(text).get("models", [])):  # the writer must round-trip
         raise RegistryError("internal error: the registry text does not read back as written")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:12]}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # ---------------------------------------------------------------------------- releasing

@@ -82,8 +82,10 @@ def check_system(manifest: dict, system, *, where: str = "") -> None:
 
 
 # ---------------------------------------------------------------------------- arrays
-def array_sha256(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a, dtype="<f4").tobytes()).hexdigest()
+def array_sha256(a: np.ndarray, dtype="<f4") -> str:
+    """sha256 of an array's bytes in C order as ``dtype``: the one hash of data sets (float32,
+    little-endian, the stored type) and checkpoints (each leaf's own dtype)."""
+    return hashlib.sha256(np.ascontiguousarray(a, dtype=dtype).reshape(-1).view(np.uint8)).hexdigest()
 
 
 def _kvstore(path: Path) -> dict:
@@ -345,14 +347,4 @@ class ChunkStore:
             return None
 
     def save(self, index: int, arrays: dict[str, np.ndarray]) -> None:
-        target = self._file(index)
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **{name: np.asarray(value) for name, value in arrays.items()})
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self._file(index), lambda f: np.savez(f, **{name: np.asarray(value) for name, value in arrays.items()}))

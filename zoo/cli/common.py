@@ -14,7 +14,6 @@ import re
 import sys
 from pathlib import Path
 
-import gin
 from zoo import config, progress
 from zoo.errors import EXIT_ERROR, EXIT_INTERRUPTED, ZooError
 
@@ -97,5 +96,3 @@ def load_checkpoint_for_output(args, output_folder: Path, *, with_dataset: bool 
     return system, flow, restored, make_dataset(system) if with_dataset else None
 
 
-def write_operative_config(workdir: Path) -> None:
-    (workdir / "operative_config.gin").write_text(gin.operative_config_str())

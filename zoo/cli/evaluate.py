@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from zoo import config
 from zoo.cli import common
 
 
@@ -18,7 +19,7 @@ def main(argv=None) -> None:
     system, flow, restored, dataset = common.load_checkpoint_for_output(args, args.workdir)
     print(f"loaded {type(flow).__name__} for {type(system).__name__} at step {restored.step}")
     experiment.evaluation(flow, system, dataset, args.workdir, provenance={"checkpoint": str(args.checkpoint)})
-    common.write_operative_config(args.workdir)
+    config.write_operative_config(args.workdir)
 
 
 if __name__ == "__main__":

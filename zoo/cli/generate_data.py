@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import gin
+from zoo import config
 from zoo.cli import common
 
 
@@ -51,10 +51,9 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     # The full parsed config now (a killed run still records it), the operative one at the end.
-    (workdir / "operative_config.gin").write_text(gin.config_str())
+    config.write_operative_config(workdir, everything=True)
     manifest = generate(workdir, resume=args.resume, max_chunks=args.max_chunks, progress=not args.no_progress)
-    operative = gin.operative_config_str()
-    (workdir / "operative_config.gin").write_text(operative)
+    config.write_operative_config(workdir)
     if manifest is None:
         print(f"generate-data: partial run saved in {workdir}; run the same command again to continue")
         return 0
