@@ -16,7 +16,7 @@ Variants of the same loss (equal values and gradients, tested in tests/test_equi
   reverse pass) and differentiated in the same pass (``zoo.losses.chunked``).
 
 The PyTorch reference (bgflow EGNN + torchdiffeq, hidden 64, 2 threads, quiet machine):
-LJ13 3 layers 0.21 s (PERFORMANCE.md; 0.38 s in the issue's table), 5 layers 0.40 s (0.55 s),
+LJ13 3 layers 0.21 s (one thread with the other core busy: 0.38 s), 5 layers 0.40 s (0.55 s),
 LJ55 3 layers batch 64 1.63 s (2.6 s). The data are random mean-free configurations:
 the step's cost does not depend on their values. The machine is shared: the table records
 the 1-minute load average; compare variants within one run.
@@ -43,7 +43,7 @@ from zoo.flows import CNF, MeanFreeNormal
 from zoo.losses import AbstractLoss, EquivariantOTFlowMatching, FlowMatching
 from zoo.losses.equivariant import aligned_cost_matrix
 
-#: (name, particles, layers, batch, reference seconds: PERFORMANCE.md, issue table)
+#: (name, particles, layers, batch, reference seconds: quiet 2 threads, 1 thread beside a busy core)
 CASES = {
     "lj13_3": (13, 3, 256, 0.21, 0.38),
     "lj13_5": (13, 5, 256, 0.40, 0.55),

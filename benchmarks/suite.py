@@ -19,8 +19,8 @@ run) and times, after warm-up, with compilation reported separately:
 - **PG memory**: the compiled PG step's temporary buffer size against the number of RK4
   steps (flat for the continuous adjoint).
 
-The reference (bgflow EGNN + torchdiffeq, ``../shared/PERFORMANCE.md`` quiet, 2 threads; the
-issue's table one thread with the other core busy) is printed beside each number it has.
+The reference (bgflow EGNN + torchdiffeq, measured beside zoo on the same machine: quiet with 2
+threads, and one thread with the other core busy) is printed beside each number it has.
 The machine and its load average are recorded; compare ratios measured in one run.
 """
 

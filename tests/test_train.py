@@ -263,6 +263,16 @@ def test_finetune_with_path_gradients_end_to_end(tmp_path):
     assert "| nll |" in (run / "report.md").read_text()
     assert before["pretrained"] == str(tmp_path / "fm" / "checkpoint")
 
+    # The same run from Python: the checkpoint's stored config goes underneath the same files
+    # and bindings, and the result is the tool's.
+    from zoo.finetune import run_finetuning
+
+    bindings = [a.removeprefix("--gin_param=") for a in args if a.startswith("--gin_param=")]
+    bindings += [f"finetune.pretrained = {str(tmp_path / 'fm' / 'checkpoint')!r}", "finetune.n_steps = 3"]
+    run_finetuning(tmp_path / "py", ["gmm_pg.gin"], bindings)
+    from_python = json.loads((tmp_path / "py" / "metrics.json").read_text())
+    assert from_python["nll"] == pytest.approx(after["nll"], rel=1e-6)
+
     # Resuming a finished run: the pretrained model's metrics are reused, not recomputed
     # (its plots stay untouched), no step is added and the after-metrics come out the same.
     stamp = (run / "before_density.png").stat().st_mtime_ns

@@ -10,38 +10,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 from pathlib import Path
 
 import gin
 from zoo import resources
-from zoo.errors import ZooError
+from zoo.errors import ConfigError
 from zoo.flows.cnf import CNF
+from zoo.resources import gin_search_path, resolve_gin_file  # noqa: F401  (part of this module's interface)
 
 GIN_DIR = resources.GIN_DIR
-
-
-class ConfigError(ZooError, ValueError):
-    """A gin file or binding that cannot be used (missing file, unknown configurable, bad value)."""
-
-
-def gin_search_path() -> list[Path]:
-    extra = [Path(p) for p in os.environ.get("ZOO_GIN_PATH", "").split(os.pathsep) if p]
-    return [*extra, GIN_DIR]
-
-
-def resolve_gin_file(name: str | os.PathLike) -> Path:
-    """The path of a gin file given as a path or as a bare name inside ``gin/``."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    candidates = [path.name] if path.suffix == ".gin" else [path.name, path.name + ".gin"]
-    for folder in gin_search_path():
-        for candidate in candidates:
-            if (folder / candidate).is_file():
-                return folder / candidate
-    available = sorted(p.name for p in GIN_DIR.glob("*.gin")) if GIN_DIR.is_dir() else []
-    raise ConfigError(f"gin file {str(name)!r} not found (looked in the working directory and {', '.join(map(str, gin_search_path()))}); available: {', '.join(available)}")
 
 
 @contextlib.contextmanager

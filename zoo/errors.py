@@ -17,3 +17,7 @@ EXIT_INTERRUPTED = 130
 
 class ZooError(Exception):
     """A problem with what zoo was given (settings, data, checkpoints, files), named in the message."""
+
+
+class ConfigError(ZooError, ValueError):
+    """A setting that cannot be used: a missing gin file, an unknown configurable, a bad value."""

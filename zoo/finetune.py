@@ -33,6 +33,26 @@ def stored_config(pretrained) -> tuple[Path, str]:
     return path, ckpt.read_checkpoint_info(path).config
 
 
+def run_finetuning(workdir, gin_files=(), bindings=(), **kwargs):
+    """Fine-tune from Python as ``tools/finetune`` does, given the same gin files and bindings.
+
+    The files and bindings name the pretrained model (``finetune.pretrained``: a checkpoint
+    folder or a model-index name); its stored config is laid underneath them, so the system,
+    data and field are the checkpoint's own and the files change only what they bind. Then
+    :func:`finetune` runs with ``kwargs`` (``resume``, ``overwrite``, ``probe_lr``, …).
+    Returns what :func:`finetune` returns.
+    """
+    config.parse(gin_files, bindings)
+    try:
+        pretrained = gin.query_parameter("finetune.pretrained")
+    except ValueError:
+        raise config.ConfigError("no pretrained model: bind finetune.pretrained (or pass --pretrained)") from None
+    _, stored = stored_config(pretrained)
+    # The checkpoint's own config first, then the user's files and bindings on top.
+    config.parse(gin_files, bindings, config_str=stored)
+    return finetune(workdir, **kwargs)
+
+
 @gin.configurable
 def finetune(
     workdir: Path,
@@ -63,8 +83,8 @@ def finetune(
     probed at each of them (:func:`probe_learning_rates`, on ``probe_samples`` held-out
     samples) and ``lr_probe.json`` and ``lr_probe.png`` are written instead.
 
-    The gin config in effect is the checkpoint's stored one overlaid with the user's files
-    and bindings (see :func:`zoo.cli.finetune.main`), so e.g. ``CNF.divergence =
+    The gin config in effect must be the checkpoint's stored one overlaid with the user's
+    files and bindings (:func:`run_finetuning` parses it so), so e.g. ``CNF.divergence =
     'hutchinson'`` switches the divergence estimator for the fine-tuning run.
     """
     check_settings(

@@ -25,8 +25,8 @@ import gin
 from zoo import config, storage
 from zoo.mcmc import SamplerSettings, run_chains
 
-# Statistics of the published LJ13 test set (Klein et al. 2023) in the 'ordered' convention,
-# as recorded in the method notes (METHOD.md §6); the generator compares against them.
+# Statistics of the published LJ13 test set (Klein et al. 2023) in the 'ordered' convention:
+# energy and pair-distance moments of its test split. The generator compares against them.
 PUBLISHED_LJ13 = {
     "mean_energy": -43.1,
     "std_energy": 7.0,
@@ -117,7 +117,7 @@ def statistics(system, positions: np.ndarray, forces: np.ndarray | None = None) 
 
 
 def compare_published_lj13(stats: dict) -> dict:
-    """Our LJ13 statistics beside the published ones (METHOD.md §6)."""
+    """Our LJ13 statistics beside those of the published test set (:data:`PUBLISHED_LJ13`)."""
     ours = {
         "mean_energy": stats["energy"]["mean"],
         "std_energy": stats["energy"]["std"],
@@ -344,7 +344,7 @@ def describe(manifest: dict) -> str:
     for check in manifest.get("independent_checks", []):
         lines += ["", f"## Independent check: {check['title']}", "", check["text"]]
     if "published_comparison" in manifest:
-        lines += ["", "## Against the published LJ13 set (Klein et al. 2023; METHOD.md §6)", "", "| quantity | ours | published |", "|---|---|---|"]
+        lines += ["", "## Against the published LJ13 set (Klein et al. 2023)", "", "| quantity | ours | published |", "|---|---|---|"]
         for k, v in manifest["published_comparison"].items():
             lines.append(f"| {k.replace('_', ' ')} | {v['ours']:.3f} | {v['published']} |")
             if "ours_overall_min" in v:

@@ -1,4 +1,4 @@
-r"""Sampling metrics of a Boltzmann generator (METHOD §1), computed in log space.
+r"""Sampling metrics of a Boltzmann generator, computed in log space.
 
 With log weights $\log w = -u(x) - \log q_θ(x)$ (Z cancels in every ratio):
 

@@ -57,7 +57,9 @@ from pathlib import Path
 from typing import Any
 
 from zoo import checkpoint as ckpt
+from zoo.errors import ConfigError
 from zoo.resources import ROOT as REPO_ROOT
+from zoo.resources import resolve_gin_file
 from zoo.storage import read_json, write_atomic
 
 __all__ = [
@@ -793,8 +795,6 @@ def release(
     (mirrors). An existing entry of the same name is replaced in place. ``recipe``
     defaults to :func:`draft_recipe`.
     """
-    from zoo.config import ConfigError, resolve_gin_file
-
     if not _NAME.match(name):
         raise RegistryError(f"model name {name!r} must be letters, digits, '_', '.', '-'")
     step_dir, workdir = _run_step_dir(workdir_or_checkpoint)

@@ -11,7 +11,10 @@ relative paths in configs and in the model index (``assets/data/lj13``,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+from zoo.errors import ConfigError
 
 PACKAGE = Path(__file__).resolve().parent
 _SHIPPED = PACKAGE / "_shipped"
@@ -27,3 +30,26 @@ def _root() -> Path:
 ROOT = _root()
 GIN_DIR = ROOT / "gin"
 ASSETS = ROOT / "assets"
+
+
+def gin_search_path() -> list[Path]:
+    """Where bare gin file names are looked up: the folders of ``$ZOO_GIN_PATH``, then ``gin/``."""
+    extra = [Path(p) for p in os.environ.get("ZOO_GIN_PATH", "").split(os.pathsep) if p]
+    return [*extra, GIN_DIR]
+
+
+def resolve_gin_file(name: str | os.PathLike) -> Path:
+    """The path of a gin file given as a path or as a bare name inside ``gin/`` (or ``$ZOO_GIN_PATH``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    candidates = [path.name] if path.suffix == ".gin" else [path.name, path.name + ".gin"]
+    for folder in gin_search_path():
+        for candidate in candidates:
+            if (folder / candidate).is_file():
+                return folder / candidate
+    available = sorted(p.name for p in GIN_DIR.glob("*.gin")) if GIN_DIR.is_dir() else []
+    raise ConfigError(
+        f"gin file {str(name)!r} not found (looked in the working directory and {', '.join(map(str, gin_search_path()))}); "
+        f"available: {', '.join(available)}"
+    )

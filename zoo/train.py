@@ -25,7 +25,7 @@ import optax
 from zoo import checkpoint as ckpt
 from zoo import parallel
 from zoo.data import Batch, Dataset
-from zoo.errors import ZooError
+from zoo.errors import ConfigError, ZooError
 from zoo.optim import parameter_average_of, with_clipping, with_parameter_average
 from zoo.progress import bar as progress_bar
 
@@ -77,8 +77,6 @@ def check_settings(owner: str, **settings) -> None:
     Integer settings are checked against :data:`_INTEGER_SETTINGS`; ``time_budget_s`` and
     ``clip_norm`` must be positive numbers or None, ``ema_decay`` in [0, 1) or None.
     """
-    from zoo.config import ConfigError
-
     for name, value in settings.items():
         binding = f"{owner}.{name}"
         if name in _INTEGER_SETTINGS:

@@ -9,8 +9,6 @@ from zoo.cli import common
 
 @common.tool
 def main(argv=None) -> None:
-    import gin
-
     p = common.parser("Fine-tune a pretrained flow; writes metrics_before.json, metrics.json, report.md, plots, checkpoint.")
     p.add_argument("--pretrained", help="checkpoint folder or registry name (overrides finetune.pretrained)")
     p.add_argument("--steps", type=int, help="optimiser steps (overrides finetune.n_steps)")
@@ -39,22 +37,17 @@ def main(argv=None) -> None:
         if args.steps is None:
             overrides.append("finetune.n_steps = None")
     args.gin_param = [*args.gin_param, *overrides]
-    common.parse_gin(args)
-
-    from zoo import config, finetune
-
-    try:
-        pretrained = gin.query_parameter("finetune.pretrained")
-    except ValueError:
-        common.fail("no pretrained model: set finetune.pretrained in the gin file or pass --pretrained")
+    common.parse_gin(args)  # the tools' own checks and messages before the run's parse
     workdir = args.workdir
     if workdir is None:
         common.fail("--workdir is required")
-    _, stored = finetune.stored_config(pretrained)
-    # The checkpoint's own config first, then the user's files and bindings on top.
-    config.parse(args.gin, args.gin_param, config_str=stored)
+
+    from zoo import finetune
+
     start = time.perf_counter()
-    finetune.finetune(workdir, resume=args.resume, overwrite=args.overwrite, probe_lr=args.probe_lr, probe_samples=args.probe_samples)
+    finetune.run_finetuning(
+        workdir, args.gin, args.gin_param, resume=args.resume, overwrite=args.overwrite, probe_lr=args.probe_lr, probe_samples=args.probe_samples
+    )
     print(f"done in {time.perf_counter() - start:.1f} s; outputs in {workdir}")
 
 

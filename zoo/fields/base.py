@@ -7,8 +7,9 @@ from typing import ClassVar
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 
-from zoo._types import Time, Vector
+from zoo._types import Array, Time, Vector
 
 
 def largest_divisor_at_most(n: int, cap: int) -> int:
@@ -41,6 +42,29 @@ class AbstractVectorField(eqx.Module):
     def dim(self) -> int:
         """Length of the flat state vector."""
 
+    #: Whether :meth:`batched` is a fused batch form, faster than ``vmap`` of ``__call__`` (the
+    #: EGNN's). The path-gradient estimator then integrates a whole chunk as one state through it.
+    fused_batched: ClassVar[bool] = False
+
     @abc.abstractmethod
     def __call__(self, t: Time, x: Vector) -> Vector:
         """The velocity at time t and position x (shape (dim,))."""
+
+    def batched(self, t: Array, x: Array) -> Array:
+        """v for a batch, t (b,) and x (b, dim) → (b, dim): the same function as ``vmap(self)``.
+
+        This default is that ``vmap``; a field with a fused batch form overrides it (and sets
+        :attr:`fused_batched`). Losses call it in reverse mode only.
+        """
+        return jax.vmap(self)(jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1]), x)
+
+    def train_chunk_size(self, batch_size: int) -> int:
+        """Samples per chunk of a flow-matching step (the losses round it down to a divisor of
+        ``batch_size``). The default is the whole batch; a field whose working set outgrows a
+        core's cache prefers smaller chunks."""
+        return batch_size
+
+    def solve_chunk_size(self, batch_size: int) -> int:
+        """Samples per chunk of the path-gradient solves (rounded down to a divisor of
+        ``batch_size``). The default is the whole batch."""
+        return batch_size

@@ -300,6 +300,7 @@ class EGNNField(AbstractVectorField):
 
     # Messages see only distances and coordinates enter as differences: O(d) equivariant.
     reflection_equivariant: ClassVar[bool] = True
+    fused_batched: ClassVar[bool] = True
 
     embedding: _Dense
     layers: tuple[_EGCL, ...]

@@ -149,6 +149,17 @@ class CNF(eqx.Module):
         # field) otherwise leaves that channel unbatched, and its parameter gradient through
         # the batched solve came out batch-size times too large.
         zero = 0.0 * x[0]
+        x1, div, length = self.solve(rhs, (x, zero, zero), t0, t1, eps)
+        return Solution(x=x1, divergence=div, path_length=jnp.abs(length))
+
+    def solve(self, rhs, y0, t0: float, t1: float, args=None):
+        """Solve dy/dt = rhs(t, y, args) from t0 to t1 with this flow's solver settings.
+
+        The one ODE solve of zoo: the flow's own integration and the path-gradient adjoints
+        (:mod:`zoo.losses.pg`) go through it. ``y0`` is any pytree; returns the state at t1,
+        NaN throughout where the solver failed (too many steps, a non-finite step), so a
+        failed sample shows up in the metrics instead of raising inside compiled code.
+        """
         adaptive = is_adaptive(self.solver)
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(rhs),
@@ -156,8 +167,8 @@ class CNF(eqx.Module):
             t0=t0,
             t1=t1,
             dt0=None if adaptive else (t1 - t0) / self.n_steps,
-            y0=(x, zero, zero),
-            args=eps,
+            y0=y0,
+            args=args,
             stepsize_controller=(
                 diffrax.PIDController(rtol=self.rtol, atol=self.atol) if adaptive else diffrax.ConstantStepSize()
             ),
@@ -166,8 +177,7 @@ class CNF(eqx.Module):
             throw=False,
         )
         failed = sol.result != diffrax.RESULTS.successful
-        x1, div, length = (jnp.where(failed, jnp.nan, leaf[-1]) for leaf in sol.ys)
-        return Solution(x=x1, divergence=div, path_length=jnp.abs(length))
+        return jax.tree.map(lambda leaf: jnp.where(failed, jnp.nan, leaf[-1]), sol.ys)
 
     def forward(self, z: Vector) -> Vector:
         """T_θ(z): one base sample to data space (no log density)."""

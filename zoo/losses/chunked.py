@@ -27,14 +27,11 @@ from zoo._types import Array, Scalar
 from zoo.fields.base import largest_divisor_at_most
 
 
-def resolve_chunk_size(field, preference: str, b: int, requested: int | None) -> int:
-    """Samples per chunk for a batch of b: ``requested``, or when None the choice of the field's
-    ``preference`` method (e.g. ``train_chunk_size``; the whole batch for a field without one),
-    rounded down to a divisor of b so that every chunk has the same size."""
-    if requested is None:
-        preferred = getattr(field, preference, None)
-        requested = preferred(b) if preferred is not None else b
-    return largest_divisor_at_most(b, requested)
+def resolve_chunk_size(b: int, requested: int | None, preferred: int) -> int:
+    """Samples per chunk for a batch of b: ``requested``, or when None the field's ``preferred``
+    size (its ``train_chunk_size(b)`` or ``solve_chunk_size(b)``), rounded down to a divisor of b
+    so that every chunk has the same size."""
+    return largest_divisor_at_most(b, preferred if requested is None else requested)
 
 
 def to_chunks(a: Array, chunk_size: int) -> Array:
@@ -54,16 +51,11 @@ def from_chunks(a: Array) -> Array:
     return a.swapaxes(0, 1).reshape(a.shape[0] * a.shape[1], *a.shape[2:])
 
 
-def _batched(field):
-    batched = getattr(field, "batched", None)
-    return batched if batched is not None else jax.vmap(field)
-
-
 def chunked_squared_error(field, t: Array, x: Array, target: Array, chunk_size: int) -> Scalar:
     r"""$\mathrm{mean}\,(v_θ(t, x) - u)^2$ over a batch, evaluated ``chunk_size`` samples at a time.
 
     ``t`` (b,), ``x`` and ``target`` (b, dim); ``chunk_size`` must divide b. The field is
-    called through its ``batched(t, x)`` method when it has one, else through ``vmap``.
+    called through its ``batched(t, x)`` method.
     """
     b = x.shape[0]
     if chunk_size < 1 or b % chunk_size:
@@ -71,13 +63,13 @@ def chunked_squared_error(field, t: Array, x: Array, target: Array, chunk_size: 
     if t.shape != (b,) or target.shape != x.shape:
         raise ValueError(f"expected t (b,), x and target (b, dim); got {t.shape}, {x.shape}, {target.shape}")
     if chunk_size == b:  # one chunk: plain autodiff, nothing to accumulate
-        return jnp.mean((_batched(field)(t, x) - target) ** 2)
+        return jnp.mean((field.batched(t, x) - target) ** 2)
 
     params, static = eqx.partition(field, eqx.is_inexact_array)
     scale = 1.0 / target.size
 
     def chunk_loss(p, tc, xc, uc):
-        return jnp.sum((_batched(eqx.combine(p, static))(tc, xc) - uc) ** 2) * scale
+        return jnp.sum((eqx.combine(p, static).batched(tc, xc) - uc) ** 2) * scale
 
     value_and_grad = jax.value_and_grad(chunk_loss, argnums=(0, 1, 2, 3))
 

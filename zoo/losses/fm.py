@@ -38,7 +38,7 @@ def fm_regression(
     if sigma > 0:
         xt = xt + sigma * model.base.sample(eps_key, b).astype(x1.dtype)
     ut = x1 - (1.0 - sigma_min) * x0
-    chunk_size = resolve_chunk_size(model.field, "train_chunk_size", b, chunk_size)
+    chunk_size = resolve_chunk_size(b, chunk_size, model.field.train_chunk_size(b))
     return chunked_squared_error(model.field, t[:, 0], xt, ut, chunk_size)
 
 

@@ -1,6 +1,6 @@
 r"""Path gradients of the forward KL for CNFs, and the maximum-likelihood baseline.
 
-The forward KL read as a reverse KL in base space (path-gradient paper, METHOD §4): for
+The forward KL read as a reverse KL in base space (Vaitl et al., path gradients for CNFs): for
 target samples $x_i \sim μ$ with forces $F = -∇_x u$, and $z_i = T_θ^{-1}(x_i)$ held fixed,
 
 $$g_{PG} = \frac1n \sum_i c(x_i)^\top \frac{∂T_θ(z_i)}{∂θ}, \qquad
@@ -46,14 +46,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 from zoo._types import Array, PRNGKeyArray
 from zoo.data import Batch
-from zoo.flows.solvers import is_adaptive, make_solver
+from zoo.flows.solvers import is_adaptive
 from zoo.losses.base import AbstractLoss
 from zoo.losses.chunked import from_chunks, resolve_chunk_size, to_chunks
 
@@ -81,28 +80,6 @@ def _frozen(model):
     return eqx.combine(jax.lax.stop_gradient(params), static)
 
 
-def _solve(model, rhs, y0, t0: float, t1: float, args=None):
-    """Solve dy/dt = rhs(t, y, args) from t0 to t1 with the CNF's solver settings; NaN on failure."""
-    adaptive = is_adaptive(model.solver)
-    sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(rhs),
-        make_solver(model.solver),
-        t0=t0,
-        t1=t1,
-        dt0=None if adaptive else (t1 - t0) / model.n_steps,
-        y0=y0,
-        args=args,
-        stepsize_controller=(
-            diffrax.PIDController(rtol=model.rtol, atol=model.atol) if adaptive else diffrax.ConstantStepSize()
-        ),
-        max_steps=model.max_steps if adaptive else model.n_steps,
-        saveat=diffrax.SaveAt(t1=True),
-        throw=False,
-    )
-    failed = sol.result != diffrax.RESULTS.successful
-    return jax.tree.map(lambda leaf: jnp.where(failed, jnp.nan, leaf[-1]), sol.ys)
-
-
 def augmented_forward(model, z: Array, eps: Array | None = None) -> tuple[Array, Array, Array]:
     r"""Integrate (x, a, ∫∇·v) forward from one base sample z (dim,); returns x(1), a(1), log q_θ(x(1)).
 
@@ -120,7 +97,7 @@ def augmented_forward(model, z: Array, eps: Array | None = None) -> tuple[Array,
         return v, -base.project(g), div
 
     z = base.project(z)
-    x1, a1, div = _solve(model, rhs, (z, base.project(base.score(z)), jnp.zeros((), z.dtype)), 0.0, 1.0, eps)
+    x1, a1, div = model.solve(rhs, (z, base.project(base.score(z)), jnp.zeros((), z.dtype)), 0.0, 1.0, eps)
     return x1, a1, base.log_prob(z) - div
 
 
@@ -150,7 +127,7 @@ def augmented_forward_batched(model, z: Array, eps: Array) -> tuple[Array, Array
 
     z = base.project(z)
     score = base.project(jax.vmap(base.score)(z))
-    x1, a1, div = _solve(model, rhs, (z, score, jnp.zeros((z.shape[0],), z.dtype)), 0.0, 1.0, eps)
+    x1, a1, div = model.solve(rhs, (z, score, jnp.zeros((z.shape[0],), z.dtype)), 0.0, 1.0, eps)
     return x1, a1, jax.vmap(base.log_prob)(z) - div
 
 
@@ -166,7 +143,7 @@ def _map_chunks(fn, chunk_size: int, *arrays):
 def _batched_augmented_applies(model, eps) -> bool:
     """The batched augmented solve needs Hutchinson noise, a field fast path and fixed steps
     (one batched state would share an adaptive step-size sequence across samples)."""
-    return eps is not None and getattr(model.field, "batched", None) is not None and not is_adaptive(model.solver)
+    return eps is not None and model.field.fused_batched and not is_adaptive(model.solver)
 
 
 def grad_log_prob(model, x: Array, eps: Array | None = None) -> tuple[Array, Array, Array]:
@@ -210,9 +187,8 @@ def _transport_backsolve_bwd(residuals, cotangent, perturbed, field, x_end, mode
             f = eqx.combine(p, static)
             # Reverse mode only here, so a field's batched fast path (the EGNN's hand-written
             # pair-message VJP) applies; the augmented solve needs forward mode and cannot use it.
-            batched = getattr(f, "batched", None)
-            if batched is not None:
-                return batched(jnp.full((y.shape[0],), t, y.dtype), y)
+            if f.fused_batched:
+                return f.batched(jnp.full((y.shape[0],), t, y.dtype), y)
             return jax.vmap(lambda yi: f(t, yi))(y)
 
         v, vjp = jax.vjp(velocity, params, x)
@@ -223,7 +199,7 @@ def _transport_backsolve_bwd(residuals, cotangent, perturbed, field, x_end, mode
 
     def add_chunk(total, chunk):
         x_chunk, cotangent_chunk = chunk
-        _, _, a_params = _solve(model, rhs, (x_chunk, project(cotangent_chunk), zeros), 1.0, 0.0, params)
+        _, _, a_params = model.solve(rhs, (x_chunk, project(cotangent_chunk), zeros), 1.0, 0.0, params)
         return jax.tree.map(jnp.add, total, a_params), None
 
     b = x_end.shape[0]
@@ -270,7 +246,7 @@ def path_gradient(
             raise ValueError("this CNF uses the Hutchinson divergence: path_gradient needs a PRNG key or eps")
         eps = model.hutchinson_noise(key, x.shape[0], x.dtype)
 
-    chunk_size = resolve_chunk_size(model.field, "solve_chunk_size", x.shape[0], chunk_size)
+    chunk_size = resolve_chunk_size(x.shape[0], chunk_size, model.field.solve_chunk_size(x.shape[0]))
 
     frozen = _frozen(model)
     project = model.base.project

@@ -191,7 +191,7 @@ _OPENMM_LOCK = threading.Lock()
 
 
 def openmm_system(pdb_path: str, forcefield: tuple[str, ...]):
-    """(topology, System) for a PDB file: no cutoff, no constraints, as METHOD §6 fixes."""
+    """(topology, System) for a PDB file: no cutoff, no constraints (the alanine dipeptide benchmark convention; implicit solvent comes from the force-field files)."""
     import openmm.app as app
 
     pdb = app.PDBFile(str(pdb_path))
