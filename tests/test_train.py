@@ -1,6 +1,7 @@
 """Training loop: exact resume, skipped non-finite steps, configs and tools end to end."""
 
 import json
+import math
 
 import equinox as eqx
 import jax
@@ -11,6 +12,7 @@ import pytest
 
 from zoo import config
 from zoo.data import exact_samples, make_split
+from zoo.errors import ConfigError
 from zoo.fields import MLPField
 from zoo.flows import CNF, StandardNormal
 from zoo.losses import FlowMatching
@@ -512,6 +514,8 @@ def test_a_rerun_without_resume_refuses_to_replace_the_run(tmp_path, capsys):
         ("train.n_steps = -3", "train.n_steps"),
         ("train.time_budget_s = -1.0", "train.time_budget_s"),
         ("train.ema_decay = 1.0", "train.ema_decay"),
+        ("train.n_epochs = 0", "train.n_epochs"),
+        ("train.n_epochs = 2", "train.n_steps or train.n_epochs, not both"),
     ],
 )
 def test_unusable_settings_are_refused_by_name(binding, named, tmp_path, capsys):
@@ -550,3 +554,18 @@ def test_metrics_are_written_before_the_plots(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="plotting"):
         experiment.evaluation(flow, system, data, tmp_path, n_samples=32, n_target=32, progress=False)
     assert np.isfinite(json.loads((tmp_path / "metrics.json").read_text())["nll"])
+
+
+def test_an_epoch_budget_is_whole_passes_over_the_training_set(tmp_path):
+    """n_epochs counts the whole batches BatchSampler draws per pass, rounded up; it ends the run like n_steps."""
+    from zoo.train import steps_for_budget
+
+    assert steps_for_budget("train", None, 2, 1000, 64) == 2 * 15  # 15 whole batches of 64 per pass over 1000
+    assert steps_for_budget("train", None, 0.5, 1000, 64) == 8
+    assert steps_for_budget("train", 7, None, 1000, 64) == 7
+    with pytest.raises(ConfigError, match="exceeds the 10 training samples"):
+        steps_for_budget("finetune", None, 1, 10, 64)
+    _, data, flow = _setup()
+    per_epoch = len(data.train) // 32
+    _, records = fit(flow, data, FlowMatching(), optax.adam(1e-2), workdir=tmp_path, n_epochs=1.5, batch_size=32, progress=False)
+    assert records[-1]["step"] == math.ceil(1.5 * per_epoch)

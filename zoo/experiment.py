@@ -151,6 +151,7 @@ def train(
     loss=gin.REQUIRED,
     optimizer=gin.REQUIRED,
     n_steps: int | None = None,
+    n_epochs: float | None = None,
     time_budget_s: float | None = None,
     batch_size: int = 256,
     accumulation: int = 1,
@@ -166,10 +167,11 @@ def train(
     n_devices: int | None = None,
 ):
     """Build system, data and flow from gin, train with ``loss``, evaluate, write everything to ``workdir``."""
-    from zoo.train import check_settings, claim_run_dir
+    from zoo.train import check_settings, claim_run_dir, steps_for_budget
 
     settings = dict(
-        n_steps=n_steps, time_budget_s=time_budget_s, batch_size=batch_size, accumulation=accumulation,
+        n_steps=n_steps, n_epochs=n_epochs, time_budget_s=time_budget_s, batch_size=batch_size,
+        accumulation=accumulation,
         clip_norm=clip_norm, ema_decay=ema_decay, seed=seed, log_every=log_every, eval_every=eval_every,
         checkpoint_every=checkpoint_every,
     )  # fmt: skip
@@ -189,7 +191,7 @@ def train(
         loss,
         optimizer,
         workdir,
-        n_steps=n_steps,
+        n_steps=steps_for_budget("train", n_steps, n_epochs, len(dataset.train), batch_size * accumulation),
         time_budget_s=time_budget_s,
         batch_size=batch_size,
         accumulation=accumulation,

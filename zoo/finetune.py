@@ -22,7 +22,7 @@ from zoo import config, plots
 from zoo.experiment import evaluation, fit_tracking_fm
 from zoo.pretrained import resolve_checkpoint
 from zoo.storage import read_json
-from zoo.train import NonFiniteStepError, check_settings, claim_run_dir
+from zoo.train import NonFiniteStepError, check_settings, claim_run_dir, steps_for_budget
 
 REPORT_KEYS = ("kl", "nll", "ess_q", "ess_p", "path_length", "fm_loss")
 HIGHER_IS_BETTER = {"ess_q", "ess_p"}
@@ -61,6 +61,7 @@ def finetune(
     loss=gin.REQUIRED,
     optimizer=gin.REQUIRED,
     n_steps: int | None = None,
+    n_epochs: float | None = None,
     time_budget_s: float | None = None,
     batch_size: int = 256,
     accumulation: int = 1,
@@ -88,17 +89,20 @@ def finetune(
     'hutchinson'`` switches the divergence estimator for the fine-tuning run.
     """
     check_settings(
-        "finetune", n_steps=n_steps, time_budget_s=time_budget_s, batch_size=batch_size, accumulation=accumulation,
+        "finetune", n_steps=n_steps, n_epochs=n_epochs, time_budget_s=time_budget_s, batch_size=batch_size,
+        accumulation=accumulation,
         clip_norm=clip_norm, ema_decay=ema_decay, seed=seed, log_every=log_every, eval_every=eval_every,
         checkpoint_every=checkpoint_every,
     )  # fmt: skip
-    if n_steps is None and time_budget_s is None and not probe_lr:
-        raise config.ConfigError("give finetune.n_steps or finetune.time_budget_s (--steps or --time_budget)")
+    if n_steps is None and n_epochs is None and time_budget_s is None and not probe_lr:
+        raise config.ConfigError("give finetune.n_steps, finetune.n_epochs or finetune.time_budget_s (--steps or --time_budget)")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path = resolve_checkpoint(pretrained)
     system = config.make_system()
     dataset = config.make_dataset(system)
+    # Before the first evaluation's minutes, so that a conflicting budget fails at once.
+    n_steps = steps_for_budget("finetune", n_steps, n_epochs, len(dataset.train), batch_size * accumulation)
     flow_like = config.make_flow(system, key=jax.random.PRNGKey(0))
     restored = ckpt.load_checkpoint(path, model_like=flow_like)
     flow = restored.model

@@ -552,59 +552,61 @@ def run_chains(
     bar = None
     if progress and done < total:
         bar = progress_bar(total, f"MCMC {type(system).__name__}", "step", initial=done)
-    n_run = 0
-    while done < total and (max_chunks is None or n_run < max_chunks):
-        t_start = time.perf_counter()
-        if done < s.burn_in:
-            n = min(s.chunk, s.burn_in - done)
-            state, ad, key, tr, acc = chunks.burn(state, ad, key, done, n_steps=n)
-            tr = np.asarray(tr)
-            acc_mean, phase = float(np.mean(np.asarray(acc))), "burn-in"
-            if s.adapt:
-                step_size = np.exp(np.asarray(ad.log_h_bar)).astype(np.float32)
-        else:
-            n = min(s.chunk, total - done)
-            state, key, n_acc, xs, us, tr = chunks.sample(state, jnp.asarray(step_size), key, n_steps=n)
-            n_accepted = n_accepted + np.asarray(n_acc)
-            samples.append(np.swapaxes(np.asarray(xs), 0, 1))
-            energies.append(np.asarray(us).T)
-            tr = np.asarray(tr)
-            acc_mean, phase = float(np.asarray(n_acc).mean() / n), "sampling"
-        trace.append(tr)
-        done += n
-        n_run += 1
-        seconds += time.perf_counter() - t_start
-        samples = [np.concatenate(samples, axis=1)]
-        energies = [np.concatenate(energies, axis=1)]
-        trace = [np.concatenate(trace, axis=0)]
-        st.update(
-            x=np.asarray(state.x),
-            u=np.asarray(state.u),
-            grad=np.asarray(state.grad),
-            fresh=np.array(False),
-            log_h=np.asarray(ad.log_h),
-            log_h_bar=np.asarray(ad.log_h_bar),
-            h_bar_stat=np.asarray(ad.h_bar_stat),
-            t=np.asarray(ad.t),
-            mu=np.asarray(ad.mu),
-            step_size=step_size,
-            key=np.asarray(key),
-            steps_done=np.array(done),
-            n_accepted=n_accepted,
-            samples=samples[0],
-            energies=energies[0],
-            trace=trace[0],
-            seconds=np.array(seconds),
-        )
-        _save_atomic(path, st)
-        if bar is not None:
-            n_chunks = math.ceil(s.burn_in / s.chunk) + math.ceil(sampling_steps / s.chunk)
-            bar.set_postfix_str(
-                f"chunk {_chunk_index(done, s)}/{n_chunks} {phase}, acc {acc_mean:.3f}, h {np.median(step_size):.3g}", refresh=False
+    try:
+        n_run = 0
+        while done < total and (max_chunks is None or n_run < max_chunks):
+            t_start = time.perf_counter()
+            if done < s.burn_in:
+                n = min(s.chunk, s.burn_in - done)
+                state, ad, key, tr, acc = chunks.burn(state, ad, key, done, n_steps=n)
+                tr = np.asarray(tr)
+                acc_mean, phase = float(np.mean(np.asarray(acc))), "burn-in"
+                if s.adapt:
+                    step_size = np.exp(np.asarray(ad.log_h_bar)).astype(np.float32)
+            else:
+                n = min(s.chunk, total - done)
+                state, key, n_acc, xs, us, tr = chunks.sample(state, jnp.asarray(step_size), key, n_steps=n)
+                n_accepted = n_accepted + np.asarray(n_acc)
+                samples.append(np.swapaxes(np.asarray(xs), 0, 1))
+                energies.append(np.asarray(us).T)
+                tr = np.asarray(tr)
+                acc_mean, phase = float(np.asarray(n_acc).mean() / n), "sampling"
+            trace.append(tr)
+            done += n
+            n_run += 1
+            seconds += time.perf_counter() - t_start
+            samples = [np.concatenate(samples, axis=1)]
+            energies = [np.concatenate(energies, axis=1)]
+            trace = [np.concatenate(trace, axis=0)]
+            st.update(
+                x=np.asarray(state.x),
+                u=np.asarray(state.u),
+                grad=np.asarray(state.grad),
+                fresh=np.array(False),
+                log_h=np.asarray(ad.log_h),
+                log_h_bar=np.asarray(ad.log_h_bar),
+                h_bar_stat=np.asarray(ad.h_bar_stat),
+                t=np.asarray(ad.t),
+                mu=np.asarray(ad.mu),
+                step_size=step_size,
+                key=np.asarray(key),
+                steps_done=np.array(done),
+                n_accepted=n_accepted,
+                samples=samples[0],
+                energies=energies[0],
+                trace=trace[0],
+                seconds=np.array(seconds),
             )
-            bar.update(n)
-    if bar is not None:
-        bar.close()
+            _save_atomic(path, st)
+            if bar is not None:
+                n_chunks = math.ceil(s.burn_in / s.chunk) + math.ceil(sampling_steps / s.chunk)
+                bar.set_postfix_str(
+                    f"chunk {_chunk_index(done, s)}/{n_chunks} {phase}, acc {acc_mean:.3f}, h {np.median(step_size):.3g}", refresh=False
+                )
+                bar.update(n)
+    finally:
+        if bar is not None:
+            bar.close()  # also stops its heartbeat when a chunk fails
 
     sampling_done = max(done - s.burn_in, 0)
     acceptance = n_accepted / max(sampling_done, 1)

@@ -75,7 +75,7 @@ def check_settings(owner: str, **settings) -> None:
     """Refuse a run setting that cannot work, naming its gin binding (``owner.name``) and the value.
 
     Integer settings are checked against :data:`_INTEGER_SETTINGS`; ``time_budget_s`` and
-    ``clip_norm`` must be positive numbers or None, ``ema_decay`` in [0, 1) or None.
+    ``clip_norm`` and ``n_epochs`` must be positive numbers or None, ``ema_decay`` in [0, 1) or None.
     """
     for name, value in settings.items():
         binding = f"{owner}.{name}"
@@ -85,7 +85,7 @@ def check_settings(owner: str, **settings) -> None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ConfigError(f"{binding} must be an integer >= {low}{' or None' if optional else ''}, got {value!r}")
-        elif name in ("time_budget_s", "clip_norm"):
+        elif name in ("time_budget_s", "clip_norm", "n_epochs"):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value)):
                 raise ConfigError(f"{binding} must be a positive number or None, got {value!r}")
         elif name == "ema_decay":
@@ -93,6 +93,19 @@ def check_settings(owner: str, **settings) -> None:
                 raise ConfigError(f"{binding} must be a number in [0, 1) or None, got {value!r}")
         else:
             raise ValueError(f"check_settings does not know the setting {name!r}")
+
+
+def steps_for_budget(owner: str, n_steps: int | None, n_epochs: float | None, n_train: int, samples_per_step: int) -> int | None:
+    """The run's optimiser steps: ``n_steps``, or ``n_epochs`` passes over ``n_train`` samples
+    at ``samples_per_step`` each (an epoch is the ``n_train // samples_per_step`` whole batches
+    :class:`BatchSampler` draws), rounded up. Giving both is an error naming the bindings."""
+    if n_epochs is None:
+        return n_steps
+    if n_steps is not None:
+        raise ConfigError(f"give {owner}.n_steps or {owner}.n_epochs, not both (got {n_steps} and {n_epochs})")
+    if samples_per_step > n_train:
+        raise ConfigError(f"{owner}.batch_size × accumulation = {samples_per_step} exceeds the {n_train} training samples")
+    return max(1, math.ceil(n_epochs * (n_train // samples_per_step)))
 
 
 class NonFiniteStepError(ZooError, FloatingPointError):
@@ -229,6 +242,7 @@ def fit(
     *,
     workdir: Path,
     n_steps: int | None = None,
+    n_epochs: float | None = None,
     time_budget_s: float | None = None,
     batch_size: int = 256,
     accumulation: int = 1,
@@ -250,7 +264,8 @@ def fit(
 ) -> tuple[eqx.Module, list[dict]]:
     """Train ``model`` on ``dataset.train`` with ``loss_fn``; returns the model and the log records.
 
-    Stops after ``n_steps`` optimiser steps or ``time_budget_s`` seconds of training
+    Stops after ``n_steps`` optimiser steps (or ``n_epochs`` passes over the training set,
+    rounded up to whole steps; give one of the two) or ``time_budget_s`` seconds of training
     (whichever comes first; at least one must be given; the seconds of the runs a resumed
     one continues count, as stored in the checkpoint). Each optimiser step consumes
     ``accumulation`` micro-batches of ``batch_size`` samples. Each micro-batch is split
@@ -265,12 +280,13 @@ def fit(
     for resuming) and what is returned.
     """
     check_settings(
-        owner, n_steps=n_steps, time_budget_s=time_budget_s, batch_size=batch_size, accumulation=accumulation,
-        clip_norm=clip_norm, ema_decay=ema_decay, seed=seed, log_every=log_every, eval_every=eval_every,
-        checkpoint_every=checkpoint_every,
+        owner, n_steps=n_steps, n_epochs=n_epochs, time_budget_s=time_budget_s, batch_size=batch_size,
+        accumulation=accumulation, clip_norm=clip_norm, ema_decay=ema_decay, seed=seed, log_every=log_every,
+        eval_every=eval_every, checkpoint_every=checkpoint_every,
     )  # fmt: skip
+    n_steps = steps_for_budget(owner, n_steps, n_epochs, len(dataset.train), batch_size * accumulation)
     if n_steps is None and time_budget_s is None:
-        raise ValueError(f"give {owner}.n_steps or {owner}.time_budget_s")
+        raise ValueError(f"give {owner}.n_steps, {owner}.n_epochs or {owner}.time_budget_s")
     if getattr(loss_fn, "needs_forces", False) and dataset.train.forces is None:
         raise ValueError(f"{type(loss_fn).__name__} needs target forces but the training data has none")
     workdir = Path(workdir)
