@@ -75,3 +75,34 @@ def test_lipman_sigma_min_and_validation(key):
     a, _ = FlowMatching(sigma_min=0.0)(flow, batch, key)
     b, _ = FlowMatching(sigma_min=0.1)(flow, batch, key)
     assert np.isfinite(a) and np.isfinite(b) and a != b
+
+
+def test_the_named_variants_are_flow_matching_with_their_coupling(key):
+    """OTFlowMatching and EquivariantOTFlowMatching are FlowMatching with a coupling component:
+    same pairs and the same loss for the same key; a gin config can pick the coupling."""
+    import gin
+    from zoo import config
+    from zoo.fields import EGNNField
+    from zoo.flows import MeanFreeNormal
+    from zoo.losses import EquivariantOTCoupling, EquivariantOTFlowMatching, IndependentCoupling, OTCoupling
+
+    n, d, b = 4, 2, 16
+    flow = CNF(EGNNField(n, d, hidden=8, n_layers=1, key=key), MeanFreeNormal(n, d))
+    x1 = flow.base.sample(jax.random.PRNGKey(3), b) * 1.5
+    pairs = [
+        (FlowMatching(sigma=0.01), FlowMatching(sigma=0.01, coupling=IndependentCoupling())),
+        (OTFlowMatching(sigma=0.01), FlowMatching(sigma=0.01, coupling=OTCoupling())),
+        (EquivariantOTFlowMatching(sigma=0.01, alignment="vectorised"), FlowMatching(sigma=0.01, coupling=EquivariantOTCoupling(alignment="vectorised"))),
+    ]
+    x0 = flow.base.sample(jax.random.PRNGKey(4), b)
+    for named, composed in pairs:
+        np.testing.assert_array_equal(named.pair(x0, x1, key, base=flow.base)[0], composed.pair(x0, x1, key, base=flow.base)[0])
+        assert named(flow, Batch(x1), key)[0] == composed(flow, Batch(x1), key)[0]
+    # The couplings differ: OT moves noise rows, equivariant OT also rotates and permutes particles.
+    ot, eq = pairs[1][0].pair(x0, x1, key)[0], pairs[2][0].pair(x0, x1, key, base=flow.base)[0]
+    assert not jnp.array_equal(ot, x0) and not jnp.allclose(eq, ot)
+    assert jnp.sum((eq - x1) ** 2) <= jnp.sum((ot - x1) ** 2) + 1e-4
+    config.parse([], ["FlowMatching.coupling = @OTCoupling()", "FlowMatching.sigma = 0.01"])
+    assert gin.get_configurable("FlowMatching")() == pairs[1][1]
+    with pytest.raises(TypeError, match="AbstractCoupling"):
+        FlowMatching(coupling="ot")

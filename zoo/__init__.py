@@ -19,10 +19,14 @@ from zoo.data import Batch, Dataset, Split  # noqa: E402
 from zoo.fields import AbstractVectorField, EGNNField, MLPField  # noqa: E402
 from zoo.flows import CNF, MeanFreeNormal, StandardNormal  # noqa: E402
 from zoo.losses import (  # noqa: E402
+    AbstractCoupling,
     AbstractLoss,
+    EquivariantOTCoupling,
     EquivariantOTFlowMatching,
     FlowMatching,
+    IndependentCoupling,
     MaximumLikelihood,
+    OTCoupling,
     OTFlowMatching,
     PathGradientForwardKL,
 )
@@ -31,6 +35,7 @@ from zoo.systems import AbstractTarget, AlanineDipeptideClassical, AlanineDipept
 
 __all__ = [
     "CNF",
+    "AbstractCoupling",
     "AbstractLoss",
     "AbstractTarget",
     "AbstractVectorField",
@@ -41,13 +46,16 @@ __all__ = [
     "Dataset",
     "DoubleWell",
     "EGNNField",
+    "EquivariantOTCoupling",
     "EquivariantOTFlowMatching",
     "FlowMatching",
     "GaussianMixture2D",
+    "IndependentCoupling",
     "LennardJones",
     "MLPField",
     "MaximumLikelihood",
     "MeanFreeNormal",
+    "OTCoupling",
     "OTFlowMatching",
     "PathGradientForwardKL",
     "Split",

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import optax
 
-from zoo import ad2_data, data, importing, metrics
+from zoo import ad2_data, data, importing, losses, metrics
 from zoo.fields import EGNNField, MLPField
 from zoo.flows import CNF, MeanFreeNormal, StandardNormal
 from zoo.flows.solvers import ADAPTIVE_SOLVERS, FIXED_STEP_SOLVERS
-from zoo.losses import EquivariantOTFlowMatching, FlowMatching, MaximumLikelihood, OTFlowMatching, PathGradientForwardKL
 from zoo.registry import register_external
 from zoo.systems import AlanineDipeptideClassical, AlanineDipeptideXTB, DoubleWell, GaussianMixture2D, LennardJones
 
@@ -36,7 +35,8 @@ _CORE = {
     "base": (StandardNormal, MeanFreeNormal),
     "field": (MLPField, EGNNField),
     "flow": (CNF,),
-    "loss": (FlowMatching, OTFlowMatching, EquivariantOTFlowMatching, PathGradientForwardKL, MaximumLikelihood),
+    "loss": (losses.FlowMatching, losses.OTFlowMatching, losses.EquivariantOTFlowMatching, losses.PathGradientForwardKL, losses.MaximumLikelihood),
+    "coupling": (losses.IndependentCoupling, losses.OTCoupling, losses.EquivariantOTCoupling),
     "metric": (metrics.ess_q, metrics.ess_p, metrics.ess_q_se, metrics.ess_p_se, metrics.nll, metrics.nll_se, metrics.kl_exact),
 }
 

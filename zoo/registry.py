@@ -30,6 +30,7 @@ KINDS = (
     "flow",
     "solver",
     "loss",
+    "coupling",
     "metric",
     "optimizer",
     "schedule",

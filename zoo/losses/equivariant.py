@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo._types import Array, Float, Int, PRNGKeyArray
-from zoo.losses.coupling import exact_assignment
+from zoo.losses.coupling import AbstractCoupling, exact_assignment
 from zoo.losses.fm import FlowMatching
 
 
@@ -293,14 +293,14 @@ def _aligned_cost_matrix_on_host(p0: Array, p1: Array, atom_types) -> tuple[Arra
 
 
 # ---------------------------------------------------------------------------- loss
-class EquivariantOTFlowMatching(FlowMatching):
-    r"""Equivariant OT flow matching (Klein et al. 2023) for particle systems.
+class EquivariantOTCoupling(AbstractCoupling):
+    r"""The equivariant OT coupling (Klein et al. 2023) for particle systems.
 
-    The batch coupling is the exact assignment on the B×B matrix of costs aligned over
-    permutations of identical particles and proper rotations (see the module docstring);
-    each noise sample is then permuted and rotated onto its data sample. N and d are read
-    from the flow's base (``MeanFreeNormal``). ``atom_types`` (length N) restricts the
-    permutations to particles of the same type.
+    The exact assignment on the B×B matrix of costs aligned over permutations of identical
+    particles and proper rotations (see the module docstring); each noise sample is then
+    permuted and rotated onto its data sample. N and d are read from the flow's base
+    (``MeanFreeNormal``). ``atom_types`` (length N) restricts the permutations to particles
+    of the same type.
     """
 
     atom_types: tuple[int, ...] | None = eqx.field(static=True, default=None)
@@ -311,7 +311,7 @@ class EquivariantOTFlowMatching(FlowMatching):
         if self.alignment not in ALIGNMENT_METHODS:
             raise ValueError(f"unknown alignment {self.alignment!r}; choose one of {ALIGNMENT_METHODS}")
 
-    def pair(self, x0: Array, x1: Array, key: PRNGKeyArray, *, base=None) -> tuple[Array, Array]:
+    def __call__(self, x0: Array, x1: Array, key: PRNGKeyArray | None, *, base=None) -> tuple[Array, Array]:
         del key
         n, d = _particle_shape(base, x0.shape[-1])
         x0s, x1s = jax.lax.stop_gradient(x0), jax.lax.stop_gradient(x1)
@@ -326,12 +326,28 @@ class EquivariantOTFlowMatching(FlowMatching):
         return aligned.reshape(b, n * d).astype(x0.dtype), x1
 
 
+class EquivariantOTFlowMatching(FlowMatching):
+    """Equivariant OT flow matching (Klein et al. 2023):
+    ``FlowMatching(coupling=EquivariantOTCoupling(atom_types, alignment))``."""
+
+    def __init__(
+        self,
+        sigma_min: float = 0.0,
+        sigma: float = 0.0,
+        chunk_size: int | None = None,
+        atom_types: tuple[int, ...] | None = None,
+        alignment: str = "auto",
+    ):
+        self.sigma_min, self.sigma, self.chunk_size = sigma_min, sigma, chunk_size
+        self.coupling = EquivariantOTCoupling(atom_types=atom_types, alignment=alignment)
+
+
 def _particle_shape(base, dim: int) -> tuple[int, int]:
     n = getattr(base, "n_particles", None)
     d = getattr(base, "spatial_dim", None)
     if n is None or d is None:
         raise ValueError(
-            "EquivariantOTFlowMatching needs a particle base (MeanFreeNormal with n_particles and spatial_dim); "
+            "the equivariant OT coupling needs a particle base (MeanFreeNormal with n_particles and spatial_dim); "
             f"got {type(base).__name__}"
         )
     if n * d != dim:

@@ -1,4 +1,4 @@
-r"""Flow-matching losses: standard (random pairing) and OT (exact batch assignment).
+r"""Flow matching with a coupling of noise and data: standard (independent), OT, equivariant OT.
 
 Interpolant between $x_0 \sim q_0$ and data $x_1$, $t \sim U[0, 1]$ (Lipman et al. 2023 with
 an optional Gaussian smoothing σ as in the molecular references):
@@ -7,7 +7,10 @@ $$x_t = (1 - (1 - σ_{min})t)\,x_0 + t\,x_1 + σ ε, \qquad u_t = x_1 - (1 - σ_
 
 loss $\mathrm{mean}\,(v_θ(t, x_t) - u_t)^2$ over the batch *and* the coordinates (the MSE
 the references report). ε is drawn from the flow's base, so it is mean-free for
-particle systems.
+particle systems. How x0 and x1 are paired is the loss's ``coupling``
+(:mod:`zoo.losses.coupling`); ``OTFlowMatching`` and ``EquivariantOTFlowMatching`` are
+``FlowMatching`` with the OT and equivariant-OT couplings, under the names the released
+configs use.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from zoo._types import Array, PRNGKeyArray
 from zoo.data import Batch
 from zoo.losses.base import AbstractLoss
 from zoo.losses.chunked import chunked_squared_error, resolve_chunk_size
-from zoo.losses.coupling import exact_assignment, squared_distances
+from zoo.losses.coupling import AbstractCoupling, IndependentCoupling, OTCoupling
 
 
 def fm_regression(
@@ -43,24 +46,24 @@ def fm_regression(
 
 
 class FlowMatching(AbstractLoss):
-    """Standard flow matching: noise and data paired at random (Lipman et al. 2023)."""
+    """Flow matching on the pairs ``coupling`` makes of noise and data; by default the
+    independent coupling (standard flow matching, Lipman et al. 2023)."""
 
     sigma_min: float = eqx.field(static=True, default=0.0)
     sigma: float = eqx.field(static=True, default=0.0)
     #: Samples evaluated at a time (a divisor of the batch size); None: the field's choice.
     chunk_size: int | None = eqx.field(static=True, default=None)
+    coupling: AbstractCoupling = eqx.field(default_factory=IndependentCoupling)
 
     def __check_init__(self):
         if not (0.0 <= self.sigma_min < 1.0) or self.sigma < 0:
             raise ValueError(f"need 0 <= sigma_min < 1 and sigma >= 0, got {self.sigma_min}, {self.sigma}")
+        if not isinstance(self.coupling, AbstractCoupling):
+            raise TypeError(f"coupling must be a zoo.losses.coupling.AbstractCoupling, got {type(self.coupling).__name__}")
 
     def pair(self, x0: Array, x1: Array, key: PRNGKeyArray, *, base=None) -> tuple[Array, Array]:
-        """Reorder (or align) the noise x0 to pair it with the data x1 (identity: independent coupling).
-
-        ``base`` is the flow's base distribution, for couplings that need the particle shape.
-        """
-        del key, base
-        return x0, x1
+        """The noise x0 paired with the data x1 by this loss's coupling (``base``: the flow's base)."""
+        return self.coupling(x0, x1, key, base=base)
 
     def __call__(self, model, batch: Batch, key: PRNGKeyArray):
         x1 = batch.x
@@ -74,9 +77,9 @@ class FlowMatching(AbstractLoss):
 
 
 class OTFlowMatching(FlowMatching):
-    """OT flow matching (Tong et al. 2023): exact assignment of noise to data per batch, squared Euclidean cost."""
+    """OT flow matching (Tong et al. 2023): ``FlowMatching(coupling=OTCoupling())``, the exact
+    assignment of noise to data per batch for the squared Euclidean cost."""
 
-    def pair(self, x0: Array, x1: Array, key: PRNGKeyArray, *, base=None) -> tuple[Array, Array]:
-        del key, base
-        perm = exact_assignment(jax.lax.stop_gradient(squared_distances(x0, x1)))
-        return x0[perm], x1
+    def __init__(self, sigma_min: float = 0.0, sigma: float = 0.0, chunk_size: int | None = None):
+        self.sigma_min, self.sigma, self.chunk_size = sigma_min, sigma, chunk_size
+        self.coupling = OTCoupling()
