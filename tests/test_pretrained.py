@@ -563,6 +563,16 @@ def test_cli_list_models_and_download(tmp_path, toy, monkeypatch, capsys):
     assert "did you mean 'toy'" in capsys.readouterr().err
 
 
+
+def test_the_model_list_says_how_each_log_density_was_solved():
+    from zoo.cli.zoo import _evaluated_with
+
+    assert _evaluated_with({"divergence": "exact", "solver": "rk4", "n_solver_steps": 40}) == "exact, rk4-40"
+    assert _evaluated_with({"divergence": "exact", "solver": "dopri5", "solver_rtol": 1e-5, "solver_atol": 1e-5}) == "exact, dopri5 1e-05"
+    assert _evaluated_with({"divergence": "hutchinson"}) == "hutchinson"
+    assert _evaluated_with({}) == "?"
+
+
 # ---------------------------------------------------------------------------- the shipped models
 SHIPPED = pretrained.load_registry(pretrained.REGISTRY_FILE)
 # Systems cheap enough to evaluate in the default suite (2-D, seconds); the rest are slow.
