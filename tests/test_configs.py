@@ -8,9 +8,11 @@ import pytest
 
 import gin
 from zoo import config
+from zoo.pretrained import load_registry
 from zoo.resources import GIN_DIR
 
 GIN_FILES = sorted(p.name for p in GIN_DIR.glob("*.gin"))
+SHIPPED = load_registry()
 
 
 def _bound(name: str) -> bool:
@@ -30,3 +32,27 @@ def test_every_gin_file_parses_and_builds(name):
     if _bound("make_flow.field"):
         flow = config.make_flow(system, key=jax.random.PRNGKey(0))
         assert flow.dim == system.dim
+
+
+def _pretrained_name(name: str) -> str | None:
+    config.parse([name], [])
+    return gin.query_parameter("finetune.pretrained") if _bound("finetune.pretrained") else None
+
+
+FINETUNING = [(name, model) for name in GIN_FILES if (model := _pretrained_name(name)) in SHIPPED]
+
+
+@pytest.mark.parametrize("name, model", FINETUNING)
+def test_every_finetuning_config_builds_the_flow_of_its_pretrained_model(name, model):
+    """As tools/finetune layers it (the checkpoint's stored config underneath the file), each
+    fine-tuning config builds a flow the released checkpoint loads into: a file that bound
+    another architecture (lj13_pg.gin did, through lj13_common.gin, once lj13_eqotfm became
+    an h32 model) fails here instead of after a user's first evaluation."""
+    from zoo import checkpoint
+    from zoo.finetune import stored_config
+
+    path, stored = stored_config(model)
+    config.parse([name], [], config_str=stored)
+    flow = config.make_flow(config.make_system(), key=jax.random.PRNGKey(0))
+    restored = checkpoint.load_checkpoint(path, model_like=flow)
+    assert jax.tree.structure(restored.model) == jax.tree.structure(flow)
