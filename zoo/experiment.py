@@ -167,7 +167,7 @@ def train(
     n_devices: int | None = None,
 ):
     """Build system, data and flow from gin, train with ``loss``, evaluate, write everything to ``workdir``."""
-    from zoo.train import check_settings, claim_run_dir, steps_for_budget
+    from zoo.train import check_settings, claim_run_dir
 
     settings = dict(
         n_steps=n_steps, n_epochs=n_epochs, time_budget_s=time_budget_s, batch_size=batch_size,
@@ -191,7 +191,8 @@ def train(
         loss,
         optimizer,
         workdir,
-        n_steps=steps_for_budget("train", n_steps, n_epochs, len(dataset.train), batch_size * accumulation),
+        n_steps=n_steps,
+        n_epochs=n_epochs,
         time_budget_s=time_budget_s,
         batch_size=batch_size,
         accumulation=accumulation,

@@ -45,8 +45,10 @@ def _evaluated_with(evaluation: dict) -> str:
         how = ""
     elif "n_solver_steps" in evaluation:
         how = f", {solver}-{evaluation['n_solver_steps']}"
+    elif "solver_rtol" in evaluation:
+        how = f", {solver} {evaluation['solver_rtol']:g}"
     else:
-        how = f", {solver} {evaluation.get('solver_rtol', '?'):g}" if "solver_rtol" in evaluation else f", {solver}"
+        how = f", {solver}"
     return f"{evaluation.get('divergence', '?')}{how}"
 
 
