@@ -19,7 +19,6 @@ reaches says how much is left to gain on any machine.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.fields import EGNNField, MLPField
+from zoo.flows import ExactTrace
 
 
 def count_flops(fn, *args) -> float:
@@ -54,8 +54,8 @@ def unit_flops(flow, *, t: float = 0.5) -> dict[str, float]:
     def squared_error(p, y, target):
         return jnp.sum((eqx.combine(p, static)(t, y) - target) ** 2)
 
-    hutchinson = dataclasses.replace(flow, divergence="hutchinson")
-    exact = dataclasses.replace(flow, divergence="exact", trace_chunk=None)
+    hutchinson = flow.with_settings(divergence="hutchinson")
+    exact = flow.with_settings(divergence=ExactTrace())
     return {
         "field": count_flops(lambda y: field(t, y), x),
         "fm": count_flops(jax.value_and_grad(squared_error), params, x, u),

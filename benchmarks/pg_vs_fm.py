@@ -69,7 +69,7 @@ class UnrolledPathGradient(AbstractLoss):
     def __call__(self, model, batch, key):
         terms = path_gradient(model, batch.x, batch.forces, key)
         z = jax.lax.stop_gradient(terms.z)
-        return jnp.mean(jnp.sum(terms.c * _rk4_unrolled(model.field, z, model.n_steps), -1)), {}
+        return jnp.mean(jnp.sum(terms.c * _rk4_unrolled(model.field, z, model.solver.n_steps), -1)), {}
 
 
 def make_step(loss_fn, optimizer):

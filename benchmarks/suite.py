@@ -43,6 +43,7 @@ from benchmarks import flops
 from benchmarks._timing import machine, run_interleaved, timed
 from zoo import config
 from zoo.data import Batch
+from zoo.flows import FixedStep
 from zoo.flows.cnf import sample_and_log_prob_chunked
 from zoo.losses import EquivariantOTFlowMatching, FlowMatching, PathGradientForwardKL
 from zoo.train import make_step
@@ -149,7 +150,7 @@ def _sample_call(flow, batch: int):
 
 def run_case(name: str, case: Case, repeats: int) -> dict:
     system, flow, x, forces = build(case)
-    pg_flow = dataclasses.replace(flow, solver="rk4", n_steps=15, divergence=case.pg_divergence)
+    pg_flow = flow.with_settings(solver=FixedStep("rk4", n_steps=15), divergence=case.pg_divergence)
     calls, compile_s, repeats_by = {}, {}, {}
     expensive = max(2, repeats // 2)
 
@@ -168,7 +169,7 @@ def run_case(name: str, case: Case, repeats: int) -> dict:
     if case.exact_sampling:
         sampling["sample_exact"] = ("exact", case.exact_sample_batch or case.sample_batch)
     for work, (divergence, batch) in sampling.items():
-        sampler = dataclasses.replace(flow, solver="rk4", n_steps=20, divergence=divergence)
+        sampler = flow.with_settings(solver=FixedStep("rk4", n_steps=20), divergence=divergence)
         calls[work], compile_s[work] = _sample_call(sampler, batch)
         repeats_by[work] = expensive
 
@@ -209,7 +210,7 @@ def run_case(name: str, case: Case, repeats: int) -> dict:
         result[f"{work}_s_per_reference"] = timing[work]["wall_ms"] / 1e3 / batch * case.reference_samples
     if case.memory_steps:
         result["pg_memory_by_steps"] = {
-            str(n): _step_call(PathGradientForwardKL(), dataclasses.replace(pg_flow, n_steps=n), x, forces, case.pg_batch)[2]
+            str(n): _step_call(PathGradientForwardKL(), pg_flow.with_settings(n_steps=n), x, forces, case.pg_batch)[2]
             for n in case.memory_steps
         }
     return result

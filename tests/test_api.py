@@ -25,7 +25,7 @@ def test_load_leaves_the_callers_gin_configuration_alone():
     config.parse(["gmm_fm.gin"], ["train.n_steps = 7"])
     bg = zoo.load("gmm_fm", bindings=["CNF.n_steps = 5"])
     assert gin.query_parameter("train.n_steps") == 7
-    assert bg.flow.n_steps == 5 and bg.source == "gmm_fm" and bg.step > 0
+    assert bg.flow.solver.n_steps == 5 and bg.source == "gmm_fm" and bg.step > 0
 
 
 def test_sample_log_prob_and_energy_agree_with_the_flow_and_the_system(gmm):

@@ -15,6 +15,7 @@ import pytest
 
 import zoo
 from zoo import checkpoint as ck
+from zoo.flows import FixedStep
 
 
 def _cnf(key, width=64):
@@ -97,7 +98,7 @@ def test_round_trip_is_bit_identical(tmp_path, trained):
     # Static parts come from the template and the restored model computes what the saved one does.
     x = jnp.array([[0.3, -1.2], [2.0, 0.5]])
     for m in (out.model, model):
-        assert m.solver == "rk4" and m.n_steps == 15
+        assert m.solver == FixedStep("rk4", n_steps=15)
     np.testing.assert_array_equal(
         jax.vmap(lambda xi: out.model.field(0.3, xi))(x), jax.vmap(lambda xi: model.field(0.3, xi))(x)
     )

@@ -98,7 +98,7 @@ def test_chunked_exact_trace_matches_jacobian_trace(x64, key, trace_chunk):
 
 
 def test_trace_chunk_must_be_positive(key):
-    with pytest.raises(ValueError, match="trace_chunk"):
+    with pytest.raises(ValueError, match="trace chunk"):
         CNF(MLPField(2, key=key), StandardNormal(2), trace_chunk=0)
 
 

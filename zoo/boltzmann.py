@@ -128,7 +128,7 @@ class BoltzmannGenerator:
         """
         shape = np.shape(x)
         flat = jnp.asarray(self._flat(x))
-        exact = dataclasses.replace(self.flow, divergence="exact") if self.flow.needs_key else self.flow
+        exact = self.flow.with_settings(divergence="exact") if self.flow.needs_key else self.flow
         grads = _score_batch(exact, flat)
         return np.asarray(grads).reshape(shape)
 

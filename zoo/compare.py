@@ -121,7 +121,7 @@ def compare(
     optimizers = {(r.name, i): optax.adam(s.learning_rate) for r in recipes for i, s in enumerate(r.stages)}
 
     def for_evaluation(model):
-        return model if eval_divergence is None else dataclasses.replace(model, divergence=eval_divergence)
+        return model if eval_divergence is None else model.with_settings(divergence=eval_divergence)
 
     for recipe in recipes:
         for seed in seeds:

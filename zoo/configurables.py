@@ -14,8 +14,8 @@ import optax
 
 from zoo import ad2_data, data, importing, losses, metrics
 from zoo.fields import EGNNField, MLPField
-from zoo.flows import CNF, MeanFreeNormal, StandardNormal
-from zoo.flows.solvers import ADAPTIVE_SOLVERS, FIXED_STEP_SOLVERS
+from zoo.flows import CNF, AdaptiveStep, ExactTrace, FixedStep, Hutchinson, MeanFreeNormal, StandardNormal
+from zoo.flows.solvers import ADAPTIVE_METHODS, FIXED_STEP_METHODS
 from zoo.registry import register_external
 from zoo.systems import AlanineDipeptideClassical, AlanineDipeptideXTB, DoubleWell, GaussianMixture2D, LennardJones
 
@@ -35,6 +35,8 @@ _CORE = {
     "base": (StandardNormal, MeanFreeNormal),
     "field": (MLPField, EGNNField),
     "flow": (CNF,),
+    "solver": (FixedStep, AdaptiveStep),
+    "divergence": (ExactTrace, Hutchinson),
     "loss": (losses.FlowMatching, losses.OTFlowMatching, losses.EquivariantOTFlowMatching, losses.PathGradientForwardKL, losses.MaximumLikelihood),
     "coupling": (losses.IndependentCoupling, losses.OTCoupling, losses.EquivariantOTCoupling),
     "metric": (metrics.ess_q, metrics.ess_p, metrics.ess_q_se, metrics.ess_p_se, metrics.nll, metrics.nll_se, metrics.kl_exact),
@@ -42,7 +44,7 @@ _CORE = {
 
 
 def register_core() -> None:
-    """Register the core components, optax's optimisers and schedules, and diffrax's solvers.
+    """Register the core components, optax's optimisers and schedules, and diffrax's methods.
 
     Idempotent: registering the same object under the same name again is a no-op.
     """
@@ -53,8 +55,9 @@ def register_core() -> None:
         register_external(getattr(optax, name), kind="optimizer", name=name)
     for name in SCHEDULES:
         register_external(getattr(optax, name), kind="schedule", name=name)
-    for name, cls in {**FIXED_STEP_SOLVERS, **ADAPTIVE_SOLVERS}.items():
-        register_external(cls, kind="solver", name=cls.__name__, summary=f"diffrax solver '{name}' (CNF.solver = '{name}')")
+    for name, cls in {**FIXED_STEP_METHODS, **ADAPTIVE_METHODS}.items():
+        policy = "FixedStep" if name in FIXED_STEP_METHODS else "AdaptiveStep"
+        register_external(cls, kind="method", name=cls.__name__, summary=f"diffrax method '{name}' ({policy}.method = @{cls.__name__}())")
 
 
 register_core()

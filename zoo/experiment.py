@@ -6,7 +6,6 @@ from :mod:`zoo.config` (``make_system``, ``make_dataset``, ``make_flow``).
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import gin
 from zoo import checkpoint as ckpt
 from zoo import config, plots
 from zoo._version import __version__
+from zoo.flows.solvers import AdaptiveStep, FixedStep
 from zoo.losses.fm import FlowMatching
 from zoo.metrics import energies_chunked, ess_p, ess_p_se, ess_q, ess_q_se, evaluate_flow, fm_loss_on, format_metrics, nll, nll_se, observables
 from zoo.storage import write_json
@@ -60,7 +60,7 @@ def evaluation(
     """
     overrides = {k: v for k, v in (("divergence", divergence), ("solver", solver), ("n_steps", n_solver_steps)) if v is not None}
     if overrides:
-        flow = dataclasses.replace(flow, **overrides)
+        flow = flow.with_settings(**overrides)
     workdir = Path(workdir)
     check_writable(workdir)
     metrics, arrays = evaluate_flow(
@@ -248,11 +248,11 @@ def sample_to_file(flow, system, out: Path, *, n: int = 10000, seed: int = 0, ch
     return save_samples(draw_samples(flow, system, n, seed=seed, chunk_size=chunk_size, progress=True), system, out, format)
 
 
-#: The ODE settings :func:`solver_agreement` compares by default: (name, CNF fields). The first is the reference.
+#: The ODE solvers :func:`solver_agreement` compares by default: (name, solver). The first is the reference.
 SOLVER_SETTINGS = (
-    ("dopri5, rtol = atol = 1e-8", {"solver": "dopri5", "rtol": 1e-8, "atol": 1e-8}),
-    ("rk4, 20 steps", {"solver": "rk4", "n_steps": 20}),
-    ("rk4, 40 steps", {"solver": "rk4", "n_steps": 40}),
+    ("dopri5, rtol = atol = 1e-8", AdaptiveStep("dopri5", rtol=1e-8, atol=1e-8)),
+    ("rk4, 20 steps", FixedStep("rk4", n_steps=20)),
+    ("rk4, 40 steps", FixedStep("rk4", n_steps=40)),
 )
 
 
@@ -275,8 +275,8 @@ def solver_agreement(flow, system, dataset, *, n: int = 256, seed: int = 5, sett
         target = np.asarray(dataset.test.positions[:n], np.float64 if float64 else np.float32)
         u_target = energies_chunked(system, target)
         runs = []
-        for name, fields in settings:
-            solved = dataclasses.replace(flow, **fields)
+        for name, solver in settings:
+            solved = flow.with_settings(solver=solver)
             start = time.perf_counter()
             log_q = log_prob_chunked(solved, target, key=jax.random.PRNGKey(seed), chunk_size=n)["log_q"]
             model = sample_and_log_prob_chunked(solved, jax.random.PRNGKey(seed), n, chunk_size=n)

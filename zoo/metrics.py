@@ -29,7 +29,6 @@ from scipy.special import logsumexp
 
 from zoo.data import Batch
 from zoo.flows.cnf import fingerprint, log_prob_chunked, sample_and_log_prob_chunked
-from zoo.flows.solvers import is_adaptive
 from zoo.losses.fm import FlowMatching
 from zoo.storage import ChunkStore, array_sha256
 from zoo.systems import AbstractParticleSystem, AlanineDipeptideClassical, AlanineDipeptideXTB
@@ -352,13 +351,10 @@ def evaluate_flow(
         "n_folded_q": int(np.any(model["x"] != x_unfolded, axis=-1).sum()),
         # How the log densities were computed: the numbers depend on it (Hutchinson adds
         # variance to log w, which lowers the ESS), so it travels with them.
-        "divergence": flow.divergence,
-        "solver": flow.solver,
-        "n_solver_steps": int(flow.n_steps),
+        # An adaptive solver's steps are its own: its tolerances say how it solved.
+        "divergence": flow.divergence.name,
+        **flow.solver.describe(),
     }
-    if is_adaptive(flow.solver):  # an adaptive solver's steps are its own; its tolerances say how it solved
-        metrics.update(solver_rtol=float(flow.rtol), solver_atol=float(flow.atol))
-        del metrics["n_solver_steps"]
     if system.log_z is not None:
         metrics["kl"] = kl_exact(-u_target - system.log_z, density["log_q"])
     arrays = {

@@ -29,6 +29,8 @@ KINDS = (
     "field",
     "flow",
     "solver",
+    "method",
+    "divergence",
     "loss",
     "coupling",
     "metric",

@@ -27,7 +27,7 @@ def main(argv=None) -> None:
 
     system, flow, _, dataset = common.load_checkpoint_for_output(args, args.workdir)
     rows = experiment.solver_agreement(flow, system, dataset, n=args.n)
-    print(f"{args.checkpoint}: {args.n} test and {args.n} model samples, float64, divergence {flow.divergence}")
+    print(f"{args.checkpoint}: {args.n} test and {args.n} model samples, float64, divergence {flow.divergence.name}")
     print("| setting | data log q − ref (mean / max) | model log w − ref (mean / max) | NLL | ESS-q | ESS-p | s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

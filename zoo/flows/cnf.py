@@ -29,10 +29,8 @@ from zoo._types import Array, PRNGKeyArray, Scalar, Vector
 from zoo.errors import ZooError
 from zoo.fields.base import AbstractVectorField
 from zoo.flows.base import AbstractBase
-from zoo.flows.solvers import is_adaptive, make_solver
-
-DIVERGENCES = ("exact", "hutchinson")
-NOISES = ("rademacher", "gaussian")
+from zoo.flows.divergence import AbstractDivergence, Hutchinson, divergence_from_settings
+from zoo.flows.solvers import AbstractODESolver, method_name, solver_from_settings
 
 
 class Solution(NamedTuple):
@@ -51,45 +49,62 @@ class CNF(eqx.Module):
     Arguments:
         field: the vector field v_θ(t, x) on flat vectors.
         base: the base density q_0 (``StandardNormal`` or ``MeanFreeNormal``).
-        solver: ``'rk4'`` (default, as in the path-gradient paper), ``'euler'``,
-            ``'midpoint'``, ``'heun'`` with ``n_steps`` constant steps, or an adaptive
-            ``'dopri5'``/``'tsit5'``/``'bosh3'``/``'dopri8'`` with ``rtol``/``atol``.
-        divergence: ``'exact'`` trace of the Jacobian (``dim`` forward-mode JVPs) or
-            ``'hutchinson'`` $ε^\top (∂v/∂x) ε$ with ε held fixed along a trajectory.
-        noise: Hutchinson noise, ``'rademacher'`` or ``'gaussian'``.
-        trace_chunk: for the exact divergence, how many basis-vector JVPs are evaluated
-            together (``None``, the default: all ``dim`` at once); smaller chunks bound the
-            memory of the tangent pair tensors. Measured on a 2-core CPU, chunks of 3 against
-            all at once: 11 % (LJ13) and 39 % (alanine dipeptide) faster on one thread with
-            the other core busy, but 20 % slower (LJ13, 100 samples) and 8 % faster (AD2, 10
-            samples) with both threads free: smaller operations parallelise worse.
-            (Measured before the EGNN's first-layer forward-mode rule, which removed a layer's
-            worth of tangent work from every chunk.)
+        solver: how the ODE is integrated, a :class:`~zoo.flows.solvers.FixedStep` (default:
+            RK4 with 15 steps, as in the path-gradient paper) or an
+            :class:`~zoo.flows.solvers.AdaptiveStep` (Dopri5 and kin with ``rtol``/``atol``);
+            or a method name (``'rk4'``, ``'dopri5'``), the form of released configs.
+        divergence: :class:`~zoo.flows.divergence.ExactTrace` (``dim`` forward-mode JVPs)
+            or :class:`~zoo.flows.divergence.Hutchinson` (ε held fixed along a trajectory);
+            or ``'exact'``/``'hutchinson'``.
+        n_steps, rtol, atol, max_steps: override the solver's own settings (``CNF.n_steps
+            = 40`` on the command line); ``noise`` (Hutchinson's) and ``trace_chunk`` (the
+            exact trace's chunk) likewise for the divergence. See
+            :func:`~zoo.flows.solvers.solver_from_settings` for which combinations hold.
     """
 
     field: AbstractVectorField
     base: AbstractBase
-    solver: str = eqx.field(static=True, default="rk4")
-    n_steps: int = eqx.field(static=True, default=15)
-    rtol: float = eqx.field(static=True, default=1e-4)
-    atol: float = eqx.field(static=True, default=1e-4)
-    max_steps: int = eqx.field(static=True, default=4096)
-    divergence: str = eqx.field(static=True, default="exact")
-    noise: str = eqx.field(static=True, default="rademacher")
-    trace_chunk: int | None = eqx.field(static=True, default=None)
+    solver: AbstractODESolver = eqx.field(static=True)
+    divergence: AbstractDivergence = eqx.field(static=True)
 
-    def __check_init__(self):
-        make_solver(self.solver)
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"unknown divergence {self.divergence!r}; expected one of {DIVERGENCES}")
-        if self.noise not in NOISES:
-            raise ValueError(f"unknown Hutchinson noise {self.noise!r}; expected one of {NOISES}")
-        if self.trace_chunk is not None and self.trace_chunk < 1:
-            raise ValueError(f"trace_chunk must be a positive number of basis vectors, got {self.trace_chunk}")
-        if self.n_steps < 1:
-            raise ValueError(f"n_steps must be positive, got {self.n_steps}")
-        if self.field.dim != self.base.dim:
-            raise ValueError(f"field dim {self.field.dim} does not match base dim {self.base.dim}")
+    def __init__(
+        self,
+        field: AbstractVectorField,
+        base: AbstractBase,
+        solver: AbstractODESolver | str | None = None,
+        divergence: AbstractDivergence | str | None = None,
+        *,
+        n_steps: int | None = None,
+        rtol: float | None = None,
+        atol: float | None = None,
+        max_steps: int | None = None,
+        noise: str | None = None,
+        trace_chunk: int | None = None,
+    ):
+        if field.dim != base.dim:
+            raise ValueError(f"field dim {field.dim} does not match base dim {base.dim}")
+        self.field = field
+        self.base = base
+        self.solver = solver_from_settings(solver, n_steps=n_steps, rtol=rtol, atol=atol, max_steps=max_steps)
+        self.divergence = divergence_from_settings(divergence, noise=noise, trace_chunk=trace_chunk)
+
+    def with_settings(self, **settings) -> CNF:
+        """This flow with other solver or divergence settings (the keywords of ``CNF``); the rest is kept.
+
+        ``flow.with_settings(n_steps=40)`` keeps the method; ``with_settings(solver='rk4')``
+        keeps the steps of a fixed-step solver; ``with_settings(divergence='exact')`` the chunk.
+        """
+        unknown = set(settings) - {"solver", "n_steps", "rtol", "atol", "max_steps", "divergence", "noise", "trace_chunk"}
+        if unknown:
+            raise TypeError(f"unknown CNF settings {sorted(unknown)}")
+        solver = solver_from_settings(
+            settings.get("solver"), n_steps=settings.get("n_steps"), rtol=settings.get("rtol"), atol=settings.get("atol"),
+            max_steps=settings.get("max_steps"), previous=self.solver,
+        )  # fmt: skip
+        divergence = divergence_from_settings(
+            settings.get("divergence"), noise=settings.get("noise"), trace_chunk=settings.get("trace_chunk"), previous=self.divergence
+        )
+        return CNF(self.field, self.base, solver, divergence)
 
     @property
     def dim(self) -> int:
@@ -98,30 +113,12 @@ class CNF(eqx.Module):
     @property
     def needs_key(self) -> bool:
         """Whether log densities need a PRNG key (Hutchinson noise)."""
-        return self.divergence == "hutchinson"
+        return self.divergence.needs_noise
 
     # ------------------------------------------------------------------ primitives
     def velocity_and_divergence(self, t, x: Vector, eps: Vector | None) -> tuple[Vector, Scalar]:
-        """v(t, x) and its divergence on the base's support (exact or Hutchinson)."""
-
-        def v(y):
-            return self.field(t, y)
-
-        if self.divergence == "hutchinson":
-            if eps is None:
-                raise ValueError("Hutchinson divergence needs noise: pass a PRNG key")
-            velocity, jvp = jax.jvp(v, (x,), (eps,))
-            return velocity, jnp.vdot(eps, jvp)
-        # Exact trace of P J P over the base's support (P the projector; identity for a
-        # full-space base): one forward-mode JVP per basis vector, batched by linearize.
-        basis = self.base.project(jnp.eye(self.dim, dtype=x.dtype))
-        velocity, jvp_fn = jax.linearize(v, x)
-        if self.trace_chunk is None or self.trace_chunk >= self.dim:
-            return velocity, jnp.sum(jax.vmap(jvp_fn)(basis) * basis)
-        # A few basis vectors at a time: memory bounded, and faster where the tangent pair
-        # tensors then stay in cache (one thread); with free cores all at once is faster.
-        diagonal_terms = jax.lax.map(lambda e: jnp.vdot(e, jvp_fn(e)), basis, batch_size=self.trace_chunk)
-        return velocity, jnp.sum(diagonal_terms)
+        """v(t, x) and its divergence on the base's support (:attr:`divergence`)."""
+        return self.divergence.velocity_and_divergence(lambda y: self.field(t, y), x, eps, self.base.project)
 
     def integrate(
         self,
@@ -160,21 +157,16 @@ class CNF(eqx.Module):
         NaN throughout where the solver failed (too many steps, a non-finite step), so a
         failed sample shows up in the metrics instead of raising inside compiled code.
         """
-        adaptive = is_adaptive(self.solver)
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(rhs),
-            make_solver(self.solver),
+            self.solver.method,
             t0=t0,
             t1=t1,
-            dt0=None if adaptive else (t1 - t0) / self.n_steps,
             y0=y0,
             args=args,
-            stepsize_controller=(
-                diffrax.PIDController(rtol=self.rtol, atol=self.atol) if adaptive else diffrax.ConstantStepSize()
-            ),
-            max_steps=self.max_steps if adaptive else self.n_steps,
             saveat=diffrax.SaveAt(t1=True),
             throw=False,
+            **self.solver.diffeqsolve_options(t0, t1),
         )
         failed = sol.result != diffrax.RESULTS.successful
         return jax.tree.map(lambda leaf: jnp.where(failed, jnp.nan, leaf[-1]), sol.ys)
@@ -193,12 +185,9 @@ class CNF(eqx.Module):
 
     # ------------------------------------------------------------------ batched
     def hutchinson_noise(self, key: PRNGKeyArray, n: int, dtype=jnp.float32) -> Array:
-        """One noise vector per trajectory, on the base's support."""
-        if self.noise == "rademacher":
-            eps = jax.random.rademacher(key, (n, self.dim), dtype=dtype)
-        else:
-            eps = jax.random.normal(key, (n, self.dim), dtype=dtype)
-        return self.base.project(eps)
+        """One noise vector per trajectory, on the base's support (Rademacher unless the divergence says otherwise)."""
+        estimator = self.divergence if self.divergence.needs_noise else Hutchinson()
+        return self.base.project(estimator.draw_noise(key, n, self.dim, dtype))
 
     def noise_or_none(self, key: PRNGKeyArray | None, n: int, dtype) -> Array | None:
         """Hutchinson noise for n trajectories, or None for the exact divergence."""
@@ -327,9 +316,9 @@ def _verify_tolerance(flow: CNF) -> tuple[float, float]:
     0.014 nats in log q on DW4 against 1e-8 in float64, ``tools/check-solver``). Hence
     ADAPTIVE_VERIFY_FACTOR × the tolerance; miscompiled solves were off by ≥ 0.7 nats.
     """
-    if not is_adaptive(flow.solver):
+    if not flow.solver.adaptive:
         return VERIFY_ATOL, VERIFY_RTOL
-    return VERIFY_ATOL + ADAPTIVE_VERIFY_FACTOR * flow.atol, VERIFY_RTOL + ADAPTIVE_VERIFY_FACTOR * flow.rtol
+    return VERIFY_ATOL + ADAPTIVE_VERIFY_FACTOR * flow.solver.atol, VERIFY_RTOL + ADAPTIVE_VERIFY_FACTOR * flow.solver.rtol
 
 
 def _verify(flow: CNF, what: str, label: str, chunk_index: int, entries, batched: dict, single) -> None:
@@ -344,7 +333,7 @@ def _verify(flow: CNF, what: str, label: str, chunk_index: int, entries, batched
                 raise BatchedSolveError(
                     f"{label}: {what} of chunk {chunk_index}, entry {int(i)}: the batched solve gives {name} "
                     f"{np.round(got, 5).tolist()} but the same sample solved alone gives {np.round(want, 5).tolist()} "
-                    f"(tolerance {atol:.3g} + {rtol:.3g}·|value|, {flow.solver}). The compiled batched program is wrong "
+                    f"(tolerance {atol:.3g} + {rtol:.3g}·|value|, {method_name(flow.solver.method)}). The compiled batched program is wrong "
                     "(XLA miscompiled it before; see zoo/_xla.py); no metrics are reported from it."
                 )
 

@@ -1,11 +1,20 @@
-"""ODE solvers by name, including the classical RK4 the path-gradient paper uses."""
+"""How a CNF integrates its ODE: a Diffrax method with a step-size policy, as one object.
+
+``FixedStep(method, n_steps)`` takes ``n_steps`` equal steps (the path-gradient paper's RK4
+with 15 or 20 steps); ``AdaptiveStep(method, rtol, atol)`` lets a PID controller choose
+them. ``method`` is a Diffrax solver instance (``diffrax.Dopri5()``, :class:`RK4`) or its
+lower-case name (``'rk4'``, ``'dopri5'``). Both describe themselves in the terms the
+metrics record (:meth:`AbstractODESolver.describe`).
+"""
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from typing import ClassVar
 
 import diffrax
+import equinox as eqx
 import numpy as np
 
 _rk4_tableau = diffrax.ButcherTableau(
@@ -30,13 +39,14 @@ class RK4(diffrax.AbstractERK):
         return 4
 
 
-FIXED_STEP_SOLVERS: dict[str, type] = {
+FIXED_STEP_METHODS: dict[str, type] = {
     "euler": diffrax.Euler,
     "midpoint": diffrax.Midpoint,
     "heun": diffrax.Heun,
     "rk4": RK4,
 }
-ADAPTIVE_SOLVERS: dict[str, type] = {
+#: Methods with an embedded error estimate, which AdaptiveStep needs.
+ADAPTIVE_METHODS: dict[str, type] = {
     "bosh3": diffrax.Bosh3,
     "tsit5": diffrax.Tsit5,
     "dopri5": diffrax.Dopri5,
@@ -44,16 +54,148 @@ ADAPTIVE_SOLVERS: dict[str, type] = {
 }
 
 
-def make_solver(name: str) -> diffrax.AbstractSolver:
-    cls = FIXED_STEP_SOLVERS.get(name) or ADAPTIVE_SOLVERS.get(name)
-    if cls is None:
-        raise ValueError(
-            f"unknown ODE solver {name!r}; fixed-step: {sorted(FIXED_STEP_SOLVERS)}, adaptive: {sorted(ADAPTIVE_SOLVERS)}"
-        )
-    return cls()
+def method_name(method: diffrax.AbstractSolver) -> str:
+    """The lower-case name the metrics record for a Diffrax method (``RK4()`` → ``'rk4'``)."""
+    return type(method).__name__.lower()
 
 
-def is_adaptive(name: str) -> bool:
-    make_solver(name)  # validates the name
-    return name in ADAPTIVE_SOLVERS
+def _method(method, known: dict[str, type], policy: str) -> diffrax.AbstractSolver:
+    if isinstance(method, diffrax.AbstractSolver):
+        return method
+    if isinstance(method, str) and method in known:
+        return known[method]()
+    raise ValueError(f"unknown ODE method {method!r} for {policy}; give a diffrax solver or one of {sorted(known)}")
 
+
+class AbstractODESolver(eqx.Module):
+    """A Diffrax method and the policy that chooses its steps."""
+
+    method: eqx.AbstractVar[diffrax.AbstractSolver]
+
+    @property
+    @abc.abstractmethod
+    def adaptive(self) -> bool:
+        """Whether the steps depend on the solution (then a batched solve takes its own steps)."""
+
+    @abc.abstractmethod
+    def diffeqsolve_options(self, t0: float, t1: float) -> dict:
+        """``dt0``, ``stepsize_controller`` and ``max_steps`` for :func:`diffrax.diffeqsolve`."""
+
+    @abc.abstractmethod
+    def describe(self) -> dict:
+        """How it solved, in the metrics' keys: ``solver`` and ``n_solver_steps`` or ``solver_rtol``/``solver_atol``."""
+
+
+class FixedStep(AbstractODESolver):
+    """``n_steps`` equal steps of ``method`` (default: classical RK4)."""
+
+    method: diffrax.AbstractSolver
+    n_steps: int
+
+    def __init__(self, method="rk4", n_steps: int = 15):
+        if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
+            raise ValueError(f"n_steps must be a positive whole number of steps, got {n_steps!r}")
+        self.method = _method(method, {**FIXED_STEP_METHODS, **ADAPTIVE_METHODS}, "FixedStep")
+        self.n_steps = int(n_steps)
+
+    @property
+    def adaptive(self) -> bool:
+        return False
+
+    def diffeqsolve_options(self, t0: float, t1: float) -> dict:
+        return {"dt0": (t1 - t0) / self.n_steps, "stepsize_controller": diffrax.ConstantStepSize(), "max_steps": self.n_steps}
+
+    def describe(self) -> dict:
+        return {"solver": method_name(self.method), "n_solver_steps": self.n_steps}
+
+
+class AdaptiveStep(AbstractODESolver):
+    """Steps of ``method`` (default Dopri5) chosen by a PID controller to ``rtol``/``atol``.
+
+    A solve that needs more than ``max_steps`` steps fails (NaN, see ``CNF.solve``)."""
+
+    method: diffrax.AbstractSolver
+    rtol: float
+    atol: float
+    max_steps: int
+
+    def __init__(self, method="dopri5", rtol: float = 1e-4, atol: float = 1e-4, max_steps: int = 4096):
+        self.method = _method(method, ADAPTIVE_METHODS, "AdaptiveStep")
+        if not isinstance(self.method, diffrax.AbstractAdaptiveSolver) or isinstance(self.method, RK4):
+            raise ValueError(f"{type(self.method).__name__} has no error estimate to adapt its steps by; use FixedStep")
+        if not (rtol > 0 and atol > 0):
+            raise ValueError(f"tolerances must be positive, got rtol={rtol!r}, atol={atol!r}")
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be positive, got {max_steps!r}")
+        self.rtol, self.atol, self.max_steps = float(rtol), float(atol), int(max_steps)
+
+    @property
+    def adaptive(self) -> bool:
+        return True
+
+    def diffeqsolve_options(self, t0: float, t1: float) -> dict:
+        del t0, t1
+        return {"dt0": None, "stepsize_controller": diffrax.PIDController(rtol=self.rtol, atol=self.atol), "max_steps": self.max_steps}
+
+    def describe(self) -> dict:
+        return {"solver": method_name(self.method), "solver_rtol": self.rtol, "solver_atol": self.atol}
+
+
+def solver_from_settings(
+    solver=None,
+    *,
+    n_steps: int | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_steps: int | None = None,
+    previous: AbstractODESolver | None = None,
+) -> AbstractODESolver:
+    """An ODE solver from an object or a method name and the loose settings of ``CNF``.
+
+    ``solver`` is an :class:`AbstractODESolver`, a method name or None (keep ``previous``,
+    default ``FixedStep()``). The loose settings (``n_steps``, ``rtol``, ``atol``,
+    ``max_steps``) override the solver's own. Settings not given are kept from ``previous``
+    when it has the same step policy, so ``n_steps = 40`` alone changes only the number of
+    steps.
+
+    A method name is the form every released config uses (``CNF.solver = 'dopri5'`` beside
+    the training's ``CNF.n_steps = 20``): ``'rk4'``, ``'euler'``, ``'midpoint'``, ``'heun'``
+    take fixed steps, ``'dopri5'``, ``'tsit5'``, ``'bosh3'``, ``'dopri8'`` adaptive ones, and
+    the settings of the other policy are ignored. With a solver object such a setting is an
+    error.
+    """
+    if isinstance(solver, str):
+        adaptive = solver in ADAPTIVE_METHODS
+        if not adaptive and solver not in FIXED_STEP_METHODS:
+            raise ValueError(
+                f"unknown ODE solver {solver!r}; fixed-step: {sorted(FIXED_STEP_METHODS)}, adaptive: {sorted(ADAPTIVE_METHODS)}"
+            )
+        kept = previous if previous is not None and previous.adaptive == adaptive else None
+        if adaptive:
+            base = kept or AdaptiveStep()
+            return AdaptiveStep(
+                solver,
+                rtol=base.rtol if rtol is None else rtol,
+                atol=base.atol if atol is None else atol,
+                max_steps=base.max_steps if max_steps is None else max_steps,
+            )
+        base = kept or FixedStep()
+        return FixedStep(solver, n_steps=base.n_steps if n_steps is None else n_steps)
+    if solver is None:
+        solver = previous if previous is not None else FixedStep()
+    if not isinstance(solver, AbstractODESolver):
+        raise TypeError(f"CNF.solver must be a FixedStep, an AdaptiveStep or a method name, got {solver!r}")
+    if isinstance(solver, FixedStep):
+        if rtol is not None or atol is not None or max_steps is not None:
+            raise ValueError(f"rtol, atol and max_steps belong to adaptive solvers; {method_name(solver.method)} takes fixed steps")
+        return solver if n_steps is None else FixedStep(solver.method, n_steps)
+    if n_steps is not None:
+        raise ValueError(f"n_steps belongs to fixed-step solvers; {method_name(solver.method)} adapts its steps (set rtol/atol)")
+    if rtol is None and atol is None and max_steps is None:
+        return solver
+    return AdaptiveStep(
+        solver.method,
+        rtol=solver.rtol if rtol is None else rtol,
+        atol=solver.atol if atol is None else atol,
+        max_steps=solver.max_steps if max_steps is None else max_steps,
+    )

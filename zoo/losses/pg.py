@@ -52,7 +52,6 @@ import jax.numpy as jnp
 
 from zoo._types import Array, PRNGKeyArray
 from zoo.data import Batch
-from zoo.flows.solvers import is_adaptive
 from zoo.losses.base import AbstractLoss
 from zoo.losses.chunked import from_chunks, resolve_chunk_size, to_chunks
 
@@ -143,7 +142,7 @@ def _map_chunks(fn, chunk_size: int, *arrays):
 def _batched_augmented_applies(model, eps) -> bool:
     """The batched augmented solve needs Hutchinson noise, a field fast path and fixed steps
     (one batched state would share an adaptive step-size sequence across samples)."""
-    return eps is not None and model.field.fused_batched and not is_adaptive(model.solver)
+    return eps is not None and model.field.fused_batched and not model.solver.adaptive
 
 
 def grad_log_prob(model, x: Array, eps: Array | None = None) -> tuple[Array, Array, Array]:
