@@ -56,3 +56,17 @@ def test_every_finetuning_config_builds_the_flow_of_its_pretrained_model(name, m
     flow = config.make_flow(config.make_system(), key=jax.random.PRNGKey(0))
     restored = checkpoint.load_checkpoint(path, model_like=flow)
     assert jax.tree.structure(restored.model) == jax.tree.structure(flow)
+
+
+@pytest.mark.parametrize("name", [n for n in GIN_FILES if n.endswith("_common.gin")])
+def test_every_system_config_loads_its_data(name):
+    """The data set each system's config names (the shipped slices in assets/data) loads,
+    passes its sha256 checks and has the target's shape, with forces for path gradients."""
+    config.parse([name], [])
+    system = config.make_system()
+    dataset = config.make_dataset(system)
+    for split in (dataset.train, dataset.val, dataset.test):
+        assert len(split) > 0 and split.positions.shape[1:] == (system.dim,)
+        assert split.forces is None or split.forces.shape == split.positions.shape
+    if name.startswith(("lj", "dw", "ad2")):
+        assert dataset.train.forces is not None
