@@ -150,7 +150,7 @@ def test_released_lj13_batch_of_8_equals_per_sample(key):
     assert_batched_equals_per_sample(flow, x, (8,), key=key, directions=("density",))
 
 
-def _registry_names():
+def _released_names():
     from zoo.pretrained import list_models
 
     return list_models()
@@ -160,7 +160,7 @@ GUARD_SIZES = (1, 2, 3, 4, 7, 8, 16)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", _registry_names())
+@pytest.mark.parametrize("name", _released_names())
 @pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
 def test_every_released_model_batched_equals_per_sample(name, divergence, key):
     """Every released model in its own configuration, both directions, batch sizes 1 … 16."""
@@ -170,7 +170,7 @@ def test_every_released_model_batched_equals_per_sample(name, divergence, key):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", _registry_names())
+@pytest.mark.parametrize("name", _released_names())
 def test_every_released_model_at_the_evaluation_chunk_size(name, key):
     """log q of a full evaluation chunk (1024: 16 test samples, each repeated 64 times) in its configured divergence."""
     flow, x = _released(name)

@@ -75,7 +75,7 @@ BAD_INPUTS = [
     ("compare", ["--gin=no_such_config.gin", "--workdir={tmp}/w"], "no_such_config"),
     ("generate_data", ["--gin=no_such_config.gin", "--workdir={tmp}/w"], "no_such_config"),
     ("download", ["no_such_model", "--cache_dir={tmp}/cache"], "no_such_model"),
-    ("release_model", ["{tmp}/no_run", "x", "--gin=gin/gmm_fm.gin", "--registry={tmp}/models.toml"], "no_run"),
+    ("release_model", ["{tmp}/no_run", "x", "--gin=gin/gmm_fm.gin", "--index={tmp}/models.toml"], "no_run"),
     ("zoo", ["list", "--kind=no_such_kind"], "no_such_kind"),
 ]
 

@@ -8,11 +8,11 @@ import pytest
 
 import gin
 from zoo import config
-from zoo.pretrained import load_registry
+from zoo.pretrained import load_index
 from zoo.resources import GIN_DIR
 
 GIN_FILES = sorted(p.name for p in GIN_DIR.glob("*.gin"))
-SHIPPED = load_registry()
+SHIPPED = load_index()
 
 
 def _bound(name: str) -> bool:

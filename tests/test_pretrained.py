@@ -1,4 +1,4 @@
-"""Pretrained-model registry: verified downloads (HTTP, file), retries, fall-through, cache
+"""Pretrained models and their index: verified downloads (HTTP, file), retries, fall-through, cache
 integrity after corruption and interruption, offline use, release, and the shipped models'
 metrics reproduced within Monte-Carlo error."""
 
@@ -38,7 +38,7 @@ def toy(tmp_path_factory):
     return archive, archive.read_bytes(), step_dir, model
 
 
-def write_registry(path: Path, archive_bytes: bytes, locations, name="toy") -> Path:
+def write_index(path: Path, archive_bytes: bytes, locations, name="toy") -> Path:
     import hashlib
 
     entry = {
@@ -51,7 +51,7 @@ def write_registry(path: Path, archive_bytes: bytes, locations, name="toy") -> P
         "locations": list(locations),
         "metrics": {"nll": 1.0, "ess_q": 0.5, "ess_p": 0.5, "n_samples_q": 10, "n_samples_p": 10},
     }
-    return pretrained.write_registry([entry], path)
+    return pretrained.write_index([entry], path)
 
 
 class _Routes:
@@ -161,18 +161,18 @@ def assert_same_checkpoint(step_dir: Path, toy):
 def test_http_download_is_verified_and_then_cached(tmp_path, toy, server, cache):
     _, data, _, _ = toy
     server.set("/models/toy.tar", data)
-    reg = write_registry(tmp_path / "models.toml", data, [f"{server.url}/models/toy.tar"])
-    path = pretrained.download("toy", cache_dir=cache, registry=reg, **FAST)
+    reg = write_index(tmp_path / "models.toml", data, [f"{server.url}/models/toy.tar"])
+    path = pretrained.download("toy", cache_dir=cache, model_index=reg, **FAST)
     assert_same_checkpoint(path, toy)
     entry = path.parent
     marker = json.loads((entry / pretrained.COMPLETE).read_text())
     assert marker["sha256"] == pretrained.model_info("toy", reg).sha256
     assert server.hits["/models/toy.tar"] == 1
     # A second call uses the cache: no request.
-    assert pretrained.download("toy", cache_dir=cache, registry=reg, **FAST) == path
+    assert pretrained.download("toy", cache_dir=cache, model_index=reg, **FAST) == path
     assert server.hits["/models/toy.tar"] == 1
     # force downloads again into the same place.
-    assert pretrained.download("toy", cache_dir=cache, registry=reg, force=True, **FAST) == path
+    assert pretrained.download("toy", cache_dir=cache, model_index=reg, force=True, **FAST) == path
     assert server.hits["/models/toy.tar"] == 2
     assert not [p for p in cache_listing(cache) if p.startswith(".")]
 
@@ -185,16 +185,16 @@ def test_file_locations(tmp_path, toy, cache, form):
         "absolute": str(archive),
         "kvstore_table": {"driver": "file", "path": str(archive)},
     }[form]
-    reg = write_registry(tmp_path / "models.toml", data, [location])
-    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, registry=reg, **FAST), toy)
+    reg = write_index(tmp_path / "models.toml", data, [location])
+    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, model_index=reg, **FAST), toy)
 
 
 def test_relative_location_resolves_against_the_repository(tmp_path, toy, cache):
     archive, data, _, _ = toy
     rel = os.path.relpath(archive, REPO_ROOT)
     assert not Path(rel).is_absolute()
-    reg = write_registry(tmp_path / "models.toml", data, [rel])
-    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, registry=reg, **FAST), toy)
+    reg = write_index(tmp_path / "models.toml", data, [rel])
+    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, model_index=reg, **FAST), toy)
 
 
 @pytest.mark.parametrize("via", ["http", "file"])
@@ -208,9 +208,9 @@ def test_corrupted_byte_is_refused_and_cache_left_clean(tmp_path, toy, server, c
     else:
         (tmp_path / "bad.tar").write_bytes(bytes(bad))
         location = str(tmp_path / "bad.tar")
-    reg = write_registry(tmp_path / "models.toml", data, [location])
+    reg = write_index(tmp_path / "models.toml", data, [location])
     with pytest.raises(pretrained.ChecksumMismatchError, match="sha256") as err:
-        pretrained.download("toy", cache_dir=cache, registry=reg, **FAST)
+        pretrained.download("toy", cache_dir=cache, model_index=reg, **FAST)
     assert location in str(err.value)
     assert isinstance(err.value, ckpt.CorruptCheckpointError)
     assert cache_listing(cache) == []
@@ -219,25 +219,25 @@ def test_corrupted_byte_is_refused_and_cache_left_clean(tmp_path, toy, server, c
 def test_truncated_archive_of_right_length_claim_is_refused(tmp_path, toy, cache):
     _, data, _, _ = toy
     (tmp_path / "short.tar").write_bytes(data[:-512])
-    reg = write_registry(tmp_path / "models.toml", data, [str(tmp_path / "short.tar")])
+    reg = write_index(tmp_path / "models.toml", data, [str(tmp_path / "short.tar")])
     with pytest.raises(pretrained.ChecksumMismatchError, match=f"expected {len(data)} bytes"):
-        pretrained.download("toy", cache_dir=cache, registry=reg, **FAST)
+        pretrained.download("toy", cache_dir=cache, model_index=reg, **FAST)
     assert cache_listing(cache) == []
 
 
 def test_interrupted_transfer_leaves_nothing_and_next_download_succeeds(tmp_path, toy, server, cache):
     _, data, _, _ = toy
     server.set("/models/toy.tar", data, fail=1, mode="truncate")
-    reg = write_registry(tmp_path / "models.toml", data, [f"{server.url}/models/toy.tar"])
+    reg = write_index(tmp_path / "models.toml", data, [f"{server.url}/models/toy.tar"])
     with pytest.raises(pretrained.DownloadError, match="toy.tar"):
-        pretrained.download("toy", cache_dir=cache, registry=reg, **{**FAST, "attempts": 1})
+        pretrained.download("toy", cache_dir=cache, model_index=reg, **{**FAST, "attempts": 1})
     assert cache_listing(cache) == []
-    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, registry=reg, **FAST), toy)
+    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, model_index=reg, **FAST), toy)
 
 
 def test_litter_of_a_killed_download_is_never_used_and_is_cleaned(tmp_path, toy, cache):
     archive, data, _, _ = toy
-    reg = write_registry(tmp_path / "models.toml", data, [str(archive)])
+    reg = write_index(tmp_path / "models.toml", data, [str(archive)])
     info = pretrained.model_info("toy", reg)
     models = cache / "models"
     models.mkdir(parents=True)
@@ -258,7 +258,7 @@ def test_litter_of_a_killed_download_is_never_used_and_is_cleaned(tmp_path, toy,
     (entry / "checkpoint").mkdir(parents=True)
     (entry / "checkpoint" / "manifest.json").write_text("{}")
 
-    path = pretrained.download("toy", cache_dir=cache, registry=reg, **FAST)
+    path = pretrained.download("toy", cache_dir=cache, model_index=reg, **FAST)
     assert_same_checkpoint(path, toy)
     assert not partial.exists() and not staging.exists()
     assert live.exists()
@@ -268,23 +268,23 @@ def test_litter_of_a_killed_download_is_never_used_and_is_cleaned(tmp_path, toy,
 
 def test_marker_with_another_sha_is_not_used(tmp_path, toy, cache):
     archive, data, _, _ = toy
-    reg = write_registry(tmp_path / "models.toml", data, [str(archive)])
-    path = pretrained.download("toy", cache_dir=cache, registry=reg, **FAST)
+    reg = write_index(tmp_path / "models.toml", data, [str(archive)])
+    path = pretrained.download("toy", cache_dir=cache, model_index=reg, **FAST)
     marker = path.parent / pretrained.COMPLETE
     marker.write_text(json.dumps({"sha256": "0" * 64}))
     (path / "manifest.json").write_text("damaged")
-    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, registry=reg, **FAST), toy)
+    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, model_index=reg, **FAST), toy)
 
 
 def test_concurrent_downloads_agree(tmp_path, toy, server, cache):
     _, data, _, _ = toy
     server.set("/models/toy.tar", data)
-    reg = write_registry(tmp_path / "models.toml", data, [f"{server.url}/models/toy.tar"])
+    reg = write_index(tmp_path / "models.toml", data, [f"{server.url}/models/toy.tar"])
     results, errors = [], []
 
     def fetch():
         try:
-            results.append(pretrained.download("toy", cache_dir=cache, registry=reg, **FAST))
+            results.append(pretrained.download("toy", cache_dir=cache, model_index=reg, **FAST))
         except Exception as e:  # reported below
             errors.append(e)
 
@@ -302,14 +302,14 @@ def test_concurrent_downloads_agree(tmp_path, toy, server, cache):
 def test_flaky_location_is_retried(tmp_path, toy, server, cache, mode):
     _, data, _, _ = toy
     server.set("/models/toy.tar", data, fail=1, mode=mode)
-    reg = write_registry(tmp_path / "models.toml", data, [f"{server.url}/models/toy.tar"])
+    reg = write_index(tmp_path / "models.toml", data, [f"{server.url}/models/toy.tar"])
     # Tensorstore's own retries are off, so one attempt sees the failure ...
     with pytest.raises(pretrained.DownloadError):
-        pretrained.download("toy", cache_dir=cache, registry=reg, **{**FAST, "attempts": 1})
+        pretrained.download("toy", cache_dir=cache, model_index=reg, **{**FAST, "attempts": 1})
     assert server.hits["/models/toy.tar"] == 1
     # ... and our retry gets past it.
     server.set("/models/toy.tar", data, fail=2, mode=mode)
-    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, registry=reg, **FAST), toy)
+    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, model_index=reg, **FAST), toy)
     assert server.hits["/models/toy.tar"] == 3
 
 
@@ -318,17 +318,17 @@ def test_falls_through_to_a_later_location(tmp_path, toy, server, cache):
     server.set("/models/toy.tar", data)
     missing = f"{server.url}/elsewhere/toy.tar"  # 404: not retried
     refused = closed_port_url()
-    reg = write_registry(tmp_path / "models.toml", data, [missing, refused, f"{server.url}/models/toy.tar"])
-    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, registry=reg, **FAST), toy)
+    reg = write_index(tmp_path / "models.toml", data, [missing, refused, f"{server.url}/models/toy.tar"])
+    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, model_index=reg, **FAST), toy)
     assert server.hits["/elsewhere/toy.tar"] == 1
 
 
 def test_nothing_reachable_lists_every_location(tmp_path, toy, server, cache):
     _, data, _, _ = toy
     locations = [f"{server.url}/nothing/toy.tar", closed_port_url(), str(tmp_path / "absent" / "toy.tar")]
-    reg = write_registry(tmp_path / "models.toml", data, locations)
+    reg = write_index(tmp_path / "models.toml", data, locations)
     with pytest.raises(pretrained.DownloadError) as err:
-        pretrained.download("toy", cache_dir=cache, registry=reg, **FAST)
+        pretrained.download("toy", cache_dir=cache, model_index=reg, **FAST)
     message = str(err.value)
     for loc in locations:
         assert loc in message
@@ -339,43 +339,43 @@ def test_nothing_reachable_lists_every_location(tmp_path, toy, server, cache):
 def test_offline_use_from_the_cache(tmp_path, toy, server, cache):
     _, data, _, _ = toy
     server.set("/models/toy.tar", data)
-    reg = write_registry(tmp_path / "models.toml", data, [f"{server.url}/models/toy.tar"])
-    first = pretrained.download("toy", cache_dir=cache, registry=reg, **FAST)
+    reg = write_index(tmp_path / "models.toml", data, [f"{server.url}/models/toy.tar"])
+    first = pretrained.download("toy", cache_dir=cache, model_index=reg, **FAST)
     server.stop()
-    assert pretrained.download("toy", cache_dir=cache, registry=reg, **FAST) == first
-    assert pretrained.resolve_checkpoint("toy", cache_dir=cache, registry=reg) == first
+    assert pretrained.download("toy", cache_dir=cache, model_index=reg, **FAST) == first
+    assert pretrained.resolve_checkpoint("toy", cache_dir=cache, model_index=reg) == first
     with pytest.raises(pretrained.DownloadError):
-        pretrained.download("toy", cache_dir=cache, registry=reg, force=True, **{**FAST, "attempts": 1})
+        pretrained.download("toy", cache_dir=cache, model_index=reg, force=True, **{**FAST, "attempts": 1})
     # A failed forced download keeps the verified entry.
-    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, registry=reg, **FAST), toy)
+    assert_same_checkpoint(pretrained.download("toy", cache_dir=cache, model_index=reg, **FAST), toy)
 
 
 def test_a_cache_entry_damaged_after_download_is_named_with_its_repair(tmp_path, toy, cache, capsys):
     from zoo.cli import download as download_cli
 
     archive, data, _, _ = toy
-    reg = write_registry(tmp_path / "models.toml", data, [str(archive)])
-    path = pretrained.download("toy", cache_dir=cache, registry=reg, **FAST)
+    reg = write_index(tmp_path / "models.toml", data, [str(archive)])
+    path = pretrained.download("toy", cache_dir=cache, model_index=reg, **FAST)
     array_file = max((p for p in path.rglob("*") if p.is_file() and p.name != "manifest.json"), key=lambda p: p.stat().st_size)
     raw = bytearray(array_file.read_bytes())
     raw[-1] ^= 0xFF
     array_file.write_bytes(bytes(raw))
     for fetch in (
-        lambda: pretrained.resolve_checkpoint("toy", cache_dir=cache, registry=reg),
-        lambda: pretrained.download("toy", cache_dir=cache, registry=reg, verify=True, **FAST),
+        lambda: pretrained.resolve_checkpoint("toy", cache_dir=cache, model_index=reg),
+        lambda: pretrained.download("toy", cache_dir=cache, model_index=reg, verify=True, **FAST),
     ):
         with pytest.raises(pretrained.DamagedCacheError) as err:
             fetch()
         assert str(path.parent) in str(err.value) and "tools/download toy --force" in str(err.value)
     # The command line says so too, instead of printing the damaged folder as if it were fine ...
     with pytest.raises(SystemExit) as stop:
-        download_cli.main(["toy", f"--cache_dir={cache}", f"--registry={reg}"])
+        download_cli.main(["toy", f"--cache_dir={cache}", f"--index={reg}"])
     assert stop.value.code == 2
     message = capsys.readouterr().err
     assert "--force" in message and "Traceback" not in message
     # ... and --force repairs it.
-    download_cli.main(["toy", f"--cache_dir={cache}", f"--registry={reg}", "--force"])
-    assert_same_checkpoint(pretrained.resolve_checkpoint("toy", cache_dir=cache, registry=reg), toy)
+    download_cli.main(["toy", f"--cache_dir={cache}", f"--index={reg}", "--force"])
+    assert_same_checkpoint(pretrained.resolve_checkpoint("toy", cache_dir=cache, model_index=reg), toy)
 
 
 @pytest.fixture
@@ -411,43 +411,43 @@ def test_a_stalled_server_is_reported_while_waiting_and_bounded_by_the_deadline(
     import time
 
     _, data, _, _ = toy
-    reg = write_registry(tmp_path / "models.toml", data, [silent_server])
+    reg = write_index(tmp_path / "models.toml", data, [silent_server])
     monkeypatch.setattr(pretrained, "HEARTBEAT_S", 0.25)
     start = time.monotonic()
     with pytest.raises(pretrained.DownloadError) as err:
-        pretrained.download("toy", cache_dir=cache, registry=reg, attempts=10, backoff_s=0.01, timeout_s=1.0, deadline_s=2.5)
+        pretrained.download("toy", cache_dir=cache, model_index=reg, attempts=10, backoff_s=0.01, timeout_s=1.0, deadline_s=2.5)
     elapsed = time.monotonic() - start
     assert 2.0 < elapsed < 6.0  # ten attempts of 1 s would take 10 s; the deadline stops them at 2.5 s
     log = capsys.readouterr().err
     assert "attempt 1/10" in log and "attempt 2/10" in log and "still waiting for" in log
     assert "deadline" in str(err.value) and "no complete answer" in str(err.value)
     with pytest.raises(ValueError, match="deadline_s"):
-        pretrained.download("toy", cache_dir=cache, registry=reg, deadline_s=0)
+        pretrained.download("toy", cache_dir=cache, model_index=reg, deadline_s=0)
 
 
-# ---------------------------------------------------------------------------- names and the registry
+# ---------------------------------------------------------------------------- names and the model index
 def test_unknown_name_suggests_close_names(tmp_path, toy):
     _, data, _, _ = toy
     reg = tmp_path / "models.toml"
-    write_registry(reg, data, ["/x/lj13_eqotfm.tar"], name="lj13_eqotfm")
+    write_index(reg, data, ["/x/lj13_eqotfm.tar"], name="lj13_eqotfm")
     with pytest.raises(pretrained.UnknownModelError, match="did you mean 'lj13_eqotfm'"):
         pretrained.model_info("lj13_eqotfn", reg)
     with pytest.raises(pretrained.UnknownModelError, match="neither an existing checkpoint path"):
-        pretrained.resolve_checkpoint("lj31_eqotfm", registry=reg)
+        pretrained.resolve_checkpoint("lj31_eqotfm", model_index=reg)
     with pytest.raises(pretrained.UnknownModelError) as err:
-        pretrained.download("zzz", registry=reg)
+        pretrained.download("zzz", model_index=reg)
     assert "did you mean" not in str(err.value) and "lj13_eqotfm" in str(err.value)
 
 
 def test_existing_path_is_used_as_is(tmp_path, toy):
     _, _, step_dir, _ = toy
-    assert pretrained.resolve_checkpoint(step_dir, registry=tmp_path / "none.toml") == step_dir
-    assert pretrained.resolve_checkpoint(str(step_dir.parent), registry=tmp_path / "none.toml") == step_dir.parent
+    assert pretrained.resolve_checkpoint(step_dir, model_index=tmp_path / "none.toml") == step_dir
+    assert pretrained.resolve_checkpoint(str(step_dir.parent), model_index=tmp_path / "none.toml") == step_dir.parent
 
 
-def test_registry_validation(tmp_path, toy):
+def test_model_index_validation(tmp_path, toy):
     _, data, _, _ = toy
-    reg = write_registry(tmp_path / "models.toml", data, ["a.tar"])
+    reg = write_index(tmp_path / "models.toml", data, ["a.tar"])
     raw = tomllib.loads(reg.read_text())["models"][0]
     for change, match in [
         ({"sha256": "abc"}, "sha256"),
@@ -456,25 +456,25 @@ def test_registry_validation(tmp_path, toy):
         ({"name": "../evil"}, "name"),
         ({"metrics": {"nll": "low"}}, "metrics"),
     ]:
-        with pytest.raises(pretrained.RegistryError, match=match):
-            pretrained.write_registry([{**raw, **change}], tmp_path / "bad.toml")
+        with pytest.raises(pretrained.ModelIndexError, match=match):
+            pretrained.write_index([{**raw, **change}], tmp_path / "bad.toml")
     del raw["gin"]
-    with pytest.raises(pretrained.RegistryError, match="lacks gin"):
+    with pytest.raises(pretrained.ModelIndexError, match="lacks gin"):
         pretrained._check_entry(raw, "x")
     text = reg.read_text()
     (tmp_path / "dup.toml").write_text(text + text[text.index("[[models]]") :])
-    with pytest.raises(pretrained.RegistryError, match="twice"):
-        pretrained.load_registry(tmp_path / "dup.toml")
+    with pytest.raises(pretrained.ModelIndexError, match="twice"):
+        pretrained.load_index(tmp_path / "dup.toml")
 
 
-def test_registry_writer_round_trips_awkward_values(tmp_path, toy):
+def test_model_index_writer_round_trips_awkward_values(tmp_path, toy):
     _, data, _, _ = toy
-    reg = write_registry(tmp_path / "models.toml", data, ["a.tar"])
+    reg = write_index(tmp_path / "models.toml", data, ["a.tar"])
     raw = tomllib.loads(reg.read_text())["models"][0]
     raw["recipe"] = 'quotes " and \\ backslash\nsecond line; ünïcode'
     raw["metrics"] = {"nll": float("inf"), "ess_q": 1e-300, "ess_p": 0.0, "kl": -0.5, "n_samples_q": 3}
     raw["locations"] = ["a.tar", {"driver": "s3", "bucket": "zoo-models", "path": "v1/a.tar", "endpoint": "http://h:9000"}]
-    pretrained.write_registry([raw], reg)
+    pretrained.write_index([raw], reg)
     back = tomllib.loads(reg.read_text())["models"][0]
     assert back == raw
     assert math.isinf(pretrained.model_info("toy", reg).metrics["nll"])
@@ -491,7 +491,7 @@ def test_release_packs_and_registers_a_run(tmp_path):
     (workdir / "metrics.json").write_text(json.dumps(metrics))
     (workdir / "log.jsonl").write_text('{"step": 1, "compile_s": 2.0}\n{"step": 10, "time_s": 3.5, "loss": 1.0}\n')
     reg = tmp_path / "models.toml"
-    info = pretrained.release(workdir, "toy_run", gin_file="gmm_fm.gin", dest=tmp_path / "out", registry=reg, machine="test box")
+    info = pretrained.release(workdir, "toy_run", gin_file="gmm_fm.gin", dest=tmp_path / "out", model_index=reg, machine="test box")
     archive = tmp_path / "out" / "toy_run.tar"
     assert info.sha256 == ckpt.file_sha256(archive) and info.size_bytes == archive.stat().st_size
     assert info.gin == "gin/gmm_fm.gin" and info.system == "Toy" and info.extra["step"] == 10
@@ -500,47 +500,59 @@ def test_release_packs_and_registers_a_run(tmp_path):
     assert info.recipe == "FlowMatching, 10 steps, batch 64, ?; 4 s training (+2 s compilation); test box"
     assert info.locations == (str(archive.resolve()),)
     # The released entry downloads and is the same checkpoint.
-    path = pretrained.download("toy_run", cache_dir=tmp_path / "cache", registry=reg, **FAST)
+    path = pretrained.download("toy_run", cache_dir=tmp_path / "cache", model_index=reg, **FAST)
     assert ckpt.checkpoint_sha256(path) == ckpt.checkpoint_sha256(step_dir)
     # Releasing again replaces the entry; a mirror is appended after the archive.
-    pretrained.release(workdir, "toy_run", gin_file="gmm_fm.gin", recipe="r", dest=tmp_path / "out", registry=reg, locations=["https://example.org/toy_run.tar"])
+    pretrained.release(workdir, "toy_run", gin_file="gmm_fm.gin", recipe="r", dest=tmp_path / "out", model_index=reg, locations=["https://example.org/toy_run.tar"])
     assert pretrained.list_models(reg) == ["toy_run"]
     assert pretrained.model_info("toy_run", reg).locations[1] == "https://example.org/toy_run.tar"
+    # Bindings given on release end the released config; the run's own checkpoint is untouched.
+    from zoo.cli import release_model
+
+    release_model.main(
+        [str(workdir), "toy_run", "--gin=gmm_fm.gin", "--recipe=r", f"--dest={tmp_path / 'out'}", f"--index={reg}", "--gin_param=stored_dataset.path = 'assets/data/x'"]
+    )
+    path = pretrained.download("toy_run", cache_dir=tmp_path / "cache", model_index=reg, force=True, **FAST)
+    released = ckpt.load_checkpoint(path, model_like=model)
+    assert released.config.startswith("train.batch_size = 64\ntrain.loss = @FlowMatching()\n")
+    assert released.config.endswith("# Bindings added on release:\nstored_dataset.path = 'assets/data/x'\n")
+    assert ckpt.load_checkpoint(step_dir, model_like=model).config == "train.batch_size = 64\ntrain.loss = @FlowMatching()\n"
+    jax.tree.map(np.testing.assert_array_equal, released.model, model)
     # Metrics of another step than the checkpoint's are refused.
     (workdir / "log.jsonl").write_text('{"step": 12, "time_s": 3.5}\n')
-    with pytest.raises(pretrained.RegistryError, match="step 12"):
-        pretrained.release(workdir, "toy_run", gin_file="gmm_fm.gin", recipe="r", dest=tmp_path / "out", registry=reg)
+    with pytest.raises(pretrained.ModelIndexError, match="step 12"):
+        pretrained.release(workdir, "toy_run", gin_file="gmm_fm.gin", recipe="r", dest=tmp_path / "out", model_index=reg)
 
 
 def test_reevaluated_metrics_replace_only_the_metrics(tmp_path, toy):
     from zoo.cli import release_model
 
     archive, data, _, _ = toy
-    reg = write_registry(tmp_path / "models.toml", data, [str(archive)])
+    reg = write_index(tmp_path / "models.toml", data, [str(archive)])
     before = pretrained.model_info("toy", reg)
     run = tmp_path / "eval"
     run.mkdir()
     new = {"nll": 0.9, "nll_se": 0.01, "ess_q": 0.6, "ess_q_se": 0.02, "ess_p": 0.55, "ess_p_se": 0.03, "n_samples_q": 1024}
     (run / "metrics.json").write_text(json.dumps({**new, "n_samples_p": 1024, "divergence": "exact", "checkpoint": "toy"}))
-    release_model.main([str(run), "toy", "--reevaluated", "--registry", str(reg)])
+    release_model.main([str(run), "toy", "--reevaluated", "--index", str(reg)])
     after = pretrained.model_info("toy", reg)
     assert after.metrics == {**new, "n_samples_p": 1024}
     assert after.extra["evaluation"] == {"divergence": "exact"}
     assert (after.sha256, after.locations, after.recipe) == (before.sha256, before.locations, before.recipe)
     # A recipe's closing metrics clause is rewritten from the new evaluation; the rest stays.
-    entries = pretrained._read_registry_file(reg)
+    entries = pretrained._read_index_file(reg)
     entries[0]["recipe"] = "FM, 10 steps; metrics: exact divergence, RK4-20, 256 model / 256 test samples"
-    pretrained.write_registry(entries, reg)
+    pretrained.write_index(entries, reg)
     evaluation = {"divergence": "exact", "solver": "rk4", "n_solver_steps": 40, "n_samples_p": 10000, "n_samples_q": 10000}
     (run / "metrics.json").write_text(json.dumps({**new, **evaluation, "checkpoint": "toy"}))
-    recipe = pretrained.replace_metrics("toy", run / "metrics.json", registry=reg).recipe
+    recipe = pretrained.replace_metrics("toy", run / "metrics.json", model_index=reg).recipe
     assert recipe == "FM, 10 steps; metrics: exact divergence, RK4-40, 10000 model / 10000 test samples, delta-method standard errors"
     adaptive = {"solver": "dopri5", "solver_rtol": 1e-5, "solver_atol": 1e-5, "divergence": "exact", "n_samples_q": 5, "n_samples_p": 6}
     assert pretrained.metrics_clause(adaptive) == "metrics: exact divergence, Dopri5 rtol = atol = 1e-5, 5 model / 6 test samples, delta-method standard errors"
     # An evaluation of another checkpoint is refused, naming both.
     (run / "metrics.json").write_text(json.dumps({**new, "n_samples_p": 1024, "checkpoint": "runs/x/checkpoint"}))
-    with pytest.raises(pretrained.RegistryError, match="'runs/x/checkpoint', not of the released 'toy'"):
-        pretrained.replace_metrics("toy", run / "metrics.json", registry=reg)
+    with pytest.raises(pretrained.ModelIndexError, match="'runs/x/checkpoint', not of the released 'toy'"):
+        pretrained.replace_metrics("toy", run / "metrics.json", model_index=reg)
 
 
 def test_cli_list_models_and_download(tmp_path, toy, monkeypatch, capsys):
@@ -548,7 +560,7 @@ def test_cli_list_models_and_download(tmp_path, toy, monkeypatch, capsys):
     from zoo.cli import zoo as zoo_cli
 
     archive, data, _, _ = toy
-    reg = write_registry(tmp_path / "models.toml", data, [str(archive)])
+    reg = write_index(tmp_path / "models.toml", data, [str(archive)])
     monkeypatch.setenv("ZOO_MODELS", str(reg))
     monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
     zoo_cli.main(["list", "--models"])
@@ -573,7 +585,7 @@ def test_the_model_list_says_how_each_log_density_was_solved():
 
 
 # ---------------------------------------------------------------------------- the shipped models
-SHIPPED = pretrained.load_registry(pretrained.REGISTRY_FILE)
+SHIPPED = pretrained.load_index(pretrained.INDEX_FILE)
 # Systems cheap enough to evaluate in the default suite (2-D, seconds); the rest are slow.
 FAST_SYSTEMS = {"GaussianMixture2D"}
 

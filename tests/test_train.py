@@ -392,7 +392,8 @@ def test_particle_configs_train_end_to_end(system, variant, tmp_path):
 
 def test_compare_tool_writes_table_curves_and_views(tmp_path):
     """tools/compare on the GMM: two recipes at one tiny budget, table and JSON, curves, and
-    each recipe's views; its checkpoints carry the config, so tools/evaluate can reload them."""
+    each run's evaluation (under the evaluation bindings) and views; its checkpoints carry the
+    config, so tools/evaluate can reload them."""
     from zoo.cli import compare, evaluate
 
     workdir = tmp_path / "cmp"
@@ -405,8 +406,9 @@ def test_compare_tool_writes_table_curves_and_views(tmp_path):
             "--gin_param=compare.time_budget_s = 1.0",
             "--gin_param=compare.eval_every = 5",
             "--gin_param=compare.n_track = 64",
-            "--gin_param=compare.n_eval_samples = 64",
-            "--gin_param=compare.eval_divergence = 'hutchinson'",
+            "--gin_param=evaluation.n_samples = 64",
+            "--gin_param=evaluation.n_target = 64",
+            "--gin_param=evaluation.divergence = 'hutchinson'",
             "--gin_param=exact_samples.n_train = 256",
             "--gin_param=CNF.n_steps = 4",
         ]
@@ -414,8 +416,9 @@ def test_compare_tool_writes_table_curves_and_views(tmp_path):
     table = (workdir / "table.md").read_text()
     assert "| FM only |" in table and "hutchinson divergence" in table
     results = json.loads((workdir / "results.json").read_text())["results"]
-    assert [m["divergence"] for ms in results.values() for m in ms] == ["hutchinson", "hutchinson"]
-    for name in ("kl_vs_time.png", "fm_only_density.png", "fm_only_energy_histogram.png"):
+    # The evaluation bindings of training runs apply to the comparison's evaluations too.
+    assert [(m["divergence"], m["n_samples_q"], m["n_samples_p"]) for ms in results.values() for m in ms] == [("hutchinson", 64, 64)] * 2
+    for name in ("kl_vs_time.png", "fm_only_seed0_density.png", "fm_only_seed0_energy_histogram.png", "fm_only_seed0_metrics.json"):
         assert (workdir / name).is_file(), name
     run = next((workdir / "runs").glob("fm_only_seed0_stage0"))
     evaluate.main([str(run / "checkpoint"), f"--workdir={tmp_path / 'eval'}", "--gin_param=evaluation.n_samples = 32", "--gin_param=evaluation.n_target = 32", "--gin_param=evaluation.progress = False"])
@@ -450,7 +453,7 @@ def test_an_interrupted_comparison_resumes_to_the_same_budget(tmp_path, monkeypa
         compare.main(
             ["--gin=gmm_compare.gin", f"--workdir={workdir}", "--gin_param=compare.recipes = [@fm_only/Recipe()]",
              "--gin_param=compare.seeds = (0,)", "--gin_param=compare.time_budget_s = 12.0", "--gin_param=compare.eval_every = 5",
-             "--gin_param=compare.n_track = 32", "--gin_param=compare.n_eval_samples = 32", "--gin_param=exact_samples.n_train = 256",
+             "--gin_param=compare.n_track = 32", "--gin_param=evaluation.n_samples = 32", "--gin_param=evaluation.n_target = 32", "--gin_param=exact_samples.n_train = 256",
              "--gin_param=CNF.n_steps = 2", *extra]  # fmt: skip
         )
         return json.loads((workdir / "results.json").read_text())["results"]["FM only"][0]

@@ -1,7 +1,7 @@
 r"""A trained flow with its target, as a Python object: :func:`load` and :class:`BoltzmannGenerator`.
 
     import zoo
-    bg = zoo.load("dw4_eqotfm_pg")            # a registry name (downloaded, verified) or a checkpoint folder
+    bg = zoo.load("dw4_eqotfm_pg")            # a model name (downloaded, verified) or a checkpoint folder
     s = bg.sample(1000, seed=0)                # x (n, *event_shape), log_q, energy, log_w, path_length
     zoo.reweight(s["energy"], s["log_w"])      # E_p[u] ± standard error, with the ESS
     bg.log_prob(s["x"]), bg.score(s["x"][:4])  # log q_θ(x) and ∇ₓ log q_θ(x)
@@ -143,9 +143,9 @@ def _score_batch(flow, x):
 
 
 def load(name_or_path, *, bindings=()) -> BoltzmannGenerator:
-    """A pretrained model by registry name (downloaded and verified once), or a checkpoint folder.
+    """A pretrained model by model name (downloaded and verified once), or a checkpoint folder.
 
-    A released model comes with the solver settings its registry metrics were computed
+    A released model comes with the solver settings its released metrics were computed
     with. ``bindings`` are gin bindings parsed after the checkpoint's stored configuration
     (e.g. ``"CNF.solver = 'rk4'"``, ``"CNF.n_steps = 40"``); they must not change the
     model's structure. The caller's own gin configuration is left as it was.

@@ -779,6 +779,24 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
+def copy_with_bindings(step_dir, dest_dir, bindings) -> pathlib.Path:
+    """Copy a step dir to ``dest_dir`` (which must not exist) with gin ``bindings`` appended to its config.
+
+    The copy's manifest records the new config's sha256, so it verifies like any checkpoint.
+    A release uses this to point a run trained on a cache-only data set at a shipped one.
+    """
+    step_dir, dest = pathlib.Path(step_dir), pathlib.Path(dest_dir)
+    manifest = _read_manifest(step_dir)
+    config = _read_file(step_dir, CONFIG, manifest).decode("utf-8")
+    shutil.copytree(step_dir, dest)
+    added = "".join(f"{b.strip()}\n" for b in bindings)
+    payload = f"{config.rstrip()}\n\n# Bindings added on release:\n{added}".encode()
+    (dest / CONFIG).write_bytes(payload)
+    manifest["files"][CONFIG] = hashlib.sha256(payload).hexdigest()
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return dest
+
+
 def pack_checkpoint(step_dir, out_file) -> pathlib.Path:
     """Write a step dir as one deterministic, uncompressed ``.tar`` (written atomically).
 

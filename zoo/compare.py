@@ -21,10 +21,11 @@ import optax
 import gin
 from zoo import config
 from zoo._version import __version__
-from zoo.metrics import evaluate_flow, fm_loss_on, observables
+from zoo.experiment import configured_evaluation_flow, evaluation
+from zoo.losses.fm import FlowMatching
+from zoo.metrics import fm_loss_on
 from zoo.registry import register
 from zoo.train import RunExistsError, check_settings, claim_run_dir, fit, read_log
-from zoo.views import write_views
 
 
 @register("recipe")
@@ -59,7 +60,6 @@ def _tracked(flow, system, dataset, n: int, key) -> dict:
     for every recipe, whatever it trains with: one yardstick across recipes.
     """
     from zoo.flows.cnf import log_prob_chunked
-    from zoo.losses.fm import FlowMatching
     from zoo.metrics import energies_chunked, ess_p, kl_exact, nll
 
     x = dataset.val.positions[:n]
@@ -82,19 +82,19 @@ def compare(
     batch_size: int = 256,
     eval_every: int = 25,
     n_track: int = 512,
-    n_eval_samples: int = 2048,
-    eval_divergence: str | None = None,
-    eval_chunk_size: int = 1024,
     progress: bool = False,
     resume: bool = False,
     overwrite: bool = False,
 ) -> dict:
     """Train every recipe from scratch for every seed under the same budget; write table and curves.
 
-    ``eval_divergence`` overrides the flow's divergence for the tracked and final metrics
-    only (e.g. train an LJ13 flow configured with the exact trace, evaluate with
-    Hutchinson to keep evaluation affordable on a CPU); ``eval_chunk_size`` bounds the
-    samples per compiled evaluation call (and so its memory). A ``workdir`` that holds an
+    Every run ends with the :func:`zoo.experiment.evaluation` that training runs end with,
+    under the same bindings (``evaluation.n_samples``, ``evaluation.divergence``, ...; e.g.
+    train an LJ13 flow configured with the exact trace and evaluate with Hutchinson to keep
+    evaluation affordable on a CPU), seed 1234 + the run's seed; its metrics and the
+    system's views are written with the prefix ``<recipe>_seed<seed>_``. The metrics tracked
+    during training (``n_track`` validation samples) use the same divergence and solver. A
+    ``workdir`` that holds an
     earlier comparison's runs is refused unless ``resume`` (every run continues from its
     last checkpoint with the training seconds it had, so each still gets the same budget)
     or ``overwrite`` (which deletes them).
@@ -120,9 +120,6 @@ def compare(
     # One optimiser object per stage, reused across seeds, so jit caches are reused too.
     optimizers = {(r.name, i): optax.adam(s.learning_rate) for r in recipes for i, s in enumerate(r.stages)}
 
-    def for_evaluation(model):
-        return model if eval_divergence is None else model.with_settings(divergence=eval_divergence)
-
     for recipe in recipes:
         for seed in seeds:
             flow = config.make_flow(system, key=jax.random.fold_in(jax.random.PRNGKey(seed), 10**6))
@@ -130,7 +127,7 @@ def compare(
             track_key = jax.random.PRNGKey(10_000 + seed)
 
             def evaluate(model, step):
-                return _tracked(for_evaluation(model), system, dataset, n_track, track_key)  # noqa: B023  (fit calls it within this iteration)
+                return _tracked(configured_evaluation_flow(model), system, dataset, n_track, track_key)  # noqa: B023  (fit calls it within this iteration)
 
             curve.append({"time_s": 0.0, "step": 0, **evaluate(flow, 0)})
             for i, stage in enumerate(recipe.stages):
@@ -163,25 +160,14 @@ def compare(
                 offset_s += last["time_s"]
                 offset_step += last["step"]
                 curve.append({"time_s": offset_s, "step": offset_step, "stage": i, **evaluate(flow, offset_step)})
-            eval_flow = for_evaluation(flow)
-            metrics, arrays = evaluate_flow(
-                eval_flow,
-                system,
-                dataset,
-                key=jax.random.PRNGKey(1234 + seed),
-                n_samples=n_eval_samples,
-                n_target=n_eval_samples,
-                chunk_size=eval_chunk_size,
+            # Plain flow matching as the FM yardstick, as in the tracked metrics.
+            metrics = evaluation(
+                flow, system, dataset, workdir, seed=1234 + seed, fm_loss=FlowMatching(), prefix=f"{_slug(recipe.name)}_seed{seed}_", progress=progress
             )
             metrics.update({"seed": seed, "train_time_s": offset_s, "steps": offset_step})
             results[recipe.name].append(metrics)
             curves[recipe.name].append(curve)
             print(f"{recipe.name} seed {seed}: " + ", ".join(f"{k}={metrics[k]:.4g}" for k in ("kl", "nll", "ess_q", "ess_p") if k in metrics) + f" ({offset_step} steps)")
-            if seed == seeds[0]:
-                # The system's views of the first seed: 2-D densities, energy histograms of model
-                # samples (reweighted and not) against data, pair distances, Ramachandran maps.
-                metrics.update(observables(system, arrays))
-                write_views(eval_flow, system, arrays, workdir, prefix=f"{_slug(recipe.name)}_")
     table = summarise(results, time_budget_s=time_budget_s, seeds=seeds)
     (workdir / "table.md").write_text(table)
     (workdir / "results.json").write_text(json.dumps({"budget_s": time_budget_s, "seeds": list(seeds), "results": results, "curves": curves}, indent=1))

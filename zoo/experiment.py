@@ -58,9 +58,7 @@ def evaluation(
     The folder is checked for writing before any work; the metrics are printed and written
     before the plots, so that a failing plot loses no numbers.
     """
-    overrides = {k: v for k, v in (("divergence", divergence), ("solver", solver), ("n_steps", n_solver_steps)) if v is not None}
-    if overrides:
-        flow = flow.with_settings(**overrides)
+    flow = evaluated_flow(flow, divergence=divergence, solver=solver, n_solver_steps=n_solver_steps)
     workdir = Path(workdir)
     check_writable(workdir)
     metrics, arrays = evaluate_flow(
@@ -89,6 +87,20 @@ def evaluation(
     return metrics
 
 
+def evaluated_flow(flow, *, divergence=None, solver=None, n_solver_steps=None):
+    """``flow`` with the evaluation's divergence and solver overrides (None: the flow's own)."""
+    overrides = {k: v for k, v in (("divergence", divergence), ("solver", solver), ("n_steps", n_solver_steps)) if v is not None}
+    return flow.with_settings(**overrides) if overrides else flow
+
+
+def configured_evaluation_flow(flow):
+    """``flow`` as :func:`evaluation` will see it under the gin bindings in effect
+    (``evaluation.divergence``, ``evaluation.solver``, ``evaluation.n_solver_steps``), for
+    metrics tracked during training that should be computed the same way."""
+    bound = gin.get_bindings("evaluation")
+    return evaluated_flow(flow, **{k: bound[k] for k in ("divergence", "solver", "n_solver_steps") if k in bound})
+
+
 def check_writable(folder: Path) -> None:
     """Create ``folder`` if needed and make sure a file can be written there, before any long computation."""
     folder = Path(folder)
@@ -101,7 +113,7 @@ def check_writable(folder: Path) -> None:
 
 
 def _label(provenance: dict | None, workdir: Path) -> str:
-    """How errors name the model evaluated: its checkpoint or registry name, else the run folder."""
+    """How errors name the model evaluated: its checkpoint or model name, else the run folder."""
     for name in ("pretrained", "checkpoint"):
         if provenance and provenance.get(name):
             return f"model {provenance[name]}"
@@ -216,9 +228,9 @@ def train(
 def load_flow(path, *, extra_gin_files=(), extra_bindings=()):
     """Rebuild (system, flow, restored checkpoint) from a checkpoint folder and its stored gin config.
 
-    ``path`` is a checkpoint folder or a pretrained model's registry name (downloaded and
+    ``path`` is a checkpoint folder or a pretrained model's model name (downloaded and
     verified by :func:`zoo.pretrained.resolve_checkpoint`). A released model gets the
-    solver settings its registry metrics were computed with
+    solver settings its released metrics were computed with
     (:func:`zoo.pretrained.evaluation_bindings`), so they are what it reproduces.
     ``extra_*`` are parsed after these and the stored config, so evaluation settings can
     be changed (e.g. ``evaluation.n_samples = 100000``); they must not change the

@@ -1,6 +1,6 @@
 """Fine-tuning a pretrained flow (path gradients, or any registered loss) and comparing recipes.
 
-``finetune`` loads a checkpoint (a path, or a registry name resolved by ``zoo.pretrained``),
+``finetune`` loads a checkpoint (a path, or a model name resolved by ``zoo.pretrained``),
 evaluates it, trains it further for a budget in steps or wall-clock seconds,
 evaluates again, and writes ``metrics_before.json``, ``metrics.json``, ``report.md``,
 plots and the checkpoint.

@@ -1,6 +1,6 @@
-r"""Pretrained models: a registry file, verified downloads through tensorstore, a local cache.
+r"""Pretrained models: a model index file, verified downloads through tensorstore, a local cache.
 
-The registry is ``assets/models.toml`` (``$ZOO_MODELS`` names another file). Each
+The model index is ``assets/models.toml`` (``$ZOO_MODELS`` names another file). Each
 ``[[models]]`` entry gives ``name``, ``system``, ``gin`` (the config it was trained with),
 ``recipe`` (how it was trained, in words), ``metrics`` (nll, ess_q, ess_p, path_length,
 kl where exact, with ``n_samples_q``/``n_samples_p``), ``size_bytes`` and ``sha256`` of
@@ -20,7 +20,7 @@ this one policy applies to every driver), then the next location is tried. The b
 to a temporary file in the cache, whose sha256 is checked; the archive is unpacked into a
 temporary dir together with a ``COMPLETE`` marker holding the sha256, and one
 ``os.rename`` makes the entry appear. An entry is used only when its marker names the
-registry's sha256, so a killed download never leaves a usable half entry; a cached entry
+model index's sha256, so a killed download never leaves a usable half entry; a cached entry
 needs no network at all.
 
 Cache layout (``$ZOO_CACHE``, default ``~/.cache/zoo``)::
@@ -32,8 +32,8 @@ Cache layout (``$ZOO_CACHE``, default ``~/.cache/zoo``)::
       .tmp-gmm_fm.<host>.<pid>.<uuid>.tar    an unfinished download (removed when stale)
 
 :func:`resolve_checkpoint` is what the tools call: an existing path is used as it is,
-anything else must be a registry name. :func:`release` packs a training run's latest
-checkpoint into ``assets/models/<name>.tar`` and writes its registry entry.
+anything else must be a model name. :func:`release` packs a training run's latest
+checkpoint into ``assets/models/<name>.tar`` and writes its model index entry.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import re
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import tomllib
 import uuid
@@ -67,22 +68,22 @@ __all__ = [
     "DownloadError",
     "ModelInfo",
     "PretrainedError",
-    "RegistryError",
+    "ModelIndexError",
     "UnknownModelError",
     "cache_root",
     "download",
     "draft_recipe",
     "list_models",
-    "load_registry",
+    "load_index",
     "model_info",
-    "registry_path",
+    "index_path",
     "release",
     "resolve_checkpoint",
-    "write_registry",
+    "write_index",
 ]
 
-REGISTRY_FILE = REPO_ROOT / "assets" / "models.toml"
-ENV_REGISTRY = "ZOO_MODELS"
+INDEX_FILE = REPO_ROOT / "assets" / "models.toml"
+ENV_INDEX = "ZOO_MODELS"
 ENV_CACHE = "ZOO_CACHE"
 COMPLETE = "COMPLETE"
 CHECKPOINT = "checkpoint"
@@ -103,19 +104,19 @@ _RETRY_RESOURCE = {"http": "http_request_retries", "gcs": "gcs_request_retries",
 
 # ---------------------------------------------------------------------------- errors
 class PretrainedError(ckpt.CheckpointError):
-    """Base class of registry and download errors (a CheckpointError, so tools report it)."""
+    """Base class of model index and download errors (a CheckpointError, so tools report it)."""
 
 
-class RegistryError(PretrainedError):
-    """The registry file is missing or an entry is malformed."""
+class ModelIndexError(PretrainedError):
+    """The model index file is missing or an entry is malformed."""
 
 
 class UnknownModelError(PretrainedError):
-    """A name that is neither an existing path nor a registry entry."""
+    """A name that is neither an existing path nor a model index entry."""
 
 
 class ChecksumMismatchError(PretrainedError, ckpt.CorruptCheckpointError):
-    """Downloaded bytes whose sha256 (or size) differs from the registry's."""
+    """Downloaded bytes whose sha256 (or size) differs from the model index's."""
 
 
 class DamagedCacheError(PretrainedError, ckpt.CorruptCheckpointError):
@@ -126,10 +127,10 @@ class DownloadError(PretrainedError):
     """No location of a model could be read."""
 
 
-# ---------------------------------------------------------------------------- registry
+# ---------------------------------------------------------------------------- the model index
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
-    """One registry entry (``extra`` keeps any further fields of the entry)."""
+    """One model index entry (``extra`` keeps any further fields of the entry)."""
 
     name: str
     system: str
@@ -147,12 +148,12 @@ class ModelInfo:
         return self.recipe.strip().splitlines()[0].split(";")[0].strip() if self.recipe.strip() else ""
 
 
-def registry_path(registry=None) -> Path:
-    """The registry file: ``registry`` if given, else ``$ZOO_MODELS``, else ``assets/models.toml``."""
-    if registry is not None:
-        return Path(registry)
-    env = os.environ.get(ENV_REGISTRY)
-    return Path(env) if env else REGISTRY_FILE
+def index_path(model_index=None) -> Path:
+    """The model index file: ``model_index`` if given, else ``$ZOO_MODELS``, else ``assets/models.toml``."""
+    if model_index is not None:
+        return Path(model_index)
+    env = os.environ.get(ENV_INDEX)
+    return Path(env) if env else INDEX_FILE
 
 
 def cache_root(path=None) -> Path:
@@ -163,46 +164,46 @@ def cache_root(path=None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "zoo"
 
 
-def _read_registry_file(path: Path) -> list[dict]:
-    """The raw ``[[models]]`` tables of a registry file ([] when the file does not exist)."""
+def _read_index_file(path: Path) -> list[dict]:
+    """The raw ``[[models]]`` tables of a model index file ([] when the file does not exist)."""
     if not path.exists():
         return []
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
-        raise RegistryError(f"{path} is not valid TOML: {e}") from None
+        raise ModelIndexError(f"{path} is not valid TOML: {e}") from None
     models = data.get("models", [])
     if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
-        raise RegistryError(f"{path}: 'models' must be an array of tables ([[models]])")
+        raise ModelIndexError(f"{path}: 'models' must be an array of tables ([[models]])")
     return models
 
 
 def _check_entry(raw: dict, where: str) -> ModelInfo:
     missing = [k for k in REQUIRED_FIELDS if k not in raw]
     if missing:
-        raise RegistryError(f"{where} lacks {', '.join(missing)}")
+        raise ModelIndexError(f"{where} lacks {', '.join(missing)}")
     name = raw["name"]
     if not isinstance(name, str) or not _NAME.match(name):
-        raise RegistryError(f"{where}: name {name!r} must be letters, digits, '_', '.', '-' (it names cache folders)")
+        raise ModelIndexError(f"{where}: name {name!r} must be letters, digits, '_', '.', '-' (it names cache folders)")
     for key in ("system", "gin", "recipe"):
         if not isinstance(raw[key], str):
-            raise RegistryError(f"{where} ({name}): {key} must be a string, got {type(raw[key]).__name__}")
+            raise ModelIndexError(f"{where} ({name}): {key} must be a string, got {type(raw[key]).__name__}")
     sha = raw["sha256"]
     if not isinstance(sha, str) or not _SHA256.match(sha):
-        raise RegistryError(f"{where} ({name}): sha256 must be 64 lowercase hex digits, got {sha!r}")
+        raise ModelIndexError(f"{where} ({name}): sha256 must be 64 lowercase hex digits, got {sha!r}")
     size = raw["size_bytes"]
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise RegistryError(f"{where} ({name}): size_bytes must be a positive integer, got {size!r}")
+        raise ModelIndexError(f"{where} ({name}): size_bytes must be a positive integer, got {size!r}")
     metrics = raw["metrics"]
     if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()):
-        raise RegistryError(f"{where} ({name}): metrics must be a table of numbers")
+        raise ModelIndexError(f"{where} ({name}): metrics must be a table of numbers")
     locations = raw["locations"]
     if not isinstance(locations, list) or not locations:
-        raise RegistryError(f"{where} ({name}): locations must be a non-empty list")
+        raise ModelIndexError(f"{where} ({name}): locations must be a non-empty list")
     for loc in locations:
         if not isinstance(loc, (str, dict)) or not loc:
-            raise RegistryError(f"{where} ({name}): a location must be a path, a URL or a kvstore spec table, got {loc!r}")
+            raise ModelIndexError(f"{where} ({name}): a location must be a path, a URL or a kvstore spec table, got {loc!r}")
     extra = {k: v for k, v in raw.items() if k not in REQUIRED_FIELDS}
     return ModelInfo(
         name=name,
@@ -217,21 +218,21 @@ def _check_entry(raw: dict, where: str) -> ModelInfo:
     )
 
 
-def load_registry(registry=None) -> dict[str, ModelInfo]:
-    """All entries of the registry file, by name, in file order (validated)."""
-    path = registry_path(registry)
+def load_index(model_index=None) -> dict[str, ModelInfo]:
+    """All entries of the model index file, by name, in file order (validated)."""
+    path = index_path(model_index)
     out: dict[str, ModelInfo] = {}
-    for i, raw in enumerate(_read_registry_file(path)):
+    for i, raw in enumerate(_read_index_file(path)):
         info = _check_entry(raw, f"{path}: models[{i}]")
         if info.name in out:
-            raise RegistryError(f"{path}: model {info.name!r} appears twice")
+            raise ModelIndexError(f"{path}: model {info.name!r} appears twice")
         out[info.name] = info
     return out
 
 
-def list_models(registry=None) -> list[str]:
-    """The names of the registered pretrained models, in registry order."""
-    return list(load_registry(registry))
+def list_models(model_index=None) -> list[str]:
+    """The names of the registered pretrained models, in index order."""
+    return list(load_index(model_index))
 
 
 def _unknown(name: str, known: Sequence[str], *, as_path: bool = False) -> UnknownModelError:
@@ -242,13 +243,13 @@ def _unknown(name: str, known: Sequence[str], *, as_path: bool = False) -> Unkno
         else f"no pretrained model named {name!r}"
     )
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
-    listing = f" Known models: {', '.join(known)}." if known else " The registry is empty."
+    listing = f" Known models: {', '.join(known)}." if known else " The model index is empty."
     return UnknownModelError(f"{lead}{hint}{listing} (`tools/zoo list --models` shows them)")
 
 
-def model_info(name: str, registry=None) -> ModelInfo:
-    """The registry entry of ``name`` (UnknownModelError suggests the closest names)."""
-    models = load_registry(registry)
+def model_info(name: str, model_index=None) -> ModelInfo:
+    """The model index entry of ``name`` (UnknownModelError suggests the closest names)."""
+    models = load_index(model_index)
     if name not in models:
         raise _unknown(name, list(models))
     return models[name]
@@ -259,7 +260,7 @@ def evaluation_settings(info: ModelInfo) -> dict:
 
     A model may be trained with a cheaper solver than the one its log densities need (DW4:
     RK4 with 20 steps errs by up to 3.8 nats, Dopri5 at 1e-5 by 0.014); these settings
-    are what reproduces the registry's figures.
+    are what reproduces the model index's figures.
     """
     table = info.extra.get("evaluation", {})
     return {field: table[key] for key, field in EVALUATION_FIELDS.items() if key in table}
@@ -507,7 +508,7 @@ def download(
     *,
     cache_dir: str | os.PathLike | None = None,
     force: bool = False,
-    registry=None,
+    model_index=None,
     attempts: int = 3,
     backoff_s: float = 1.0,
     timeout_s: float | None = None,
@@ -517,7 +518,7 @@ def download(
 ) -> Path:
     """The unpacked checkpoint step dir of pretrained model ``name`` in the cache.
 
-    A complete cache entry (its marker names the registry's sha256) is returned without
+    A complete cache entry (its marker names the model index's sha256) is returned without
     network access unless ``force`` (which replaces it only once a new copy is verified). Otherwise each location is read in turn, each tried
     ``attempts`` times with backoff ``backoff_s · 2^k`` seconds and a per-attempt
     ``timeout_s`` (default 120 s plus 1 s per MiB), all within ``deadline_s`` seconds in
@@ -536,7 +537,7 @@ def download(
         raise ValueError(f"attempts must be at least 1, got {attempts}")
     if deadline_s is not None and not deadline_s > 0:
         raise ValueError(f"deadline_s must be positive or None, got {deadline_s}")
-    info = model_info(name, registry)
+    info = model_info(name, model_index)
     root = cache_root(cache_dir)
     models = root / "models"
     entry = _entry_dir(root, info)
@@ -600,15 +601,15 @@ def _verify_entry(entry: Path, info: ModelInfo) -> None:
         ) from None
 
 
-def released_info(name_or_path, registry=None) -> ModelInfo | None:
-    """The registry entry when ``name_or_path`` names a released model rather than an existing path."""
+def released_info(name_or_path, model_index=None) -> ModelInfo | None:
+    """The model index entry when ``name_or_path`` names a released model rather than an existing path."""
     if Path(os.fspath(name_or_path)).expanduser().exists():
         return None
-    return model_info(os.fspath(name_or_path), registry)
+    return model_info(os.fspath(name_or_path), model_index)
 
 
-def resolve_checkpoint(name_or_path, *, cache_dir=None, registry=None) -> Path:
-    """A checkpoint folder for ``name_or_path``: an existing path as it is, else a downloaded registry model.
+def resolve_checkpoint(name_or_path, *, cache_dir=None, model_index=None) -> Path:
+    """A checkpoint folder for ``name_or_path``: an existing path as it is, else a downloaded released model.
 
     A cached model is re-verified each time (its files are a few MB), so damage after the
     download is reported as such, with the command that repairs it.
@@ -617,10 +618,10 @@ def resolve_checkpoint(name_or_path, *, cache_dir=None, registry=None) -> Path:
     if path.exists():
         return path
     name = os.fspath(name_or_path)
-    models = load_registry(registry)
+    models = load_index(model_index)
     if name not in models:
         raise _unknown(name, list(models), as_path=True)
-    return download(name, cache_dir=cache_dir, registry=registry, verify=True)
+    return download(name, cache_dir=cache_dir, model_index=model_index, verify=True)
 
 
 def _human_size(n: int) -> str:
@@ -631,7 +632,7 @@ def _human_size(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-# ---------------------------------------------------------------------------- writing the registry
+# ---------------------------------------------------------------------------- writing the model index
 HEADER = """\
 # Pretrained models of the zoo (read by zoo/pretrained.py; `tools/zoo list --models`).
 # Entries are written by `tools/release-model`: sha256 and size_bytes are those of the
@@ -665,7 +666,7 @@ def _toml_value(value) -> str:
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
-def _dump_registry(entries: Sequence[Mapping[str, Any]]) -> str:
+def _dump_index(entries: Sequence[Mapping[str, Any]]) -> str:
     lines = [HEADER]
     for entry in entries:
         lines.append("[[models]]")
@@ -691,14 +692,14 @@ def _same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-def write_registry(entries: Sequence[Mapping[str, Any]], registry=None) -> Path:
-    """Write raw entries as the registry file (atomically), after validating each."""
-    path = registry_path(registry)
+def write_index(entries: Sequence[Mapping[str, Any]], model_index=None) -> Path:
+    """Write raw entries as the model index file (atomically), after validating each."""
+    path = index_path(model_index)
     for i, raw in enumerate(entries):
         _check_entry(dict(raw), f"entry {i}")
-    text = _dump_registry(entries)
+    text = _dump_index(entries)
     if not _same([dict(e) for e in entries], tomllib.loads(text).get("models", [])):  # the writer must round-trip
-        raise RegistryError("internal error: the registry text does not read back as written")
+        raise ModelIndexError("internal error: the model index text does not read back as written")
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
@@ -781,11 +782,12 @@ def release(
     gin_file,
     recipe: str | None = None,
     dest="assets/models",
-    registry=None,
+    model_index=None,
     locations: Sequence[str | Mapping[str, Any]] = (),
     machine: str | None = None,
+    bindings: Sequence[str] = (),
 ) -> ModelInfo:
-    r"""Pack a run's latest checkpoint as ``dest/<name>.tar`` and write its registry entry.
+    r"""Pack a run's latest checkpoint as ``dest/<name>.tar`` and write its model index entry.
 
     ``workdir_or_checkpoint`` is a training workdir (``WORKDIR/checkpoint`` is used), a
     checkpoint root or one step dir. The metrics come from the run's ``metrics.json``,
@@ -793,34 +795,41 @@ def release(
     relative ``gin_file`` resolve against the repository root. The entry's locations are
     the archive (relative to the repository when inside it) followed by ``locations``
     (mirrors). An existing entry of the same name is replaced in place. ``recipe``
-    defaults to :func:`draft_recipe`.
+    defaults to :func:`draft_recipe`. ``bindings`` (gin) are appended to the released
+    checkpoint's stored config, e.g. ``stored_dataset.path = 'assets/data/lj13'`` for a run
+    trained on a data set in the cache: its metrics.json must then have been computed with
+    them too (``tools/evaluate RUN --gin_param=...``), so that the release reproduces them.
     """
     if not _NAME.match(name):
-        raise RegistryError(f"model name {name!r} must be letters, digits, '_', '.', '-'")
+        raise ModelIndexError(f"model name {name!r} must be letters, digits, '_', '.', '-'")
     step_dir, workdir = _run_step_dir(workdir_or_checkpoint)
     info = ckpt.verify_checkpoint(step_dir)
     if workdir is None:
-        raise RegistryError(f"no metrics.json beside {step_dir}: evaluate the run (tools/evaluate) before releasing it")
+        raise ModelIndexError(f"no metrics.json beside {step_dir}: evaluate the run (tools/evaluate) before releasing it")
     log = _read_log(workdir)
     last_step = max((r["step"] for r in log if isinstance(r.get("step"), int)), default=None)
     if last_step is not None and last_step != info.step:
-        raise RegistryError(
+        raise ModelIndexError(
             f"{workdir}/metrics.json describes the run's last step {last_step}, but the checkpoint is step {info.step}"
         )
     raw_metrics = read_json(workdir / "metrics.json")
-    metrics = _registry_metrics(raw_metrics, workdir / "metrics.json")
+    metrics = _index_metrics(raw_metrics, workdir / "metrics.json")
 
     try:
         given = Path(gin_file)
         gin_path = given if given.is_file() else _repo_path(str(gin_file))
         gin_path = gin_path if gin_path.is_file() else resolve_gin_file(gin_file)
     except ConfigError as e:
-        raise RegistryError(str(e)) from None
+        raise ModelIndexError(str(e)) from None
     gin_rel = _relative_to_repo(gin_path)
 
     dest_dir = _repo_path(str(dest))
     dest_dir.mkdir(parents=True, exist_ok=True)
-    archive = ckpt.pack_checkpoint(step_dir, dest_dir / f"{name}.tar")
+    if bindings:
+        with tempfile.TemporaryDirectory() as tmp:
+            archive = ckpt.pack_checkpoint(ckpt.copy_with_bindings(step_dir, Path(tmp) / step_dir.name, bindings), dest_dir / f"{name}.tar")
+    else:
+        archive = ckpt.pack_checkpoint(step_dir, dest_dir / f"{name}.tar")
     sha = ckpt.file_sha256(archive)
     entry = {
         "name": name,
@@ -838,8 +847,8 @@ def release(
     evaluation = _evaluation_table(raw_metrics)
     if evaluation:
         entry["evaluation"] = evaluation
-    path = registry_path(registry)
-    entries = _read_registry_file(path)
+    path = index_path(model_index)
+    entries = _read_index_file(path)
     names = [e.get("name") for e in entries]
     if name in names:
         old = entries[names.index(name)]
@@ -848,19 +857,19 @@ def release(
         entries[names.index(name)] = entry
     else:
         entries.append(entry)
-    write_registry(entries, path)
+    write_index(entries, path)
     return _check_entry(entry, name)
 
 
-def _registry_metrics(raw: Mapping[str, Any], where) -> dict:
-    """The registry's metrics table from a metrics.json (counts as int, the rest as float)."""
+def _index_metrics(raw: Mapping[str, Any], where) -> dict:
+    """The model index's metrics table from a metrics.json (counts as int, the rest as float)."""
     metrics = {}
     for key in METRIC_KEYS:
         if key in raw:
             metrics[key] = int(raw[key]) if key.startswith("n_") else float(raw[key])  # "nan"/"inf" strings too
     for key in ("nll", "ess_q", "ess_p", "n_samples_q", "n_samples_p"):
         if key not in metrics:
-            raise RegistryError(f"{where} lacks {key}")
+            raise ModelIndexError(f"{where} lacks {key}")
     return metrics
 
 
@@ -884,27 +893,27 @@ def metrics_clause(evaluation: Mapping[str, Any]) -> str:
     return f"metrics: {evaluation.get('divergence', '?')} divergence, {how}, {counts}, delta-method standard errors"
 
 
-def replace_metrics(name: str, metrics_file, *, registry=None) -> ModelInfo:
+def replace_metrics(name: str, metrics_file, *, model_index=None) -> ModelInfo:
     """Replace a released model's metrics by a new evaluation of the same archive.
 
     ``metrics_file`` must be the ``metrics.json`` of ``tools/evaluate NAME`` (it records
-    the registry name it evaluated); the archive and sha256 stay as they are, and so does
+    the model name it evaluated); the archive and sha256 stay as they are, and so does
     the recipe, except its closing "metrics: ..." clause, rewritten by :func:`metrics_clause`.
     """
     metrics_file = Path(metrics_file)
     raw = read_json(metrics_file)
     if raw.get("checkpoint") != name:
-        raise RegistryError(
+        raise ModelIndexError(
             f"{metrics_file} is an evaluation of {raw.get('checkpoint')!r}, not of the released {name!r}: "
             f"run tools/evaluate {name} --workdir=DIR and pass DIR/metrics.json"
         )
-    path = registry_path(registry)
-    entries = _read_registry_file(path)
+    path = index_path(model_index)
+    entries = _read_index_file(path)
     names = [e.get("name") for e in entries]
     if name not in names:
         raise _unknown(name, [n for n in names if n])
     entry = dict(entries[names.index(name)])
-    entry["metrics"] = _registry_metrics(raw, metrics_file)
+    entry["metrics"] = _index_metrics(raw, metrics_file)
     evaluation = _evaluation_table(raw)
     if evaluation:
         entry["evaluation"] = evaluation
@@ -914,7 +923,7 @@ def replace_metrics(name: str, metrics_file, *, registry=None) -> ModelInfo:
     if clause:
         entry["recipe"] = recipe[: clause.start()] + "; " + metrics_clause(raw)
     entries[names.index(name)] = entry
-    write_registry(entries, path)
+    write_index(entries, path)
     return _check_entry(entry, name)
 
 

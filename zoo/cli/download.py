@@ -1,4 +1,4 @@
-"""tools/download: fetch pretrained models from the registry into the local cache."""
+"""tools/download: fetch pretrained models from the model index into the local cache."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ def main(argv=None) -> None:
         description="Download pretrained models (verified by sha256) into the cache ($ZOO_CACHE, default ~/.cache/zoo), "
         "or verify the cached copy, and print each one's checkpoint folder. `tools/zoo list --models` shows the names."
     )
-    p.add_argument("names", nargs="+", metavar="NAME", help="registry name(s) from assets/models.toml")
+    p.add_argument("names", nargs="+", metavar="NAME", help="model name(s) from assets/models.toml")
     p.add_argument("--cache_dir", type=Path, help="cache root (default $ZOO_CACHE or ~/.cache/zoo)")
     p.add_argument("--force", action="store_true", help="download again even if the cache holds the model (replaces a damaged copy)")
-    p.add_argument("--registry", type=Path, help="registry file (default $ZOO_MODELS or assets/models.toml)")
+    p.add_argument("--index", type=Path, help="model index file (default $ZOO_MODELS or assets/models.toml)")
     p.add_argument("--attempts", type=int, default=3, help="tries per location before falling through to the next")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="longest wait for one attempt (default 120 s + 1 s per MiB)")
     p.add_argument(
@@ -42,7 +42,7 @@ def main(argv=None) -> None:
                 name,
                 cache_dir=args.cache_dir,
                 force=args.force,
-                registry=args.registry,
+                model_index=args.index,
                 attempts=args.attempts,
                 timeout_s=args.timeout,
                 deadline_s=args.deadline,

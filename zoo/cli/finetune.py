@@ -10,7 +10,7 @@ from zoo.cli import common
 @common.tool
 def main(argv=None) -> None:
     p = common.parser("Fine-tune a pretrained flow; writes metrics_before.json, metrics.json, report.md, plots, checkpoint.")
-    p.add_argument("--pretrained", help="checkpoint folder or registry name (overrides finetune.pretrained)")
+    p.add_argument("--pretrained", help="checkpoint folder or model name (overrides finetune.pretrained)")
     p.add_argument("--steps", type=int, help="optimiser steps (overrides finetune.n_steps)")
     p.add_argument("--time_budget", type=float, metavar="SECONDS", help="wall-clock training budget (overrides finetune.time_budget_s)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning run in WORKDIR")

@@ -1,4 +1,4 @@
-"""tools/release-model: pack a training run's latest checkpoint and write its registry entry."""
+"""tools/release-model: pack a training run's latest checkpoint and write its model index entry."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def main(argv=None) -> None:
         "assets/models.toml (sha256, size, the run's metrics.json, recipe)."
     )
     p.add_argument("run", type=Path, help="training workdir (or a checkpoint root or step dir); with --reevaluated, a tools/evaluate workdir")
-    p.add_argument("name", help="registry name, e.g. gmm_fm")
+    p.add_argument("name", help="model name, e.g. gmm_fm")
     p.add_argument("--gin", help="the gin file the model was trained with (e.g. gin/gmm_fm.gin); required unless --reevaluated")
     p.add_argument(
         "--reevaluated",
@@ -25,16 +25,26 @@ def main(argv=None) -> None:
     p.add_argument("--recipe", help="how it was trained, in words (default: drafted from the run's config and log)")
     p.add_argument("--machine", help="the machine it was trained on, for the drafted recipe (default: this one)")
     p.add_argument("--dest", default="assets/models", help="folder for the archive (relative to the repository)")
-    p.add_argument("--registry", type=Path, help="registry file (default $ZOO_MODELS or assets/models.toml)")
+    p.add_argument("--index", type=Path, help="model index file (default $ZOO_MODELS or assets/models.toml)")
     p.add_argument("--location", action="append", default=[], help="a further location (mirror URL) for the entry; repeatable")
+    p.add_argument(
+        "--gin_param",
+        action="append",
+        default=[],
+        metavar="BINDING",
+        help="a gin binding appended to the released checkpoint's config, e.g. \"stored_dataset.path = 'assets/data/lj13'\" "
+        "for a run trained on a data set in the cache (evaluate the run with the same binding first); repeatable",
+    )
     args = p.parse_args(argv)
 
     from zoo import pretrained
 
+    if args.reevaluated and args.gin_param:
+        p.error("--gin_param changes the released checkpoint; it does not apply with --reevaluated")
     if not args.reevaluated and args.gin is None:
         p.error("--gin is required (the gin file the model was trained with)")
     if args.reevaluated:
-        info = pretrained.replace_metrics(args.name, args.run / "metrics.json", registry=args.registry)
+        info = pretrained.replace_metrics(args.name, args.run / "metrics.json", model_index=args.index)
     else:
         info = pretrained.release(
             args.run,
@@ -42,16 +52,17 @@ def main(argv=None) -> None:
             gin_file=args.gin,
             recipe=args.recipe,
             dest=args.dest,
-            registry=args.registry,
+            model_index=args.index,
             locations=args.location,
             machine=args.machine,
+            bindings=args.gin_param,
         )
     m = info.metrics
     print(f"{'re-evaluated' if args.reevaluated else 'released'} {info.name} ({info.system}): {info.size_bytes} bytes, sha256 {info.sha256}")
     print(f"  locations: {', '.join(map(str, info.locations))}")
     print(f"  recipe: {info.recipe}")
     print("  metrics: " + "  ".join(f"{k}={v:.4g}" for k, v in m.items()))
-    print(f"  registry: {pretrained.registry_path(args.registry)}")
+    print(f"  model index: {pretrained.index_path(args.index)}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""tools/zoo: inspect the registry (``zoo list``)."""
+"""tools/zoo: the gin registry's names by kind (``zoo list``) and the released models (``zoo list --models``)."""
 
 from __future__ import annotations
 
@@ -55,9 +55,9 @@ def _evaluated_with(evaluation: dict) -> str:
 def _list_models() -> None:
     """The pretrained models as a table: name, system, recipe summary, metrics, size."""
     from zoo import pretrained
-    models = pretrained.load_registry()
+    models = pretrained.load_index()
     if not models:
-        print(f"no pretrained models in {pretrained.registry_path()}")
+        print(f"no pretrained models in {pretrained.index_path()}")
         return
 
     header = ("name", "system", "recipe", "NLL", "ESS-q", "ESS-p", "path len", "evaluated with", "size")
@@ -72,7 +72,7 @@ def _list_models() -> None:
     right = {3, 4, 5, 6, 8}
     for row in (header, *rows):
         print("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
-    print(f"\n{len(rows)} model(s) in {pretrained.registry_path()}; metrics from each run's final evaluation.")
+    print(f"\n{len(rows)} model(s) in {pretrained.index_path()}; metrics from each run's final evaluation.")
     print("`tools/download NAME` fetches one into the cache; tools/evaluate, tools/sample and finetune.pretrained take NAME for a checkpoint path.")
 
 
