@@ -39,6 +39,7 @@ import numpy as np
 
 from zoo import resources
 from zoo.data import SPLITS, Dataset, make_split
+from zoo.storage import write_atomic
 from zoo.systems import alanine
 from zoo.systems.engines import XTBEngine, kbt_kj_per_mol, openmm_system
 
@@ -181,9 +182,8 @@ class _Cache:
             self.save()
 
     def save(self) -> None:
-        tmp = self.manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.manifest, indent=1) + "\n")
-        tmp.replace(self.manifest_path)  # atomic: an interrupted write leaves the old manifest
+        text = json.dumps(self.manifest, indent=1) + "\n"
+        write_atomic(self.manifest_path, lambda f: f.write(text.encode()))  # an interrupted write leaves the old one
 
     @property
     def n_chunks(self) -> int:
@@ -194,9 +194,7 @@ class _Cache:
 
     def add_chunk(self, arrays: dict, seconds: float, failed=()) -> None:
         k = self.n_chunks
-        tmp = self.dir / f"chunk_{k:05d}.tmp.npz"
-        np.savez(tmp, **arrays)
-        tmp.replace(self.chunk_path(k))
+        write_atomic(self.chunk_path(k), lambda f: np.savez(f, **arrays))
         self.manifest["chunks"].append(self.chunk_path(k).name)
         self.manifest["failed"].extend(int(i) for i in failed)
         self.manifest["seconds"] += seconds
