@@ -9,24 +9,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zoo import ad2_data
 from zoo.systems import alanine
-from zoo.systems.engines import (
+from zoo.systems.alanine import data as alanine_data
+from zoo.systems.alanine.engines import (
     BOHR_NM,
     HARTREE_KJ_PER_MOL,
     EngineFailureWarning,
     kbt_kj_per_mol,
 )
 
-CLASSICAL = ad2_data.ASSET_DATA / "ad2_classical"
-XTB = ad2_data.ASSET_DATA / "ad2_xtb"
+CLASSICAL = alanine_data.ASSET_DATA / "ad2_classical"
+XTB = alanine_data.ASSET_DATA / "ad2_xtb"
 KBT_300_KJ = 2.494338785  # R·T at 300 K by hand: 8.314462618e-3 kJ/(mol K) × 300 K
 
 
 @pytest.fixture(scope="module")
 def frames():
     """A few stored classical test frames, (n, 66) float64 nm."""
-    return ad2_data.read_arrays(CLASSICAL, "test")["positions"][:64].astype(np.float64)
+    return alanine_data.read_arrays(CLASSICAL, "test")["positions"][:64].astype(np.float64)
 
 
 def random_rotation(rng):
@@ -154,7 +154,7 @@ def test_handedness_flips_under_reflection_and_agrees_with_mdtraj(frames):
 def test_shipped_data_sets_are_all_l():
     for folder in (CLASSICAL, XTB):
         for split in ("train", "val", "test"):
-            positions = ad2_data.read_arrays(folder, split)["positions"]
+            positions = alanine_data.read_arrays(folder, split)["positions"]
             assert np.all(alanine.handedness(positions) == alanine.l_handedness()), (folder.name, split)
 
 
@@ -278,7 +278,7 @@ def test_classical_wrong_atom_count_raises(classical):
 
 
 def test_classical_asset_forces_are_recomputable(classical):
-    arrays = ad2_data.read_arrays(CLASSICAL, "val")
+    arrays = alanine_data.read_arrays(CLASSICAL, "val")
     u, f = classical.energies_and_forces(arrays["positions"][:16])
     np.testing.assert_allclose(u, arrays["energies"][:16], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(f, arrays["forces"][:16], rtol=1e-4, atol=2e-2)
@@ -286,7 +286,7 @@ def test_classical_asset_forces_are_recomputable(classical):
 
 def test_classical_asset_layout():
     meta = json.loads((CLASSICAL / "manifest.json").read_text())["ad2"]
-    ds = ad2_data.ad2_dataset(name="ad2_classical")
+    ds = alanine_data.ad2_dataset(name="ad2_classical")
     assert ds.has_forces and ds.train.positions.shape[1] == 66 and ds.train.positions.dtype == np.float32
     for name in ("train", "val", "test"):
         split = ds.split(name)
@@ -300,7 +300,7 @@ def test_classical_asset_reads_through_the_generic_loader():
     from zoo.data import stored_dataset
 
     ds = stored_dataset(alanine.AlanineDipeptideClassical(), path=str(CLASSICAL), n_test=10)
-    np.testing.assert_array_equal(ds.test.positions, ad2_data.read_arrays(CLASSICAL, "test")["positions"][:10])
+    np.testing.assert_array_equal(ds.test.positions, alanine_data.read_arrays(CLASSICAL, "test")["positions"][:10])
 
 
 # ---------------------------------------------------------------------------------------
@@ -383,8 +383,8 @@ def test_xtb_asset_if_present():
     if not (XTB / "manifest.json").exists():
         pytest.skip("xTB small set not generated yet")
     pytest.importorskip("tblite")
-    ds = ad2_data.ad2_dataset(name="ad2_xtb")
-    arrays = ad2_data.read_arrays(XTB, "val")
+    ds = alanine_data.ad2_dataset(name="ad2_xtb")
+    arrays = alanine_data.read_arrays(XTB, "val")
     u, f = alanine.AlanineDipeptideXTB(n_workers=0).energies_and_forces(arrays["positions"][:3])
     np.testing.assert_allclose(u, arrays["energies"][:3], atol=1e-3)
     # Stored forces came from float64 positions and an SCF restarted from the previous MD
@@ -418,7 +418,7 @@ def test_baoab_keeps_the_boltzmann_distribution():
     finals = []
     for _ in range(300):
         x0 = math.sqrt(var) * rng.standard_normal((22, 3))
-        x, _, _ = ad2_data.baoab_relax(engine, x0, rng, time_fs=50, timestep_fs=2.0, friction_per_ps=20.0)
+        x, _, _ = alanine_data.baoab_relax(engine, x0, rng, time_fs=50, timestep_fs=2.0, friction_per_ps=20.0)
         finals.append(x)
     assert np.var(np.array(finals)) == pytest.approx(var, rel=0.04)
 
@@ -426,36 +426,36 @@ def test_baoab_keeps_the_boltzmann_distribution():
 def test_generate_classical_short_run_resumes(tmp_path):
     pytest.importorskip("openmm")
     kw = dict(n_frames=4, chunk_frames=2, equilibration_ps=0.1, save_every_ps=0.01, log=None)
-    first = ad2_data.generate_classical(tmp_path, max_chunks=1, **kw)
+    first = alanine_data.generate_classical(tmp_path, max_chunks=1, **kw)
     assert first["chunks"] == 1 and first["frames"] == 2
-    second = ad2_data.generate_classical(tmp_path, **kw)  # continues, does not redo chunk 0
+    second = alanine_data.generate_classical(tmp_path, **kw)  # continues, does not redo chunk 0
     assert second["chunks"] == 2 and second["frames"] == 4
-    arrays = ad2_data.collect(tmp_path)
+    arrays = alanine_data.collect(tmp_path)
     assert arrays["positions"].shape == (4, 22, 3)
     u, f = alanine.AlanineDipeptideClassical().energies_and_forces(arrays["positions"])
     np.testing.assert_allclose(u, arrays["energies"], rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(f, arrays["forces"].reshape(4, -1), rtol=1e-3, atol=0.05)
     with pytest.raises(ValueError, match="timestep_fs"):
-        ad2_data.generate_classical(tmp_path, **{**kw, "timestep_fs": 1.0})
+        alanine_data.generate_classical(tmp_path, **{**kw, "timestep_fs": 1.0})
     # an interrupted and resumed run gives the frames of an uninterrupted one
-    ad2_data.generate_classical(tmp_path / "straight", **kw)
-    np.testing.assert_array_equal(ad2_data.collect(tmp_path / "straight")["positions"], arrays["positions"])
-    stats = ad2_data.classical_statistics(arrays)
+    alanine_data.generate_classical(tmp_path / "straight", **kw)
+    np.testing.assert_array_equal(alanine_data.collect(tmp_path / "straight")["positions"], arrays["positions"])
+    stats = alanine_data.classical_statistics(arrays)
     assert stats["n"] == 4 and -150 < stats["mean_potential_kj_mol"] < 50
 
 
 def test_generate_xtb_short_run_resumes(tmp_path, frames):
     pytest.importorskip("tblite")
     kw = dict(n_states=2, chunk_states=1, time_fs=4.0, timestep_fs=1.0, n_workers=0, log=None)
-    assert ad2_data.generate_xtb(tmp_path, frames[:10], max_chunks=1, **kw)["chunks"] == 1
-    done = ad2_data.generate_xtb(tmp_path, frames[:10], **kw)
+    assert alanine_data.generate_xtb(tmp_path, frames[:10], max_chunks=1, **kw)["chunks"] == 1
+    done = alanine_data.generate_xtb(tmp_path, frames[:10], **kw)
     assert done["chunks"] == 2 and done["frames"] == 2 and done["failed"] == 0
-    arrays = ad2_data.collect(tmp_path)
+    arrays = alanine_data.collect(tmp_path)
     u, f = alanine.AlanineDipeptideXTB(n_workers=0).energies_and_forces(arrays["positions"])
     np.testing.assert_allclose(u, arrays["energies"], atol=1e-3)
     np.testing.assert_allclose(f, arrays["forces"].reshape(2, -1), rtol=1e-3, atol=0.05)
     with pytest.raises(ValueError, match="differ"):
-        ad2_data.generate_xtb(tmp_path, frames[:10], **{**kw, "time_fs": 8.0})
+        alanine_data.generate_xtb(tmp_path, frames[:10], **{**kw, "time_fs": 8.0})
 
 
 def test_phi_positive_entries_counts_transitions_not_wraps_or_recrossings():
@@ -487,7 +487,7 @@ def test_generate_data_tool_runs_the_classical_md_generator(tmp_path):
     ]
     args = ["--gin=data_ad2_classical", f"--workdir={tmp_path / 'work'}", "--no_progress", *tiny]
     assert generate_data.main([*args, "--max_chunks=1"]) == 0
-    assert not (tmp_path / "set").exists() and ad2_data.progress(tmp_path / "work" / "md")["frames"] == 5
+    assert not (tmp_path / "set").exists() and alanine_data.progress(tmp_path / "work" / "md")["frames"] == 5
     assert generate_data.main(args) == 0
     manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
     info = manifest["ad2"]
@@ -495,10 +495,10 @@ def test_generate_data_tool_runs_the_classical_md_generator(tmp_path):
     assert set(info["phi_positive_entries"]) == {"all", "train", "val", "test"}
     assert info["statistics"]["n"] == 10 and info["generator"]["frames"] == 10
     # split in time: train holds the run's first frames, test its last
-    train = ad2_data.read_arrays(tmp_path / "set", "train")
+    train = alanine_data.read_arrays(tmp_path / "set", "train")
     assert list(train["source_index"]) == list(range(7))
-    assert list(ad2_data.read_arrays(tmp_path / "set", "test")["source_index"]) == [8, 9]
-    ds = ad2_data.ad2_dataset(path=str(tmp_path / "set"))
+    assert list(alanine_data.read_arrays(tmp_path / "set", "test")["source_index"]) == [8, 9]
+    ds = alanine_data.ad2_dataset(path=str(tmp_path / "set"))
     assert ds.train.positions.shape == (7, 66) and ds.train.forces is not None
     for name in ("README.md", "operative_config.gin", "plots/ramachandran.png", "plots/energy_histogram.png"):
         assert (tmp_path / "set" / name).is_file(), name
@@ -527,7 +527,7 @@ def test_generate_data_tool_runs_the_xtb_generator(tmp_path):
     manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
     assert {k: v["n"] for k, v in manifest["ad2"]["splits"].items()} == {"train": 2, "val": 1, "test": 1}
     assert manifest["system"]["name"] == "AlanineDipeptideXTB"
-    x = ad2_data.read_arrays(tmp_path / "set", "train")
+    x = alanine_data.read_arrays(tmp_path / "set", "train")
     u, _ = alanine.AlanineDipeptideXTB(n_workers=0).energies_and_forces(x["positions"])
     np.testing.assert_allclose(u, x["energies"], atol=1e-3)
 

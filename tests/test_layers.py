@@ -30,7 +30,6 @@ CORE = (
     "zoo.storage",
     "zoo.data",
     "zoo.importing",
-    "zoo.ad2_data",
     "zoo.systems",
     "zoo.fields",
     "zoo.flows",
@@ -100,3 +99,13 @@ def test_importing_zoo_selects_no_plotting_backend(statement):
     code = f"{statement}; import sys; print('matplotlib.pyplot' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.stdout.strip() == "False"
+
+
+def test_every_subpackage_is_packaged():
+    """pyproject lists its packages by hand: a new subpackage left out would be missing from
+    the wheel (and every install but an editable one)."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {module_name(init) for init in PACKAGE.rglob("__init__.py") if "_shipped" not in init.parts}
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"

@@ -1,7 +1,7 @@
 """``tools/generate-data`` entry points for alanine dipeptide (``gin/data_ad2_*.gin``).
 
 ``generate.generator`` selects the generator a gin file runs; these two wrap the chunked,
-resumable generators of :mod:`zoo.ad2_data` and, once every chunk is done, write the data
+resumable generators of :mod:`zoo.systems.alanine.data` and, once every chunk is done, write the data
 set (manifest, splits with forces, diagnostics, plots, README):
 
 - :func:`ad2_classical_md` — one unbiased OpenMM Langevin run at 300 K split in time
@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 import gin
-from zoo import ad2_data, config
+from zoo import config
 from zoo.systems import alanine
+from zoo.systems.alanine import data as alanine_data
 
 #: Cores of the two φ basins, in rad, for counting transitions: φ > 0 (αL / C7ax, around
 #: φ ≈ 1) and the rest (C7eq / β / αR, φ < 0 and the β basin's wrap to φ ≈ +π). Frames
@@ -99,7 +100,7 @@ def ad2_classical_md(
     output_dir = _prepare(workdir, output_dir, resume, ("md",))
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in (0, 1) and sum below 1")
-    status = ad2_data.generate_classical(
+    status = alanine_data.generate_classical(
         workdir / "md",
         n_frames=n_frames,
         seed=seed,
@@ -115,22 +116,22 @@ def ad2_classical_md(
     )
     if status["frames"] < n_frames:
         return None
-    arrays = ad2_data.collect(workdir / "md")
+    arrays = alanine_data.collect(workdir / "md")
     n_test, n_val = round(test_fraction * n_frames), round(val_fraction * n_frames)
     bounds = {"train": (0, n_frames - n_val - n_test), "val": (n_frames - n_val - n_test, n_frames - n_test), "test": (n_frames - n_test, n_frames)}
     splits = {name: {k: v[a:b] for k, v in arrays.items()} for name, (a, b) in bounds.items()}
-    phi = ad2_data.phi_psi(arrays["positions"])[0]
+    phi = alanine_data.phi_psi(arrays["positions"])[0]
     meta = {
         "description": "AD2 classical (ff99SB-ILDN + OBC, 300 K): one unbiased Langevin MD run, split in time (train, val, test)",
         "generator": {**json.loads((workdir / "md" / "progress.json").read_text())["params"], **status},
-        "statistics": ad2_data.classical_statistics(arrays, temperature),
+        "statistics": alanine_data.classical_statistics(arrays, temperature),
         "phi_positive_entries": {
             "all": phi_positive_entries(phi),
             **{name: phi_positive_entries(phi[a:b]) for name, (a, b) in bounds.items()},
         },
         "simulated_ns": n_frames * save_every_ps / 1000,
     }
-    entry = ad2_data.write_dataset(output_dir, splits, meta)
+    entry = alanine_data.write_dataset(output_dir, splits, meta)
     return _finish(output_dir, entry, plots)
 
 
@@ -139,7 +140,7 @@ def ad2_xtb_relaxed(
     workdir,
     *,
     output_dir=None,
-    classical_dir: str = str(ad2_data.ASSET_DATA / "ad2_classical"),
+    classical_dir: str = str(alanine_data.ASSET_DATA / "ad2_classical"),
     n_train: int = 1800,
     n_val: int = 200,
     n_test: int = 600,
@@ -162,7 +163,7 @@ def ad2_xtb_relaxed(
     workdir = Path(workdir)
     output_dir = _prepare(workdir, output_dir, resume, ("xtb",))
     sizes = {"train": n_train, "val": n_val, "test": n_test}
-    status = ad2_data.generate_xtb_splits(
+    status = alanine_data.generate_xtb_splits(
         workdir / "xtb",
         Path(classical_dir),
         sizes=sizes,
@@ -178,7 +179,7 @@ def ad2_xtb_relaxed(
     failed = sum(s["failed"] for s in status.values())
     if any(status[name]["frames"] + status[name]["failed"] < sizes[name] for name in sizes):
         return None
-    entry = ad2_data.build_xtb_small_set(workdir / "xtb", output_dir, meta={"classical_source": str(classical_dir), "failed_relaxations": failed})
+    entry = alanine_data.build_xtb_small_set(workdir / "xtb", output_dir, meta={"classical_source": str(classical_dir), "failed_relaxations": failed})
     return _finish(output_dir, entry, plots)
 
 
@@ -214,10 +215,10 @@ def write_plots(output_dir: Path) -> None:
 
     folder = Path(output_dir) / "plots"
     folder.mkdir(parents=True, exist_ok=True)
-    splits = {name: ad2_data.read_arrays(output_dir, name) for name in ad2_data.SPLITS}
+    splits = {name: alanine_data.read_arrays(output_dir, name) for name in alanine_data.SPLITS}
     fig = Figure(figsize=(4.3 * len(splits), 4.0), layout="constrained")
     for ax, (name, arrays) in zip(fig.subplots(1, len(splits)), splits.items()):
-        phi, psi = ad2_data.phi_psi(arrays["positions"])
+        phi, psi = alanine_data.phi_psi(arrays["positions"])
         ramachandran_panel(ax, phi, psi, title=f"{name} (n={len(phi)}, φ > 0: {np.mean(phi > 0):.3f})")
     fig.savefig(folder / "ramachandran.png", dpi=110)
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import optax
 
-from zoo import ad2_data, data, importing, losses, metrics
+from zoo import data, importing, losses, metrics
 from zoo.fields import EGNNField, MLPField
 from zoo.flows import CNF, AdaptiveStep, ExactTrace, FixedStep, Hutchinson, MeanFreeNormal, StandardNormal
 from zoo.flows.solvers import ADAPTIVE_METHODS, FIXED_STEP_METHODS
 from zoo.registry import register_external
 from zoo.systems import AlanineDipeptideClassical, AlanineDipeptideXTB, DoubleWell, GaussianMixture2D, LennardJones
+from zoo.systems.alanine import data as alanine_data
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "lamb", "rmsprop", "lion")
 SCHEDULES = (
@@ -31,7 +32,7 @@ SCHEDULES = (
 
 _CORE = {
     "system": (GaussianMixture2D, LennardJones, DoubleWell, AlanineDipeptideClassical, AlanineDipeptideXTB),
-    "dataset": (data.exact_samples, data.stored_dataset, importing.imported_dataset, ad2_data.ad2_dataset),
+    "dataset": (data.exact_samples, data.stored_dataset, importing.imported_dataset, alanine_data.ad2_dataset),
     "base": (StandardNormal, MeanFreeNormal),
     "field": (MLPField, EGNNField),
     "flow": (CNF,),

@@ -11,7 +11,7 @@ Backbone dihedrals: φ = dihedral(C4, N6, CA8, C14), ψ = dihedral(N6, CA8, C14,
 
 Units: the model sees coordinates in **nanometres**, as the MD data are stored; energies
 are reduced, u = E/k_BT at 300 K, and forces are −∇u in k_BT per nm (typical magnitude
-10²–10³). Conversions live in :mod:`zoo.systems.engines`, nowhere else.
+10²–10³). Conversions live in :mod:`zoo.systems.alanine.engines`, nowhere else.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 from zoo import resources
 from zoo._types import Array, Scalar
 from zoo.flows.base import AbstractBase, MeanFreeNormal
-from zoo.systems.engines import OpenMMEngine, XTBEngine, engine_energy, engine_energy_and_force
+from zoo.systems.alanine.engines import OpenMMEngine, XTBEngine, engine_energy, engine_energy_and_force
 from zoo.systems.particles import AbstractParticleSystem
 
 N_ATOMS = 22

@@ -41,7 +41,7 @@ from zoo import resources
 from zoo.data import SPLITS, Dataset, make_split
 from zoo.storage import write_atomic
 from zoo.systems import alanine
-from zoo.systems.engines import XTBEngine, kbt_kj_per_mol, openmm_system
+from zoo.systems.alanine.engines import XTBEngine, kbt_kj_per_mol, openmm_system
 
 ASSET_DATA = resources.ASSETS / "data"
 FIELDS = ("positions", "forces", "energies", "source_index")
@@ -478,7 +478,7 @@ def generate_xtb(
 
     pool = None
     if n_workers > 1:
-        from zoo.systems.engines import _xtb_worker_init
+        from zoo.systems.alanine.engines import _xtb_worker_init
 
         pool = concurrent.futures.ProcessPoolExecutor(
             n_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_xtb_worker_init
@@ -587,7 +587,7 @@ def build_classical_small_set(
     gives test. Forces are recomputed with OpenMM; the recomputed energies are checked
     against the stored ones and the largest difference (kJ/mol) goes into the meta.
     """
-    from zoo.systems.engines import OpenMMEngine
+    from zoo.systems.alanine.engines import OpenMMEngine
 
     engine = OpenMMEngine(str(alanine.PDB_PATH), alanine.N_ATOMS, temperature=temperature)
     kbt = kbt_kj_per_mol(temperature)
