@@ -171,16 +171,13 @@ def solver_from_settings(
                 f"unknown ODE solver {solver!r}; fixed-step: {sorted(FIXED_STEP_METHODS)}, adaptive: {sorted(ADAPTIVE_METHODS)}"
             )
         kept = previous if previous is not None and previous.adaptive == adaptive else None
+        # The name becomes the object of its policy with the kept settings; the other policy's
+        # loose settings are dropped, as the name form always ignored them.
         if adaptive:
             base = kept or AdaptiveStep()
-            return AdaptiveStep(
-                solver,
-                rtol=base.rtol if rtol is None else rtol,
-                atol=base.atol if atol is None else atol,
-                max_steps=base.max_steps if max_steps is None else max_steps,
-            )
-        base = kept or FixedStep()
-        return FixedStep(solver, n_steps=base.n_steps if n_steps is None else n_steps)
+            solver, n_steps = AdaptiveStep(solver, rtol=base.rtol, atol=base.atol, max_steps=base.max_steps), None
+        else:
+            solver, rtol, atol, max_steps = FixedStep(solver, n_steps=(kept or FixedStep()).n_steps), None, None, None
     if solver is None:
         solver = previous if previous is not None else FixedStep()
     if not isinstance(solver, AbstractODESolver):
