@@ -24,11 +24,8 @@ class AbstractDivergence(eqx.Module):
 
     #: The name the metrics record (``'exact'``, ``'hutchinson'``).
     name: eqx.AbstractClassVar[str]
-
-    @property
-    @abc.abstractmethod
-    def needs_noise(self) -> bool:
-        """Whether each trajectory needs a noise vector (and so log densities a PRNG key)."""
+    #: Whether each trajectory needs a noise vector (and so log densities a PRNG key).
+    needs_noise: eqx.AbstractClassVar[bool]
 
     @abc.abstractmethod
     def velocity_and_divergence(
@@ -51,15 +48,12 @@ class ExactTrace(AbstractDivergence):
     """
 
     name: ClassVar[str] = "exact"
+    needs_noise: ClassVar[bool] = False
     chunk: int | None = None
 
     def __check_init__(self):
         if self.chunk is not None and (isinstance(self.chunk, bool) or self.chunk < 1):
             raise ValueError(f"the trace chunk must be a positive number of basis vectors, got {self.chunk!r}")
-
-    @property
-    def needs_noise(self) -> bool:
-        return False
 
     def velocity_and_divergence(self, v, x, eps, project):
         del eps
@@ -79,15 +73,12 @@ class Hutchinson(AbstractDivergence):
     """
 
     name: ClassVar[str] = "hutchinson"
+    needs_noise: ClassVar[bool] = True
     noise: str = "rademacher"
 
     def __check_init__(self):
         if self.noise not in NOISES:
             raise ValueError(f"unknown Hutchinson noise {self.noise!r}; expected one of {NOISES}")
-
-    @property
-    def needs_noise(self) -> bool:
-        return True
 
     def velocity_and_divergence(self, v, x, eps, project):
         del project

@@ -71,11 +71,8 @@ class AbstractODESolver(eqx.Module):
     """A Diffrax method and the policy that chooses its steps."""
 
     method: eqx.AbstractVar[diffrax.AbstractSolver]
-
-    @property
-    @abc.abstractmethod
-    def adaptive(self) -> bool:
-        """Whether the steps depend on the solution (then a batched solve takes its own steps)."""
+    #: Whether the steps depend on the solution (then a batched solve takes its own steps).
+    adaptive: eqx.AbstractClassVar[bool]
 
     @abc.abstractmethod
     def diffeqsolve_options(self, t0: float, t1: float) -> dict:
@@ -89,6 +86,7 @@ class AbstractODESolver(eqx.Module):
 class FixedStep(AbstractODESolver):
     """``n_steps`` equal steps of ``method`` (default: classical RK4)."""
 
+    adaptive: ClassVar[bool] = False
     method: diffrax.AbstractSolver
     n_steps: int
 
@@ -97,10 +95,6 @@ class FixedStep(AbstractODESolver):
             raise ValueError(f"n_steps must be a positive whole number of steps, got {n_steps!r}")
         self.method = _method(method, {**FIXED_STEP_METHODS, **ADAPTIVE_METHODS}, "FixedStep")
         self.n_steps = int(n_steps)
-
-    @property
-    def adaptive(self) -> bool:
-        return False
 
     def diffeqsolve_options(self, t0: float, t1: float) -> dict:
         return {"dt0": (t1 - t0) / self.n_steps, "stepsize_controller": diffrax.ConstantStepSize(), "max_steps": self.n_steps}
@@ -114,6 +108,7 @@ class AdaptiveStep(AbstractODESolver):
 
     A solve that needs more than ``max_steps`` steps fails (NaN, see ``CNF.solve``)."""
 
+    adaptive: ClassVar[bool] = True
     method: diffrax.AbstractSolver
     rtol: float
     atol: float
@@ -128,10 +123,6 @@ class AdaptiveStep(AbstractODESolver):
         if max_steps < 1:
             raise ValueError(f"max_steps must be positive, got {max_steps!r}")
         self.rtol, self.atol, self.max_steps = float(rtol), float(atol), int(max_steps)
-
-    @property
-    def adaptive(self) -> bool:
-        return True
 
     def diffeqsolve_options(self, t0: float, t1: float) -> dict:
         del t0, t1
