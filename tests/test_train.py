@@ -294,6 +294,51 @@ def test_finetune_with_path_gradients_end_to_end(tmp_path):
     assert not (probe / "checkpoint").exists()
 
 
+def test_finetune_of_a_released_model_evaluates_it_as_the_model_index_does(tmp_path, monkeypatch):
+    """A model named from the model index is measured before and after with its index's
+    solver (not the cheaper one stored with it for training), so the report's "before" is
+    the index's model; an ``evaluation.*`` binding still overrides, and a resumed run whose
+    before-metrics were computed another way evaluates again."""
+    import hashlib
+
+    from zoo import checkpoint as ckpt
+    from zoo import pretrained
+    from zoo.cli import finetune, train
+
+    small = [
+        "--gin_param=exact_samples.n_train = 256",
+        "--gin_param=evaluation.n_samples = 64",
+        "--gin_param=evaluation.n_target = 64",
+        "--gin_param=evaluation.progress = False",
+        "--gin_param=CNF.n_steps = 4",
+    ]
+    train.main(["--gin=gmm_fm.gin", f"--workdir={tmp_path / 'fm'}", "--gin_param=train.n_steps = 5", "--gin_param=train.batch_size = 64", "--gin_param=train.progress = False", *small])
+    archive = ckpt.pack_checkpoint(ckpt.latest_checkpoint(tmp_path / "fm" / "checkpoint"), tmp_path / "toy_gmm.tar")
+    data = archive.read_bytes()
+    entry = {
+        "name": "toy_gmm", "system": "GaussianMixture", "gin": "gin/gmm_fm.gin", "recipe": "a test fixture",
+        "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "locations": [str(archive)],
+        "metrics": {"nll": 1.0, "ess_q": 0.5, "ess_p": 0.5, "n_samples_q": 64, "n_samples_p": 64},
+        "evaluation": {"divergence": "exact", "solver": "rk4", "n_solver_steps": 6},
+    }  # fmt: skip
+    monkeypatch.setenv("ZOO_MODELS", str(pretrained.write_index([entry], tmp_path / "models.toml")))
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
+    args = ["--gin=gmm_pg.gin", f"--workdir={tmp_path / 'pg'}", "--pretrained=toy_gmm", "--steps=1", "--gin_param=finetune.progress = False", *small]
+    finetune.main(args)
+    before = json.loads((tmp_path / "pg" / "metrics_before.json").read_text())
+    after = json.loads((tmp_path / "pg" / "metrics.json").read_text())
+    assert (before["solver"], before["n_solver_steps"]) == (after["solver"], after["n_solver_steps"]) == ("rk4", 6)
+    assert "rk4 with 6 steps" in (tmp_path / "pg" / "report.md").read_text()
+    # The same model by its path: no index, so the stored config's (and the bindings') solver.
+    finetune.main([args[0], f"--workdir={tmp_path / 'by_path'}", f"--pretrained={tmp_path / 'fm' / 'checkpoint'}", *args[3:]])
+    assert json.loads((tmp_path / "by_path" / "metrics_before.json").read_text())["n_solver_steps"] == 4
+    # An evaluation binding wins over the index, and the resumed run does not reuse the
+    # before-metrics computed with 6 steps.
+    finetune.main([*args, "--resume", "--gin_param=evaluation.n_solver_steps = 5"])
+    assert json.loads((tmp_path / "pg" / "metrics_before.json").read_text())["n_solver_steps"] == 5
+    assert json.loads((tmp_path / "pg" / "metrics.json").read_text())["n_solver_steps"] == 5
+
+
 def test_learning_rate_probe_matches_the_first_order_prediction(x64):
     """The probe's NLL change against −η ⟨∇NLL_test, g_train⟩ (SGD, whole training set in one step)."""
     from zoo.finetune import probe_learning_rates

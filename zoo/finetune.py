@@ -19,8 +19,8 @@ import numpy as np
 import gin
 from zoo import checkpoint as ckpt
 from zoo import config, plots
-from zoo.experiment import evaluation, fit_tracking_fm
-from zoo.pretrained import resolve_checkpoint
+from zoo.experiment import configured_evaluation_flow, evaluation, fit_tracking_fm
+from zoo.pretrained import evaluation_settings, released_info, resolve_checkpoint
 from zoo.storage import read_json
 from zoo.train import NonFiniteStepError, check_settings, claim_run_dir, steps_for_budget
 
@@ -87,6 +87,12 @@ def finetune(
     The gin config in effect must be the checkpoint's stored one overlaid with the user's
     files and bindings (:func:`run_finetuning` parses it so), so e.g. ``CNF.divergence =
     'hutchinson'`` switches the divergence estimator for the fine-tuning run.
+
+    A model named from the model index is evaluated before and after with the solver and
+    divergence its released metrics were computed with (its ``evaluation`` table, e.g.
+    Dopri5 for DW4 where training used RK4), so the report's "before" column is the
+    index's model and the two columns compare like with like; ``evaluation.divergence``,
+    ``evaluation.solver`` and ``evaluation.n_solver_steps`` bindings still override them.
     """
     check_settings(
         "finetune", n_steps=n_steps, n_epochs=n_epochs, time_budget_s=time_budget_s, batch_size=batch_size,
@@ -99,6 +105,12 @@ def finetune(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path = resolve_checkpoint(pretrained)
+    released = released_info(pretrained)
+    as_released = {} if released is None else evaluation_settings(released)
+
+    def measured(model):
+        return model.with_settings(**as_released) if as_released else model
+
     system = config.make_system()
     dataset = config.make_dataset(system)
     # Before the first evaluation's minutes, so that a conflicting budget fails at once.
@@ -119,10 +131,10 @@ def finetune(
         return flow, result, None
 
     claim_run_dir(workdir / "checkpoint", resume=resume, overwrite=overwrite)  # before the first evaluation's minutes
-    before = _reusable_before(workdir, path) if resume else None
+    before = _reusable_before(workdir, path, configured_evaluation_flow(measured(flow))) if resume else None
     if before is None:
         before = evaluation(
-            flow, system, dataset, workdir, prefix="before_", metrics_file="metrics_before.json", provenance={"pretrained": str(path)}
+            measured(flow), system, dataset, workdir, prefix="before_", metrics_file="metrics_before.json", provenance={"pretrained": str(path)}
         )
     else:
         print(f"resuming: the pretrained model's metrics are those of {workdir / 'metrics_before.json'}")
@@ -150,7 +162,7 @@ def finetune(
         n_devices=n_devices,
         owner="finetune",
     )
-    after = evaluation(flow, system, dataset, workdir, records=all_records)
+    after = evaluation(measured(flow), system, dataset, workdir, records=all_records)
     _fm_curve(all_records, workdir / "fm_loss_during_finetuning.png")
     config.write_operative_config(workdir)
     report = write_report(workdir, before, after, title=f"Fine-tuning {pretrained} with {type(loss).__name__}", records=all_records)
@@ -171,8 +183,9 @@ def _configured_learning_rate() -> float:
     return float(value)
 
 
-def _reusable_before(workdir: Path, pretrained: Path) -> dict | None:
-    """The interrupted run's metrics of the same pretrained checkpoint, if it got that far.
+def _reusable_before(workdir: Path, pretrained: Path, evaluated_flow) -> dict | None:
+    """The interrupted run's metrics of the same pretrained checkpoint, if it got that far
+    with the solver and divergence ``evaluated_flow`` has (else None: evaluate again).
 
     The before-evaluation is the same computation every time (same checkpoint, seed and
     settings), and with the exact divergence it can take longer than the fine-tuning itself.
@@ -181,7 +194,9 @@ def _reusable_before(workdir: Path, pretrained: Path) -> dict | None:
     if not file.is_file():
         return None
     before = read_json(file)
-    return before if before.get("pretrained") == str(pretrained) else None
+    how = {"divergence": evaluated_flow.divergence.name, **evaluated_flow.solver.describe()}
+    same = before.get("pretrained") == str(pretrained) and all(before.get(k) == v for k, v in how.items())
+    return before if same else None
 
 
 def _fm_curve(records, path):
