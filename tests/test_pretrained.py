@@ -575,13 +575,14 @@ def test_cli_list_models_and_download(tmp_path, toy, monkeypatch, capsys):
 
 
 
-def test_the_model_list_says_how_each_log_density_was_solved():
-    from zoo.cli.zoo import _evaluated_with
+def test_how_each_log_density_was_solved_in_words():
+    from zoo.flows.cnf import describe_in_words
 
-    assert _evaluated_with({"divergence": "exact", "solver": "rk4", "n_solver_steps": 40}) == "exact, rk4-40"
-    assert _evaluated_with({"divergence": "exact", "solver": "dopri5", "solver_rtol": 1e-5, "solver_atol": 1e-5}) == "exact, dopri5 1e-05"
-    assert _evaluated_with({"divergence": "hutchinson"}) == "hutchinson"
-    assert _evaluated_with({}) == "?"
+    assert describe_in_words({"divergence": "exact", "solver": "rk4", "n_solver_steps": 40}) == "exact divergence, RK4-40"
+    adaptive = {"divergence": "exact", "solver": "dopri5", "solver_rtol": 1e-5, "solver_atol": 1e-6}
+    assert describe_in_words(adaptive) == "exact divergence, Dopri5 rtol = 1e-5, atol = 1e-6"
+    assert describe_in_words({"divergence": "hutchinson"}) == "hutchinson divergence, ?"
+    assert describe_in_words({}) == "unknown divergence and solver"
 
 
 # ---------------------------------------------------------------------------- the shipped models
@@ -658,15 +659,14 @@ def test_shipped_model_reproduces_its_metrics(name, tmp_path, monkeypatch):
     assert restored.step == info.extra.get("step", restored.step)
     dataset = config.make_dataset(system)
     # Loaded by name, the flow is set up the way the release was measured (e.g. Dopri5 for DW4).
-    overrides = pretrained.evaluation_settings(info)
-    table = {k: v for k, v in info.extra.get("evaluation", {}).items() if k in pretrained.EVALUATION_KEYS}
-    described = {"divergence": flow.divergence.name, **flow.solver.describe()}
+    table = pretrained.evaluation_table(info)
+    described = flow.describe()
     assert {k: described.get(k) for k in table} == table
     assert _disagreements(flow, system, dataset, info.metrics) == []
     # The loaded flow with freshly initialised weights (so the compiled code is reused).
     import equinox as eqx
 
-    init = eqx.filter(config.make_flow(system, key=jax.random.PRNGKey(1)).with_settings(**overrides), eqx.is_array)
+    init = eqx.filter(config.make_flow(system, key=jax.random.PRNGKey(1)).as_described(table), eqx.is_array)
     arrays, static = eqx.partition(flow, eqx.is_array)
     assert jax.tree.structure(init) == jax.tree.structure(arrays)
     untrained = eqx.combine(jax.tree.map(lambda a, b: a.astype(b.dtype), init, arrays), static)

@@ -48,6 +48,22 @@ def test_the_solver_describes_itself_in_the_metrics_keys(field):
     assert (fixed.divergence.name, CNF(field, StandardNormal(3), divergence="hutchinson").divergence.name) == ("exact", "hutchinson")
 
 
+def test_a_description_rebuilds_the_flow_it_describes(field):
+    """``as_described(other.describe())`` computes log densities as ``other`` does, whatever
+    the flow started as; keys that are no setting (a metrics record's counts) or None change nothing."""
+    flows = [
+        CNF(field, StandardNormal(3), solver=FixedStep("rk4", n_steps=20)),
+        CNF(field, StandardNormal(3), solver="dopri5", rtol=1e-5, atol=1e-6, divergence="hutchinson"),
+        CNF(field, StandardNormal(3), solver=FixedStep(diffrax.Heun(), n_steps=7)),
+    ]
+    for start in flows:
+        for other in flows:
+            rebuilt = start.as_described({**other.describe(), "n_samples_q": 10, "nll": 1.0})
+            assert (rebuilt.solver, rebuilt.divergence, rebuilt.describe()) == (other.solver, other.divergence, other.describe())
+        assert start.as_described({"nll": 1.0, "solver": None}) is start
+    assert flows[0].as_described({"n_solver_steps": 40}).describe() == {"divergence": "exact", "solver": "rk4", "n_solver_steps": 40}
+
+
 def test_an_adaptive_solve_takes_the_steps_its_tolerance_needs(field):
     """Tighter tolerances take more steps (counted by the solve itself) and agree with fine fixed steps."""
     x = jax.random.normal(jax.random.PRNGKey(4), (3,))

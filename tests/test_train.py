@@ -328,7 +328,7 @@ def test_finetune_of_a_released_model_evaluates_it_as_the_model_index_does(tmp_p
     before = json.loads((tmp_path / "pg" / "metrics_before.json").read_text())
     after = json.loads((tmp_path / "pg" / "metrics.json").read_text())
     assert (before["solver"], before["n_solver_steps"]) == (after["solver"], after["n_solver_steps"]) == ("rk4", 6)
-    assert "rk4 with 6 steps" in (tmp_path / "pg" / "report.md").read_text()
+    assert "Log densities: exact divergence, RK4-6." in (tmp_path / "pg" / "report.md").read_text()
     # The same model by its path: no index, so the stored config's (and the bindings') solver.
     finetune.main([args[0], f"--workdir={tmp_path / 'by_path'}", f"--pretrained={tmp_path / 'fm' / 'checkpoint'}", *args[3:]])
     assert json.loads((tmp_path / "by_path" / "metrics_before.json").read_text())["n_solver_steps"] == 4

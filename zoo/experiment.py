@@ -46,19 +46,25 @@ def evaluation(
     divergence: str | None = None,
     solver: str | None = None,
     n_solver_steps: int | None = None,
+    solver_rtol: float | None = None,
+    solver_atol: float | None = None,
     metrics_file: str | None = None,
     provenance: dict | None = None,
 ) -> dict:
     """Compute the metrics of ``flow`` and write ``{prefix}metrics.json`` and the plots in ``workdir``.
 
-    ``divergence``/``solver``/``n_solver_steps`` override the flow's settings for the
-    evaluation only (e.g. fine-tune with Hutchinson, evaluate with the exact divergence).
+    ``divergence``, ``solver``, ``n_solver_steps``, ``solver_rtol`` and ``solver_atol`` (the
+    keys the metrics record them in, :meth:`~zoo.flows.CNF.describe`) override the flow's
+    settings for the evaluation only (e.g. fine-tune with Hutchinson, evaluate with the
+    exact divergence).
     ``provenance`` entries (e.g. the checkpoint evaluated) are stored with the metrics.
 
     The folder is checked for writing before any work; the metrics are printed and written
     before the plots, so that a failing plot loses no numbers.
     """
-    flow = evaluated_flow(flow, divergence=divergence, solver=solver, n_solver_steps=n_solver_steps)
+    flow = flow.as_described(
+        dict(divergence=divergence, solver=solver, n_solver_steps=n_solver_steps, solver_rtol=solver_rtol, solver_atol=solver_atol)
+    )
     workdir = Path(workdir)
     check_writable(workdir)
     metrics, arrays = evaluate_flow(
@@ -87,18 +93,11 @@ def evaluation(
     return metrics
 
 
-def evaluated_flow(flow, *, divergence=None, solver=None, n_solver_steps=None):
-    """``flow`` with the evaluation's divergence and solver overrides (None: the flow's own)."""
-    overrides = {k: v for k, v in (("divergence", divergence), ("solver", solver), ("n_steps", n_solver_steps)) if v is not None}
-    return flow.with_settings(**overrides) if overrides else flow
-
-
 def configured_evaluation_flow(flow):
     """``flow`` as :func:`evaluation` will see it under the gin bindings in effect
-    (``evaluation.divergence``, ``evaluation.solver``, ``evaluation.n_solver_steps``), for
+    (``evaluation.divergence``, ``evaluation.solver``, ``evaluation.n_solver_steps``, …), for
     metrics tracked during training that should be computed the same way."""
-    bound = gin.get_bindings("evaluation")
-    return evaluated_flow(flow, **{k: bound[k] for k in ("divergence", "solver", "n_solver_steps") if k in bound})
+    return flow.as_described(gin.get_bindings("evaluation"))
 
 
 def check_writable(folder: Path) -> None:

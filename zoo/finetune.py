@@ -20,7 +20,8 @@ import gin
 from zoo import checkpoint as ckpt
 from zoo import config, plots
 from zoo.experiment import configured_evaluation_flow, evaluation, fit_tracking_fm
-from zoo.pretrained import evaluation_settings, released_info, resolve_checkpoint
+from zoo.flows.cnf import describe_in_words
+from zoo.pretrained import released_info, resolve_checkpoint
 from zoo.storage import read_json
 from zoo.train import NonFiniteStepError, check_settings, claim_run_dir, steps_for_budget
 
@@ -106,10 +107,10 @@ def finetune(
     workdir.mkdir(parents=True, exist_ok=True)
     path = resolve_checkpoint(pretrained)
     released = released_info(pretrained)
-    as_released = {} if released is None else evaluation_settings(released)
+    as_released = {} if released is None else released.extra.get("evaluation", {})
 
     def measured(model):
-        return model.with_settings(**as_released) if as_released else model
+        return model.as_described(as_released)
 
     system = config.make_system()
     dataset = config.make_dataset(system)
@@ -194,8 +195,7 @@ def _reusable_before(workdir: Path, pretrained: Path, evaluated_flow) -> dict | 
     if not file.is_file():
         return None
     before = read_json(file)
-    how = {"divergence": evaluated_flow.divergence.name, **evaluated_flow.solver.describe()}
-    same = before.get("pretrained") == str(pretrained) and all(before.get(k) == v for k, v in how.items())
+    same = before.get("pretrained") == str(pretrained) and all(before.get(k) == v for k, v in evaluated_flow.describe().items())
     return before if same else None
 
 
@@ -216,8 +216,7 @@ def write_report(workdir: Path, before: dict, after: dict, *, title: str, record
     lines.append(f"| samples (q / p) | {before['n_samples_q']} / {before['n_samples_p']} | {after['n_samples_q']} / {after['n_samples_p']} | |")
     if "divergence" in after:
         # The ESS depends on how log q was computed (Hutchinson noise in log w lowers it).
-        how = f"{after['n_solver_steps']} steps" if "n_solver_steps" in after else f"rtol {after['solver_rtol']:g}, atol {after['solver_atol']:g}"
-        lines += ["", f"Log densities: {after['divergence']} divergence, {after['solver']} with {how}."]
+        lines += ["", f"Log densities: {describe_in_words(after)}."]
     steps = [r for r in records if "loss" in r]
     if steps:
         lines += ["", f"{steps[-1]['step']} optimiser steps in {steps[-1]['time_s']:.1f} s of training."]

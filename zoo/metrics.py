@@ -352,8 +352,7 @@ def evaluate_flow(
         # How the log densities were computed: the numbers depend on it (Hutchinson adds
         # variance to log w, which lowers the ESS), so it travels with them.
         # An adaptive solver's steps are its own: its tolerances say how it solved.
-        "divergence": flow.divergence.name,
-        **flow.solver.describe(),
+        **flow.describe(),
     }
     if system.log_z is not None:
         metrics["kl"] = kl_exact(-u_target - system.log_z, density["log_q"])

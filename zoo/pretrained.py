@@ -59,6 +59,7 @@ from typing import Any
 
 from zoo import checkpoint as ckpt
 from zoo.errors import ConfigError
+from zoo.flows.cnf import DESCRIPTION_SETTINGS, describe_in_words
 from zoo.resources import ROOT as REPO_ROOT
 from zoo.resources import resolve_gin_file
 from zoo.storage import read_json, write_atomic
@@ -89,10 +90,6 @@ COMPLETE = "COMPLETE"
 CHECKPOINT = "checkpoint"
 REQUIRED_FIELDS = ("name", "system", "gin", "recipe", "metrics", "size_bytes", "sha256", "locations")
 METRIC_KEYS = ("nll", "ess_q", "ess_p", "nll_se", "ess_q_se", "ess_p_se", "path_length", "kl", "fm_loss", "n_samples_q", "n_samples_p")
-#: How the released metrics were computed (the entry's ``evaluation`` table).
-EVALUATION_KEYS = ("divergence", "solver", "n_solver_steps", "solver_rtol", "solver_atol")
-#: The CNF field each evaluation-table entry sets.
-EVALUATION_FIELDS = {"divergence": "divergence", "solver": "solver", "n_solver_steps": "n_steps", "solver_rtol": "rtol", "solver_atol": "atol"}
 # Temporary files older than this are taken to belong to a dead download even when their
 # owner cannot be checked (another host sharing the cache).
 STALE_AFTER_S = 24 * 3600
@@ -255,20 +252,19 @@ def model_info(name: str, model_index=None) -> ModelInfo:
     return models[name]
 
 
-def evaluation_settings(info: ModelInfo) -> dict:
-    """The CNF fields (divergence, solver, n_steps, rtol, atol) the released metrics were computed with.
+def evaluation_table(info: ModelInfo) -> dict:
+    """How the released metrics were computed: the entry's ``evaluation`` table, in the keys
+    of :meth:`zoo.flows.CNF.describe` (``flow.as_described(table)`` reproduces them).
 
     A model may be trained with a cheaper solver than the one its log densities need (DW4:
-    RK4 with 20 steps errs by up to 3.8 nats, Dopri5 at 1e-5 by 0.014); these settings
-    are what reproduces the model index's figures.
+    RK4 with 20 steps errs by up to 3.8 nats, Dopri5 at 1e-5 by 0.014).
     """
-    table = info.extra.get("evaluation", {})
-    return {field: table[key] for key, field in EVALUATION_FIELDS.items() if key in table}
+    return _evaluation_table(info.extra.get("evaluation", {}))
 
 
 def evaluation_bindings(info: ModelInfo) -> list[str]:
-    """:func:`evaluation_settings` as gin bindings of ``CNF``."""
-    return [f"CNF.{field} = {value!r}" for field, value in evaluation_settings(info).items()]
+    """:func:`evaluation_table` as gin bindings of ``CNF``."""
+    return [f"CNF.{DESCRIPTION_SETTINGS[key]} = {value!r}" for key, value in evaluation_table(info).items()]
 
 
 # ---------------------------------------------------------------------------- locations
@@ -874,23 +870,13 @@ def _index_metrics(raw: Mapping[str, Any], where) -> dict:
 
 
 def _evaluation_table(raw: Mapping[str, Any]) -> dict:
-    return {k: raw[k] for k in EVALUATION_KEYS if k in raw}
+    return {k: raw[k] for k in DESCRIPTION_SETTINGS if k in raw}
 
 
 def metrics_clause(evaluation: Mapping[str, Any]) -> str:
     """How an evaluation's metrics were computed, in words: divergence, solver, sample counts."""
-    solver = str(evaluation.get("solver", "?"))
-    if "n_solver_steps" in evaluation and solver in ("rk4", "euler", "midpoint", "heun"):
-        how = f"{solver.upper() if solver == 'rk4' else solver}-{evaluation['n_solver_steps']}"
-    elif "solver_rtol" in evaluation:
-        rtol, atol = evaluation["solver_rtol"], evaluation.get("solver_atol")
-        short = lambda x: f"{x:g}".replace("e-0", "e-")  # noqa: E731  (1e-5, not 1e-05)
-        tol = f"rtol = atol = {short(rtol)}" if atol == rtol else f"rtol = {short(rtol)}, atol = {short(atol)}"
-        how = f"{solver.capitalize()} {tol}"
-    else:
-        how = solver
     counts = f"{evaluation.get('n_samples_q', '?')} model / {evaluation.get('n_samples_p', '?')} test samples"
-    return f"metrics: {evaluation.get('divergence', '?')} divergence, {how}, {counts}, delta-method standard errors"
+    return f"metrics: {describe_in_words(evaluation)}, {counts}, delta-method standard errors"
 
 
 def replace_metrics(name: str, metrics_file, *, model_index=None) -> ModelInfo:

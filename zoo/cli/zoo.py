@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from zoo.cli import common
+from zoo.flows.cnf import describe_in_words
 from zoo.metrics import with_error
 
 
@@ -38,20 +39,6 @@ def main(argv=None) -> None:
             print()
 
 
-def _evaluated_with(evaluation: dict) -> str:
-    """How a released model's log densities were computed, e.g. 'exact, rk4-40' or 'exact, dopri5 1e-05'."""
-    solver = evaluation.get("solver")
-    if solver is None:
-        how = ""
-    elif "n_solver_steps" in evaluation:
-        how = f", {solver}-{evaluation['n_solver_steps']}"
-    elif "solver_rtol" in evaluation:
-        how = f", {solver} {evaluation['solver_rtol']:g}"
-    else:
-        how = f", {solver}"
-    return f"{evaluation.get('divergence', '?')}{how}"
-
-
 def _list_models() -> None:
     """The pretrained models as a table: name, system, recipe summary, metrics, size."""
     from zoo import pretrained
@@ -66,7 +53,7 @@ def _list_models() -> None:
         m = info.metrics
         recipe = info.summary if len(info.summary) <= 60 else info.summary[:59] + "…"
         size = pretrained._human_size(info.size_bytes)
-        counts = f"{_evaluated_with(info.extra.get('evaluation', {}))}, n={m.get('n_samples_q', '?')}/{m.get('n_samples_p', '?')}"
+        counts = f"{describe_in_words(info.extra.get('evaluation', {}))}, n={m.get('n_samples_q', '?')}/{m.get('n_samples_p', '?')}"
         rows.append((info.name, info.system, recipe, with_error(m, "nll", ".3f"), with_error(m, "ess_q", ".3f"), with_error(m, "ess_p", ".3f"), with_error(m, "path_length", ".3f"), counts, size))
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     right = {3, 4, 5, 6, 8}

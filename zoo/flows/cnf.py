@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import diffrax
@@ -31,6 +32,30 @@ from zoo.fields.base import AbstractVectorField
 from zoo.flows.base import AbstractBase
 from zoo.flows.divergence import AbstractDivergence, Hutchinson, divergence_from_settings
 from zoo.flows.solvers import AbstractODESolver, method_name, solver_from_settings
+
+#: How log densities were computed, as metrics and the model index record it (the keys of
+#: :meth:`CNF.describe`), and the ``CNF`` setting each key stands for.
+DESCRIPTION_SETTINGS = {"divergence": "divergence", "solver": "solver", "n_solver_steps": "n_steps", "solver_rtol": "rtol", "solver_atol": "atol"}
+#: Methods whose fixed-step form reads as one word with its steps (``RK4-40``).
+_FIXED_STEP_NAMES = {"rk4": "RK4", "euler": "Euler", "midpoint": "midpoint", "heun": "Heun"}
+
+
+def describe_in_words(description: Mapping) -> str:
+    """A :meth:`CNF.describe` record in words: 'exact divergence, RK4-40' or 'exact
+    divergence, Dopri5 rtol = atol = 1e-5' (what a metric's reader needs to weigh it)."""
+    if "divergence" not in description and "solver" not in description:
+        return "unknown divergence and solver"
+    solver = str(description.get("solver", "?"))
+    if "n_solver_steps" in description:
+        how = f"{_FIXED_STEP_NAMES.get(solver, solver)}-{description['n_solver_steps']}"
+    elif "solver_rtol" in description:
+        short = lambda x: f"{x:g}".replace("e-0", "e-")  # noqa: E731  (1e-5, not 1e-05)
+        rtol, atol = description["solver_rtol"], description.get("solver_atol")
+        tol = f"rtol = atol = {short(rtol)}" if atol == rtol else f"rtol = {short(rtol)}, atol = {short(atol)}"
+        how = f"{solver.capitalize()} {tol}"
+    else:
+        how = solver
+    return f"{description.get('divergence', '?')} divergence, {how}"
 
 
 class Solution(NamedTuple):
@@ -105,6 +130,16 @@ class CNF(eqx.Module):
             settings.get("divergence"), noise=settings.get("noise"), trace_chunk=settings.get("trace_chunk"), previous=self.divergence
         )
         return CNF(self.field, self.base, solver, divergence)
+
+    def describe(self) -> dict:
+        """How this flow computes log densities, in the keys metrics and the model index record."""
+        return {"divergence": self.divergence.name, **self.solver.describe()}
+
+    def as_described(self, description: Mapping) -> CNF:
+        """This flow computing log densities as a :meth:`describe` record says (its keys that
+        are given and not None; other keys, e.g. the rest of a metrics record, are ignored)."""
+        settings = {DESCRIPTION_SETTINGS[k]: v for k, v in description.items() if k in DESCRIPTION_SETTINGS and v is not None}
+        return self.with_settings(**settings) if settings else self
 
     @property
     def dim(self) -> int:
