@@ -19,7 +19,7 @@ import gin
 from zoo import checkpoint as ckpt
 from zoo import config, plots
 from zoo._version import __version__
-from zoo.flows.solvers import AdaptiveStep, FixedStep
+from zoo.flows.cnf import describe_in_words
 from zoo.losses.fm import FlowMatching
 from zoo.metrics import energies_chunked, ess_p, ess_p_se, ess_q, ess_q_se, evaluate_flow, fm_loss_on, format_metrics, nll, nll_se, observables
 from zoo.storage import write_json
@@ -259,22 +259,29 @@ def sample_to_file(flow, system, out: Path, *, n: int = 10000, seed: int = 0, ch
     return save_samples(draw_samples(flow, system, n, seed=seed, chunk_size=chunk_size, progress=True), system, out, format)
 
 
-#: The ODE solvers :func:`solver_agreement` compares by default: (name, solver). The first is the reference.
+#: The ODE solvers :func:`solver_agreement` compares by default (:meth:`~zoo.flows.CNF.describe`
+#: records; the flow's divergence is kept). The first is the reference.
 SOLVER_SETTINGS = (
-    ("dopri5, rtol = atol = 1e-8", AdaptiveStep("dopri5", rtol=1e-8, atol=1e-8)),
-    ("rk4, 20 steps", FixedStep("rk4", n_steps=20)),
-    ("rk4, 40 steps", FixedStep("rk4", n_steps=40)),
+    {"solver": "dopri5", "solver_rtol": 1e-8, "solver_atol": 1e-8},
+    {"solver": "rk4", "n_solver_steps": 20},
+    {"solver": "rk4", "n_solver_steps": 40},
 )
+#: The divergence estimators it compares for ``tools/check-solver --divergence`` (the flow's
+#: solver is kept): the exact trace, the reference, against Hutchinson's estimate.
+DIVERGENCE_SETTINGS = ({"divergence": "exact"}, {"divergence": "hutchinson"})
 
 
 def solver_agreement(flow, system, dataset, *, n: int = 256, seed: int = 5, settings=SOLVER_SETTINGS, float64: bool = True) -> list[dict]:
-    """How much the metrics depend on the ODE solver: every setting on the same samples against the first.
+    """How much the metrics depend on how log q is computed: every setting on the same samples against the first.
 
-    For each setting: log q of the first ``n`` test samples, and model samples with their
-    log weights drawn from the same base noise (same key). Reported per setting: the mean
-    and largest difference of the data log q and of the model log w from the reference,
-    and NLL, ESS-q, ESS-p with their standard errors, and seconds. In float64 (switched on
-    for this call) the reference's own rounding stays far below the differences measured.
+    ``settings`` are records in the keys of :meth:`~zoo.flows.CNF.describe` (what they leave
+    out is the flow's own). For each setting: log q of the
+    first ``n`` test samples, and model samples with their log weights drawn from the same
+    base noise (same key, so the same samples whatever the divergence estimator). Reported
+    per setting: the mean and largest difference of the data log q and of the model log w
+    from the reference, and NLL, ESS-q, ESS-p with their standard errors, and seconds. In
+    float64 (switched on for this call) the reference's own rounding stays far below the
+    differences measured.
     """
     from zoo.flows.cnf import log_prob_chunked, sample_and_log_prob_chunked
 
@@ -286,8 +293,9 @@ def solver_agreement(flow, system, dataset, *, n: int = 256, seed: int = 5, sett
         target = np.asarray(dataset.test.positions[:n], np.float64 if float64 else np.float32)
         u_target = energies_chunked(system, target)
         runs = []
-        for name, solver in settings:
-            solved = flow.with_settings(solver=solver)
+        for setting in settings:
+            solved = flow.as_described(setting)
+            name = describe_in_words(solved.describe())
             start = time.perf_counter()
             log_q = log_prob_chunked(solved, target, key=jax.random.PRNGKey(seed), chunk_size=n)["log_q"]
             model = sample_and_log_prob_chunked(solved, jax.random.PRNGKey(seed), n, chunk_size=n)

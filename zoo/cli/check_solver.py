@@ -1,4 +1,5 @@
-"""tools/check-solver: how much a checkpoint's metrics depend on the ODE solver (adaptive reference vs fixed steps)."""
+"""tools/check-solver: how much a checkpoint's metrics depend on the ODE solver (adaptive reference vs
+fixed steps) or, with --divergence, on the divergence estimator (exact trace vs Hutchinson)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,17 @@ from zoo.metrics import with_error
 @common.tool
 def main(argv=None) -> None:
     p = common.parser(
-        "Solve the same samples with Dopri5 (rtol = atol = 1e-8, float64) and RK4 with 20 and 40 steps; "
-        "writes solver_check.json and prints the differences of log q and the metrics."
+        "Solve the same samples with Dopri5 (rtol = atol = 1e-8, float64) and RK4 with 20 and 40 steps "
+        "(with --divergence: the checkpoint's solver with the exact trace and with Hutchinson's estimate, in float32); "
+        "writes solver_check.json (divergence_check.json) and prints the differences of log q and the metrics."
     )
     p.add_argument("checkpoint", help="a checkpoint folder or a pretrained model's name (tools/zoo list --models)")
     p.add_argument("--n", type=int, default=256, help="test samples and model samples per setting (default 256)")
+    p.add_argument(
+        "--divergence", action="store_true",
+        help="compare divergence estimators instead of solvers: what Hutchinson's noise costs the metrics, "
+        "and how long the exact trace takes (float32: the noise dwarfs its rounding)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.workdir is None:
         common.fail("--workdir is required")
@@ -26,8 +33,12 @@ def main(argv=None) -> None:
     from zoo import experiment
 
     system, flow, _, dataset = common.load_checkpoint_for_output(args, args.workdir)
-    rows = experiment.solver_agreement(flow, system, dataset, n=args.n)
-    print(f"{args.checkpoint}: {args.n} test and {args.n} model samples, float64, divergence {flow.divergence.name}")
+    if args.divergence:
+        rows = experiment.solver_agreement(flow, system, dataset, n=args.n, settings=experiment.DIVERGENCE_SETTINGS, float64=False)
+        print(f"{args.checkpoint}: {args.n} test and {args.n} model samples, float32")
+    else:
+        rows = experiment.solver_agreement(flow, system, dataset, n=args.n)
+        print(f"{args.checkpoint}: {args.n} test and {args.n} model samples, float64")
     print("| setting | data log q − ref (mean / max) | model log w − ref (mean / max) | NLL | ESS-q | ESS-p | s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -38,7 +49,8 @@ def main(argv=None) -> None:
         )
     for r in rows:  # strict JSON: a non-finite number becomes null (an ESS of no usable weight)
         r.update({k: None for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)})
-    (args.workdir / "solver_check.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), "rows": rows}, indent=2) + "\n")
+    out = args.workdir / ("divergence_check.json" if args.divergence else "solver_check.json")
+    out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
