@@ -73,6 +73,10 @@ BAD_INPUTS = [
     ("sample", ["gmm_fm", "--out={tmp}/s.pdb", "--n=4"], "no molecular topology"),
     ("finetune", ["--gin=gmm_pg.gin", "--pretrained=no_such_model", "--workdir={tmp}/w"], "no_such_model"),
     ("compare", ["--gin=no_such_config.gin", "--workdir={tmp}/w"], "no_such_config"),
+    # Run settings are one declaration (RunSettings): a misspelt one is named with the closest.
+    ("train", ["--gin=gmm_fm.gin", "--workdir={tmp}/w", "--gin_param=train.n_stesp = 5"], "train.n_stesp (did you mean train.n_steps?)"),
+    ("finetune", ["--gin=gmm_pg.gin", "--pretrained=gmm_fm", "--workdir={tmp}/w", "--gin_param=finetune.ema_decy = 0.9"], "finetune.ema_decay"),
+    ("compare", ["--gin=gmm_compare.gin", "--workdir={tmp}/w", "--gin_param=compare.n_steps = 5"], "compare.time_budget_s seconds"),
     ("generate_data", ["--gin=no_such_config.gin", "--workdir={tmp}/w"], "no_such_config"),
     ("download", ["no_such_model", "--cache_dir={tmp}/cache"], "no_such_model"),
     ("release_model", ["{tmp}/no_run", "x", "--gin=gin/gmm_fm.gin", "--index={tmp}/models.toml"], "no_run"),

@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent(
     from zoo.flows import CNF, StandardNormal
     from zoo.losses import FlowMatching, OTFlowMatching
     from zoo.systems import GaussianMixture2D
-    from zoo.train import fit
+    from zoo.train import RunSettings, fit
 
     from zoo import parallel
     probe = parallel.shard_batch(np.zeros((2, 64, 2)), parallel.data_mesh(4), axis=1)
@@ -47,9 +47,9 @@ SCRIPT = textwrap.dedent(
         results = []
         for n_devices in (1, 4):
             with tempfile.TemporaryDirectory() as d:
-                model, records = fit(flow_, data_, loss, optax.adam(1e-2), workdir=d, n_steps=6 if "EGNN" not in name else 3,
-                                     batch_size=64 if "Path" not in name else 16, accumulation=2, seed=1, progress=False,
-                                     log_every=1, n_devices=n_devices)
+                settings = RunSettings(n_steps=6 if "EGNN" not in name else 3, batch_size=64 if "Path" not in name else 16,
+                                       accumulation=2, seed=1, progress=False, log_every=1, n_devices=n_devices)
+                model, records = fit(flow_, data_, loss, optax.adam(1e-2), settings, workdir=d)
             leaves = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
             shardings = {str(l.sharding.spec) for l in leaves}
             results.append(([np.asarray(l).tolist() for l in leaves], [r["loss"] for r in records if "loss" in r], sorted(shardings)))

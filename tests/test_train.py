@@ -17,7 +17,7 @@ from zoo.fields import MLPField
 from zoo.flows import CNF, StandardNormal
 from zoo.losses import FlowMatching
 from zoo.systems import GaussianMixture2D
-from zoo.train import fit
+from zoo.train import RunSettings, fit
 
 
 def _setup(seed=0):
@@ -34,9 +34,9 @@ def _params(model):
 def test_resume_continues_exactly(tmp_path):
     _, data, flow = _setup()
     kwargs = dict(batch_size=32, accumulation=2, clip_norm=1.0, seed=3, progress=False, log_every=1)
-    straight, _ = fit(flow, data, FlowMatching(), optax.adam(1e-2), workdir=tmp_path / "a", n_steps=10, **kwargs)
-    fit(flow, data, FlowMatching(), optax.adam(1e-2), workdir=tmp_path / "b", n_steps=5, **kwargs)
-    resumed, _ = fit(flow, data, FlowMatching(), optax.adam(1e-2), workdir=tmp_path / "b", n_steps=10, resume=True, **kwargs)
+    straight, _ = fit(flow, data, FlowMatching(), optax.adam(1e-2), RunSettings(n_steps=10, **kwargs), workdir=tmp_path / "a")
+    fit(flow, data, FlowMatching(), optax.adam(1e-2), RunSettings(n_steps=5, **kwargs), workdir=tmp_path / "b")
+    resumed, _ = fit(flow, data, FlowMatching(), optax.adam(1e-2), RunSettings(n_steps=10, **kwargs), workdir=tmp_path / "b", resume=True)
     for a, b in zip(_params(straight), _params(resumed)):
         np.testing.assert_array_equal(a, b)
     records = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
@@ -81,16 +81,15 @@ def test_moving_average_is_checkpointed_evaluated_and_resumed(tmp_path):
         seen[step] = _params(model)
         return {}
 
-    kwargs = dict(batch_size=32, seed=3, progress=False, log_every=1, ema_decay=0.9, evaluate=evaluate, eval_every=10)
-    straight, _ = fit(flow, data, FlowMatching(), optax.adam(1e-2), workdir=tmp_path / "a", n_steps=10, **kwargs)
-    fit(flow, data, FlowMatching(), optax.adam(1e-2), workdir=tmp_path / "b", n_steps=5, **kwargs)
-    resumed, _ = fit(flow, data, FlowMatching(), optax.adam(1e-2), workdir=tmp_path / "b", n_steps=10, resume=True, **kwargs)
+    kwargs = dict(batch_size=32, seed=3, progress=False, log_every=1, ema_decay=0.9, eval_every=10)
+    straight, _ = fit(flow, data, FlowMatching(), optax.adam(1e-2), RunSettings(n_steps=10, **kwargs), evaluate=evaluate, workdir=tmp_path / "a")
+    fit(flow, data, FlowMatching(), optax.adam(1e-2), RunSettings(n_steps=5, **kwargs), evaluate=evaluate, workdir=tmp_path / "b")
+    resumed, _ = fit(flow, data, FlowMatching(), optax.adam(1e-2), RunSettings(n_steps=10, **kwargs), evaluate=evaluate, workdir=tmp_path / "b", resume=True)
     for a, b in zip(_params(straight), _params(resumed)):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(_params(straight), seen[10]):
         np.testing.assert_array_equal(a, b)
-    plain, _ = fit(flow, data, FlowMatching(), optax.adam(1e-2), workdir=tmp_path / "c", n_steps=10,
-                   **{**kwargs, "ema_decay": None})  # fmt: skip
+    plain, _ = fit(flow, data, FlowMatching(), optax.adam(1e-2), RunSettings(n_steps=10, **{**kwargs, "ema_decay": None}), evaluate=evaluate, workdir=tmp_path / "c")
 
     stored = ckpt.load_checkpoint(tmp_path / "b" / "checkpoint", model_like=flow, raw_model_like=flow)
     for a, b in zip(_params(straight), _params(stored.model)):
@@ -124,25 +123,25 @@ def test_a_time_budget_survives_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock["now"])
     _, data, flow = _setup()
     kwargs = dict(batch_size=32, seed=3, progress=False, log_every=1, checkpoint_every=1)
-    _, straight = fit(flow, data, FlowMatching(), optax.adam(1e-2), workdir=tmp_path / "a", time_budget_s=12, **kwargs)
-    fit(flow, data, FlowMatching(), optax.adam(1e-2), workdir=tmp_path / "b", time_budget_s=12, n_steps=5, **kwargs)
-    _, resumed = fit(flow, data, FlowMatching(), optax.adam(1e-2), workdir=tmp_path / "b", time_budget_s=12, resume=True, **kwargs)
+    _, straight = fit(flow, data, FlowMatching(), optax.adam(1e-2), RunSettings(time_budget_s=12, **kwargs), workdir=tmp_path / "a")
+    fit(flow, data, FlowMatching(), optax.adam(1e-2), RunSettings(time_budget_s=12, n_steps=5, **kwargs), workdir=tmp_path / "b")
+    _, resumed = fit(flow, data, FlowMatching(), optax.adam(1e-2), RunSettings(time_budget_s=12, **kwargs), workdir=tmp_path / "b", resume=True)
     assert straight[-1]["step"] == 13  # the first (compiling) step is not on the clock
     assert resumed[-1]["step"] - straight[-1]["step"] in (0, 1)
     assert resumed[-1]["time_s"] == pytest.approx(12.0, abs=1.0)
     # Resumed past its budget, a run takes no further step.
-    _, again = fit(flow, data, FlowMatching(), optax.adam(1e-2), workdir=tmp_path / "b", time_budget_s=12, resume=True, **kwargs)
+    _, again = fit(flow, data, FlowMatching(), optax.adam(1e-2), RunSettings(time_budget_s=12, **kwargs), workdir=tmp_path / "b", resume=True)
     assert all(r["step"] <= resumed[-1]["step"] for r in again)
 
 
 def test_resume_refuses_different_data(tmp_path):
     _, data, flow = _setup()
-    fit(flow, data, FlowMatching(), optax.adam(1e-2), workdir=tmp_path, n_steps=2, batch_size=32, progress=False)
+    fit(flow, data, FlowMatching(), optax.adam(1e-2), RunSettings(n_steps=2, batch_size=32, progress=False), workdir=tmp_path)
     _, other, _ = _setup(seed=1)
     from zoo.checkpoint import CheckpointMismatchError
 
     with pytest.raises(CheckpointMismatchError, match="sha256"):
-        fit(flow, other, FlowMatching(), optax.adam(1e-2), workdir=tmp_path, n_steps=4, batch_size=32, progress=False, resume=True)
+        fit(flow, other, FlowMatching(), optax.adam(1e-2), RunSettings(n_steps=4, batch_size=32, progress=False), workdir=tmp_path, resume=True)
 
 
 class NaNOnStep(FlowMatching):
@@ -160,7 +159,7 @@ def test_nonfinite_step_is_skipped(tmp_path, capsys):
     _, data, flow = _setup()
     loss = NaNOnStep(poison=jnp.asarray(data.train.positions[0]))
     # With batch = whole training set every step is poisoned: parameters never change.
-    model, records = fit(flow, data, loss, optax.adam(1e-1), workdir=tmp_path, n_steps=3, batch_size=256, progress=False)
+    model, records = fit(flow, data, loss, optax.adam(1e-1), RunSettings(n_steps=3, batch_size=256, progress=False), workdir=tmp_path)
     for a, b in zip(_params(flow), _params(model)):
         np.testing.assert_array_equal(a, b)
     assert all(not r["finite"] for r in records if "finite" in r)
@@ -175,7 +174,7 @@ def test_forces_required_for_pg_like_losses(tmp_path):
 
     no_forces = type(data)(make_split(data.train.positions), data.val, data.test)
     with pytest.raises(ValueError, match="forces"):
-        fit(flow, no_forces, NeedsForces(), optax.adam(1e-2), workdir=tmp_path, n_steps=1, batch_size=32, progress=False)
+        fit(flow, no_forces, NeedsForces(), optax.adam(1e-2), RunSettings(n_steps=1, batch_size=32, progress=False), workdir=tmp_path)
 
 
 def test_nan_in_data_is_named():
@@ -195,7 +194,14 @@ def test_config_errors_are_clear(tmp_path):
     with pytest.raises(config.ConfigError, match="No configurable matching reference '@NotALoss\\(\\)'"):
         config.parse(["gmm_fm.gin"], ["train.loss = @NotALoss()"])
     with pytest.raises(config.ConfigError, match="unknown_parameter"):
-        config.parse(["gmm_fm.gin"], ["train.unknown_parameter = 3"])
+        config.parse(["gmm_fm.gin"], ["make_flow.unknown_parameter = 3"])
+    # train's run settings are RunSettings' fields, checked when the run starts, before any work.
+    from zoo.experiment import train
+
+    config.parse(["gmm_fm.gin"], ["train.unknown_parameter = 3"])
+    with pytest.raises(config.ConfigError, match="train has no setting train.unknown_parameter; its settings: n_steps, "):
+        train(tmp_path / "run")
+    assert not (tmp_path / "run").exists()
     bad = tmp_path / "bad.gin"
     bad.write_text("train.n_steps = = 3\n")
     with pytest.raises(config.ConfigError):
@@ -615,5 +621,5 @@ def test_an_epoch_budget_is_whole_passes_over_the_training_set(tmp_path):
         steps_for_budget("finetune", None, 1, 10, 64)
     _, data, flow = _setup()
     per_epoch = len(data.train) // 32
-    _, records = fit(flow, data, FlowMatching(), optax.adam(1e-2), workdir=tmp_path, n_epochs=1.5, batch_size=32, progress=False)
+    _, records = fit(flow, data, FlowMatching(), optax.adam(1e-2), RunSettings(n_epochs=1.5, batch_size=32, progress=False), workdir=tmp_path)
     assert records[-1]["step"] == math.ceil(1.5 * per_epoch)

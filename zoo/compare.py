@@ -25,7 +25,7 @@ from zoo.experiment import configured_evaluation_flow, evaluation
 from zoo.losses.fm import FlowMatching
 from zoo.metrics import fm_loss_on
 from zoo.registry import register
-from zoo.train import RunExistsError, check_settings, claim_run_dir, fit, read_log
+from zoo.train import RunExistsError, RunSettings, claim_run_dir, fit, read_log
 
 
 @register("recipe")
@@ -72,19 +72,20 @@ def _tracked(flow, system, dataset, n: int, key) -> dict:
     return out
 
 
+#: ``compare``'s own defaults for the run settings it is not given (:class:`~zoo.train.RunSettings`).
+COMPARE_DEFAULTS = {"time_budget_s": 30.0, "eval_every": 25, "progress": False}
+
+
 @gin.configurable
 def compare(
     workdir: Path,
     *,
     recipes=gin.REQUIRED,
     seeds=(0, 1, 2),
-    time_budget_s: float = 30.0,
-    batch_size: int = 256,
-    eval_every: int = 25,
     n_track: int = 512,
-    progress: bool = False,
     resume: bool = False,
     overwrite: bool = False,
+    **settings,
 ) -> dict:
     """Train every recipe from scratch for every seed under the same budget; write table and curves.
 
@@ -98,10 +99,22 @@ def compare(
     earlier comparison's runs is refused unless ``resume`` (every run continues from its
     last checkpoint with the training seconds it had, so each still gets the same budget)
     or ``overwrite`` (which deletes them).
+
+    ``settings`` are every run's :class:`~zoo.train.RunSettings` (``compare.time_budget_s``,
+    ``compare.batch_size``, ``compare.ema_decay``, …; unnamed ones take
+    :data:`COMPARE_DEFAULTS`). Every run trains for the same seconds, so a step count is
+    refused; the tracked metrics are logged and a checkpoint written every ``eval_every``
+    steps (a killed comparison loses at most one interval per run), and a recipe stage's
+    own batch size replaces ``batch_size``.
     """
-    check_settings("compare", time_budget_s=time_budget_s, batch_size=batch_size)
-    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
-        raise config.ConfigError(f"compare.eval_every must be an integer >= 1, got {eval_every!r}")
+    if "seed" in settings:
+        raise config.ConfigError("compare runs every seed of compare.seeds: bind compare.seeds instead of compare.seed")
+    run = RunSettings.of("compare", settings, COMPARE_DEFAULTS)
+    if run.n_steps is not None or run.n_epochs is not None:
+        raise config.ConfigError("compare trains every run for compare.time_budget_s seconds: unbind compare.n_steps and compare.n_epochs")
+    if run.time_budget_s is None or run.eval_every < 1:
+        raise config.ConfigError(f"compare needs a time budget and eval_every >= 1, got compare.time_budget_s = {run.time_budget_s!r}, compare.eval_every = {run.eval_every!r}")
+    time_budget_s = run.time_budget_s
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     earlier = sorted(p.parent for p in (workdir / "runs").glob("*/checkpoint"))
@@ -132,22 +145,19 @@ def compare(
             curve.append({"time_s": 0.0, "step": 0, **evaluate(flow, 0)})
             for i, stage in enumerate(recipe.stages):
                 run_dir = workdir / "runs" / f"{_slug(recipe.name)}_seed{seed}_stage{i}"
+                stage_settings = run.replace(
+                    time_budget_s=stage.fraction * time_budget_s, batch_size=stage.batch_size or run.batch_size, seed=seed,
+                    log_every=run.eval_every, checkpoint_every=run.eval_every,
+                )  # fmt: skip
                 flow, _ = fit(
                     flow,
                     dataset,
                     stage.loss,
                     optimizers[(recipe.name, i)],
+                    stage_settings,
                     workdir=run_dir,
-                    time_budget_s=stage.fraction * time_budget_s,
-                    batch_size=stage.batch_size or batch_size,
-                    seed=seed,
-                    eval_every=eval_every,
                     evaluate=evaluate,
-                    log_every=eval_every,
-                    checkpoint_every=eval_every,  # a killed comparison loses at most one evaluation interval per run
-                    progress=progress,
                     resume=resume,
-                    owner="compare",
                     # The full config in every checkpoint: a run can be evaluated or released later.
                     config=gin.config_str(),
                     metadata={"system": type(system).__name__, "zoo_version": __version__, "recipe": recipe.name},
@@ -162,7 +172,7 @@ def compare(
                 curve.append({"time_s": offset_s, "step": offset_step, "stage": i, **evaluate(flow, offset_step)})
             # Plain flow matching as the FM yardstick, as in the tracked metrics.
             metrics = evaluation(
-                flow, system, dataset, workdir, seed=1234 + seed, fm_loss=FlowMatching(), prefix=f"{_slug(recipe.name)}_seed{seed}_", progress=progress
+                flow, system, dataset, workdir, seed=1234 + seed, fm_loss=FlowMatching(), prefix=f"{_slug(recipe.name)}_seed{seed}_", progress=run.progress
             )
             metrics.update({"seed": seed, "train_time_s": offset_s, "steps": offset_step})
             results[recipe.name].append(metrics)

@@ -23,7 +23,7 @@ from zoo.flows.cnf import describe_in_words
 from zoo.losses.fm import FlowMatching
 from zoo.metrics import energies_chunked, ess_p, ess_p_se, ess_q, ess_q_se, evaluate_flow, fm_loss_on, format_metrics, nll, nll_se, observables
 from zoo.storage import write_json
-from zoo.train import fit, read_log
+from zoo.train import RunSettings, fit, read_log
 from zoo.views import write_views
 
 
@@ -124,7 +124,7 @@ def held_out_fm_loss(loss) -> FlowMatching:
     return loss if isinstance(loss, FlowMatching) else FlowMatching()
 
 
-def fit_tracking_fm(flow, system, dataset, loss, optimizer, workdir: Path, *, metadata: dict | None = None, **fit_kwargs):
+def fit_tracking_fm(flow, system, dataset, loss, optimizer, settings: RunSettings, workdir: Path, *, metadata: dict | None = None, resume: bool = False):
     """:func:`zoo.train.fit` with the held-out FM loss as its periodic evaluation (``val_fm_loss``).
 
     The held-out loss is the training loss itself when that is a flow-matching loss (same σ,
@@ -136,7 +136,7 @@ def fit_tracking_fm(flow, system, dataset, loss, optimizer, workdir: Path, *, me
     settings as this run. Returns the model and every record of the run's log (across resumes).
     """
     held_out = held_out_fm_loss(loss)
-    batch_size = fit_kwargs.get("batch_size") or 256
+    batch_size = settings.batch_size
 
     def periodic_eval(model, step):
         return {"val_fm_loss": fm_loss_on(model, dataset.val.positions, held_out, jax.random.PRNGKey(step), batch_size=batch_size)}
@@ -146,13 +146,18 @@ def fit_tracking_fm(flow, system, dataset, loss, optimizer, workdir: Path, *, me
         dataset,
         loss,
         optimizer,
+        settings,
         workdir=workdir,
         evaluate=periodic_eval,
         config=gin.config_str(),
         metadata={"system": type(system).__name__, "zoo_version": __version__, **(metadata or {})},
-        **fit_kwargs,
+        resume=resume,
     )
     return flow, read_log(workdir)
+
+
+#: ``train``'s own defaults for the settings it is not given (:class:`~zoo.train.RunSettings`).
+TRAIN_DEFAULTS = {"log_every": 10, "checkpoint_every": 500}
 
 
 @gin.configurable
@@ -161,63 +166,28 @@ def train(
     *,
     loss=gin.REQUIRED,
     optimizer=gin.REQUIRED,
-    n_steps: int | None = None,
-    n_epochs: float | None = None,
-    time_budget_s: float | None = None,
-    batch_size: int = 256,
-    accumulation: int = 1,
-    clip_norm: float | None = None,
-    ema_decay: float | None = None,
-    seed: int = 0,
-    log_every: int = 10,
-    checkpoint_every: int = 500,
-    eval_every: int = 0,
     resume: bool = False,
     overwrite: bool = False,
-    progress: bool = True,
-    n_devices: int | None = None,
+    **settings,
 ):
-    """Build system, data and flow from gin, train with ``loss``, evaluate, write everything to ``workdir``."""
-    from zoo.train import check_settings, claim_run_dir
+    """Build system, data and flow from gin, train with ``loss``, evaluate, write everything to ``workdir``.
 
-    settings = dict(
-        n_steps=n_steps, n_epochs=n_epochs, time_budget_s=time_budget_s, batch_size=batch_size,
-        accumulation=accumulation,
-        clip_norm=clip_norm, ema_decay=ema_decay, seed=seed, log_every=log_every, eval_every=eval_every,
-        checkpoint_every=checkpoint_every,
-    )  # fmt: skip
-    check_settings("train", **settings)
+    ``settings`` are the run's :class:`~zoo.train.RunSettings` (``train.n_steps``,
+    ``train.batch_size``, ``train.ema_decay``, …; unnamed ones take :data:`TRAIN_DEFAULTS`,
+    then the class's).
+    """
+    from zoo.train import claim_run_dir
+
+    run = RunSettings.of("train", settings, TRAIN_DEFAULTS)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     claim_run_dir(workdir / "checkpoint", resume=resume, overwrite=overwrite)
     system = config.make_system()
     dataset = config.make_dataset(system)
-    init_key = jax.random.fold_in(jax.random.PRNGKey(seed), 10**6)
+    init_key = jax.random.fold_in(jax.random.PRNGKey(run.seed), 10**6)
     flow = config.make_flow(system, key=init_key)
     config.write_operative_config(workdir)
-    flow, all_records = fit_tracking_fm(
-        flow,
-        system,
-        dataset,
-        loss,
-        optimizer,
-        workdir,
-        n_steps=n_steps,
-        n_epochs=n_epochs,
-        time_budget_s=time_budget_s,
-        batch_size=batch_size,
-        accumulation=accumulation,
-        clip_norm=clip_norm,
-        ema_decay=ema_decay,
-        seed=seed,
-        log_every=log_every,
-        eval_every=eval_every,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        progress=progress,
-        n_devices=n_devices,
-        owner="train",
-    )
+    flow, all_records = fit_tracking_fm(flow, system, dataset, loss, optimizer, run, workdir, resume=resume)
     metrics = evaluation(flow, system, dataset, workdir, records=all_records)
     # The operative config is complete only now (every configurable has been called).
     config.write_operative_config(workdir)

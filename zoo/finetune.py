@@ -23,7 +23,7 @@ from zoo.experiment import configured_evaluation_flow, evaluation, fit_tracking_
 from zoo.flows.cnf import describe_in_words
 from zoo.pretrained import released_info, resolve_checkpoint
 from zoo.storage import read_json
-from zoo.train import NonFiniteStepError, check_settings, claim_run_dir, steps_for_budget
+from zoo.train import NonFiniteStepError, RunSettings, claim_run_dir
 
 REPORT_KEYS = ("kl", "nll", "ess_q", "ess_p", "path_length", "fm_loss")
 HIGHER_IS_BETTER = {"ess_q", "ess_p"}
@@ -54,6 +54,11 @@ def run_finetuning(workdir, gin_files=(), bindings=(), **kwargs):
     return finetune(workdir, **kwargs)
 
 
+#: ``finetune``'s own defaults for the settings it is not given (:class:`~zoo.train.RunSettings`):
+#: fine-tuning steps are few and slow, so every one is logged.
+FINETUNE_DEFAULTS = {"log_every": 1, "checkpoint_every": 50}
+
+
 @gin.configurable
 def finetune(
     workdir: Path,
@@ -61,23 +66,11 @@ def finetune(
     pretrained=gin.REQUIRED,
     loss=gin.REQUIRED,
     optimizer=gin.REQUIRED,
-    n_steps: int | None = None,
-    n_epochs: float | None = None,
-    time_budget_s: float | None = None,
-    batch_size: int = 256,
-    accumulation: int = 1,
-    clip_norm: float | None = None,
-    ema_decay: float | None = None,
-    seed: int = 0,
-    log_every: int = 1,
-    eval_every: int = 0,
-    checkpoint_every: int = 50,
     resume: bool = False,
     overwrite: bool = False,
-    progress: bool = True,
-    n_devices: int | None = None,
     probe_lr=None,
     probe_samples: int = 100,
+    **settings,
 ):
     """Fine-tune the flow of ``pretrained`` with ``loss``; evaluate before and after.
 
@@ -87,7 +80,9 @@ def finetune(
 
     The gin config in effect must be the checkpoint's stored one overlaid with the user's
     files and bindings (:func:`run_finetuning` parses it so), so e.g. ``CNF.divergence =
-    'hutchinson'`` switches the divergence estimator for the fine-tuning run.
+    'hutchinson'`` switches the divergence estimator for the fine-tuning run. ``settings`` are
+    the run's :class:`~zoo.train.RunSettings` (``finetune.n_steps``, ``finetune.time_budget_s``,
+    …; unnamed ones take :data:`FINETUNE_DEFAULTS`, then the class's).
 
     A model named from the model index is evaluated before and after with the solver and
     divergence its released metrics were computed with (its ``evaluation`` table, e.g.
@@ -95,13 +90,8 @@ def finetune(
     index's model and the two columns compare like with like; ``evaluation.divergence``,
     ``evaluation.solver`` and ``evaluation.n_solver_steps`` bindings still override them.
     """
-    check_settings(
-        "finetune", n_steps=n_steps, n_epochs=n_epochs, time_budget_s=time_budget_s, batch_size=batch_size,
-        accumulation=accumulation,
-        clip_norm=clip_norm, ema_decay=ema_decay, seed=seed, log_every=log_every, eval_every=eval_every,
-        checkpoint_every=checkpoint_every,
-    )  # fmt: skip
-    if n_steps is None and n_epochs is None and time_budget_s is None and not probe_lr:
+    run = RunSettings.of("finetune", settings, FINETUNE_DEFAULTS)
+    if run.n_steps is None and run.n_epochs is None and run.time_budget_s is None and not probe_lr:
         raise config.ConfigError("give finetune.n_steps, finetune.n_epochs or finetune.time_budget_s (--steps or --time_budget)")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +105,7 @@ def finetune(
     system = config.make_system()
     dataset = config.make_dataset(system)
     # Before the first evaluation's minutes, so that a conflicting budget fails at once.
-    n_steps = steps_for_budget("finetune", n_steps, n_epochs, len(dataset.train), batch_size * accumulation)
+    run.steps_for(len(dataset.train))
     flow_like = config.make_flow(system, key=jax.random.PRNGKey(0))
     restored = ckpt.load_checkpoint(path, model_like=flow_like)
     flow = restored.model
@@ -123,8 +113,8 @@ def finetune(
     if probe_lr:
         result = probe_learning_rates(
             flow, loss, optimizer, dataset, probe_lr,
-            configured_learning_rate=_configured_learning_rate(), batch_size=batch_size,
-            accumulation=accumulation, clip_norm=clip_norm, n_eval=probe_samples, seed=seed,
+            configured_learning_rate=_configured_learning_rate(), batch_size=run.batch_size,
+            accumulation=run.accumulation, clip_norm=run.clip_norm, n_eval=probe_samples, seed=run.seed,
         )  # fmt: skip
         result["pretrained"] = str(path)
         (workdir / "lr_probe.json").write_text(json.dumps(result, indent=2))
@@ -141,27 +131,7 @@ def finetune(
         print(f"resuming: the pretrained model's metrics are those of {workdir / 'metrics_before.json'}")
 
     flow, all_records = fit_tracking_fm(
-        flow,
-        system,
-        dataset,
-        loss,
-        optimizer,
-        workdir,
-        metadata={"pretrained": str(path)},
-        n_steps=n_steps,
-        time_budget_s=time_budget_s,
-        batch_size=batch_size,
-        accumulation=accumulation,
-        clip_norm=clip_norm,
-        ema_decay=ema_decay,
-        seed=seed,
-        log_every=log_every,
-        eval_every=eval_every,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        progress=progress,
-        n_devices=n_devices,
-        owner="finetune",
+        flow, system, dataset, loss, optimizer, run, workdir, metadata={"pretrained": str(path)}, resume=resume
     )
     after = evaluation(measured(flow), system, dataset, workdir, records=all_records)
     _fm_curve(all_records, workdir / "fm_loss_during_finetuning.png")

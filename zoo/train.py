@@ -68,31 +68,90 @@ _INTEGER_SETTINGS = {
     "eval_every": (0, False),
     "checkpoint_every": (0, False),
     "seed": (0, False),
+    "n_devices": (1, True),
 }
 
 
-def check_settings(owner: str, **settings) -> None:
-    """Refuse a run setting that cannot work, naming its gin binding (``owner.name``) and the value.
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """How a training run goes: its length, batches, weight average, cadence and seed.
 
-    Integer settings are checked against :data:`_INTEGER_SETTINGS`; ``time_budget_s`` and
-    ``clip_norm`` and ``n_epochs`` must be positive numbers or None, ``ema_decay`` in [0, 1) or None.
+    The one declaration of these settings for every workflow that trains: ``train``,
+    ``finetune`` and ``compare`` build one from their gin bindings (``train.n_steps = …``)
+    with :meth:`of`, and :func:`fit` runs by it. Checked on creation; errors name a setting
+    as ``owner.name``, the binding that sets it.
+
+    The run stops after ``n_steps`` optimiser steps (or ``n_epochs`` passes over the
+    training set, rounded up to whole steps; give one of the two) or ``time_budget_s``
+    seconds of training, whichever comes first. Each step consumes ``accumulation``
+    micro-batches of ``batch_size`` samples, each split over ``n_devices`` local devices
+    (default: all; :mod:`zoo.parallel`). ``clip_norm`` clips the gradient's global norm;
+    ``ema_decay`` tracks a moving average of the weights, which is what is evaluated,
+    checkpointed and returned. Every ``log_every`` steps a record goes to ``log.jsonl``,
+    every ``eval_every`` steps the periodic evaluation runs and every ``checkpoint_every``
+    a checkpoint is written (0: only at the end).
     """
-    for name, value in settings.items():
-        binding = f"{owner}.{name}"
-        if name in _INTEGER_SETTINGS:
-            low, optional = _INTEGER_SETTINGS[name]
-            if value is None and optional:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ConfigError(f"{binding} must be an integer >= {low}{' or None' if optional else ''}, got {value!r}")
-        elif name in ("time_budget_s", "clip_norm", "n_epochs"):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value)):
-                raise ConfigError(f"{binding} must be a positive number or None, got {value!r}")
-        elif name == "ema_decay":
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1):
-                raise ConfigError(f"{binding} must be a number in [0, 1) or None, got {value!r}")
-        else:
-            raise ValueError(f"check_settings does not know the setting {name!r}")
+
+    owner: str = "fit"
+    n_steps: int | None = None
+    n_epochs: float | None = None
+    time_budget_s: float | None = None
+    batch_size: int = 256
+    accumulation: int = 1
+    clip_norm: float | None = None
+    ema_decay: float | None = None
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    progress: bool = True
+    n_devices: int | None = None
+
+    @classmethod
+    def of(cls, owner: str, values: dict, defaults: dict | None = None) -> RunSettings:
+        """The settings ``owner`` was given (``values``, e.g. its gin bindings) over its ``defaults``;
+        a name that is no setting is refused with the closest ones."""
+        import difflib
+
+        known = [f.name for f in dataclasses.fields(cls) if f.name != "owner"]
+        for name in values:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {owner}.{close[0]}?)" if close else f"; its settings: {', '.join(known)}"
+                raise ConfigError(f"{owner} has no setting {owner}.{name}{hint}")
+        return cls(owner=owner, **{**(defaults or {}), **values})
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            name, value, binding = field.name, getattr(self, field.name), f"{self.owner}.{field.name}"
+            if name in _INTEGER_SETTINGS:
+                low, optional = _INTEGER_SETTINGS[name]
+                if value is None and optional:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                    raise ConfigError(f"{binding} must be an integer >= {low}{' or None' if optional else ''}, got {value!r}")
+            elif name in ("time_budget_s", "clip_norm", "n_epochs"):
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value)):
+                    raise ConfigError(f"{binding} must be a positive number or None, got {value!r}")
+            elif name == "ema_decay":
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1):
+                    raise ConfigError(f"{binding} must be a number in [0, 1) or None, got {value!r}")
+            elif name == "progress" and not isinstance(value, bool):
+                raise ConfigError(f"{binding} must be True or False, got {value!r}")
+
+    def replace(self, **changes) -> RunSettings:
+        return dataclasses.replace(self, **changes)
+
+    def steps_for(self, n_train: int) -> int | None:
+        """The run's optimiser steps on ``n_train`` training samples (:func:`steps_for_budget`)."""
+        return steps_for_budget(self.owner, self.n_steps, self.n_epochs, n_train, self.batch_size * self.accumulation)
+
+    def check_length(self, n_train: int) -> int | None:
+        """:meth:`steps_for`, refusing a run with neither a step count nor a time budget."""
+        n_steps = self.steps_for(n_train)
+        if n_steps is None and self.time_budget_s is None:
+            raise ConfigError(f"give {self.owner}.n_steps, {self.owner}.n_epochs or {self.owner}.time_budget_s")
+        return n_steps
 
 
 def steps_for_budget(owner: str, n_steps: int | None, n_epochs: float | None, n_train: int, samples_per_step: int) -> int | None:
@@ -239,54 +298,32 @@ def fit(
     dataset: Dataset,
     loss_fn,
     optimizer: optax.GradientTransformation,
+    settings: RunSettings,
     *,
     workdir: Path,
-    n_steps: int | None = None,
-    n_epochs: float | None = None,
-    time_budget_s: float | None = None,
-    batch_size: int = 256,
-    accumulation: int = 1,
-    clip_norm: float | None = None,
-    ema_decay: float | None = None,
-    seed: int = 0,
-    log_every: int = 10,
-    eval_every: int = 0,
     evaluate: Callable | None = None,
-    checkpoint_every: int = 0,
     config: str = "",
     metadata: dict | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    progress: bool = True,
     checkpoint_dir: Path | None = None,
-    n_devices: int | None = None,
-    owner: str = "fit",
 ) -> tuple[eqx.Module, list[dict]]:
-    """Train ``model`` on ``dataset.train`` with ``loss_fn``; returns the model and the log records.
+    """Train ``model`` on ``dataset.train`` with ``loss_fn`` as ``settings`` say; returns the model and the log records.
 
-    Stops after ``n_steps`` optimiser steps (or ``n_epochs`` passes over the training set,
-    rounded up to whole steps; give one of the two) or ``time_budget_s`` seconds of training
-    (whichever comes first; at least one must be given; the seconds of the runs a resumed
-    one continues count, as stored in the checkpoint). Each optimiser step consumes
-    ``accumulation`` micro-batches of ``batch_size`` samples. Each micro-batch is split
-    over ``n_devices`` local devices (default: all) with parameters replicated, see
-    :mod:`zoo.parallel`. A folder that already holds a run is refused unless ``resume``
-    (continue it) or ``overwrite`` (replace it) is set (:func:`claim_run_dir`). Settings are
-    checked first (:func:`check_settings`); errors name them as ``owner.setting``.
+    A resumed run's time budget counts the seconds of the runs it continues, as stored in
+    the checkpoint. A folder that already holds a run is refused unless ``resume``
+    (continue it) or ``overwrite`` (replace it) is set (:func:`claim_run_dir`).
+    ``evaluate(model, step)`` is the periodic evaluation (every ``settings.eval_every``
+    steps; its seconds are not on the training clock).
 
-    With ``ema_decay`` the optimiser also tracks an exponential moving average of the
-    weights (:func:`zoo.optim.parameter_average`); that average is what the periodic
+    With ``settings.ema_decay`` the optimiser also tracks an exponential moving average of
+    the weights (:func:`zoo.optim.parameter_average`); that average is what the periodic
     evaluation sees, what checkpoints store as their model (the training weights beside it,
     for resuming) and what is returned.
     """
-    check_settings(
-        owner, n_steps=n_steps, n_epochs=n_epochs, time_budget_s=time_budget_s, batch_size=batch_size,
-        accumulation=accumulation, clip_norm=clip_norm, ema_decay=ema_decay, seed=seed, log_every=log_every,
-        eval_every=eval_every, checkpoint_every=checkpoint_every,
-    )  # fmt: skip
-    n_steps = steps_for_budget(owner, n_steps, n_epochs, len(dataset.train), batch_size * accumulation)
-    if n_steps is None and time_budget_s is None:
-        raise ValueError(f"give {owner}.n_steps, {owner}.n_epochs or {owner}.time_budget_s")
+    n_steps = settings.check_length(len(dataset.train))
+    time_budget_s, batch_size, accumulation, seed = settings.time_budget_s, settings.batch_size, settings.accumulation, settings.seed
+    log_every, eval_every, checkpoint_every = settings.log_every, settings.eval_every, settings.checkpoint_every
     if getattr(loss_fn, "needs_forces", False) and dataset.train.forces is None:
         raise ValueError(f"{type(loss_fn).__name__} needs target forces but the training data has none")
     workdir = Path(workdir)
@@ -296,7 +333,7 @@ def fit(
     data_hash = dataset.sha256()
     metadata = {"data_sha256": data_hash, "loss": type(loss_fn).__name__, **(metadata or {})}
 
-    optimizer = with_parameter_average(with_clipping(optimizer, clip_norm), ema_decay)
+    optimizer = with_parameter_average(with_clipping(optimizer, settings.clip_norm), settings.ema_decay)
     key = jax.random.PRNGKey(seed)
     state = TrainState(step=0, model=model, opt_state=optimizer.init(eqx.filter(model, eqx.is_inexact_array)), key=key)
 
@@ -317,7 +354,7 @@ def fit(
     else:
         trained_s = 0.0
 
-    mesh = parallel.data_mesh(n_devices)
+    mesh = parallel.data_mesh(settings.n_devices)
     state = dataclasses.replace(state, model=parallel.replicate(state.model, mesh), opt_state=parallel.replicate(state.opt_state, mesh))
 
     log = JsonlLog(workdir / "log.jsonl", truncate_after_step=state.step if resume else None)
@@ -343,7 +380,7 @@ def fit(
             metadata={**metadata, **clock},
         )
 
-    bar = progress_bar(n_steps, "training", "step", initial=state.step, enabled=progress)
+    bar = progress_bar(n_steps, "training", "step", initial=state.step, enabled=settings.progress)
     # The clock for time_budget_s starts after the first (compiling) step, so that equal
     # budgets compare training, not compilation; the compile time is logged separately.
     start = None
