@@ -21,7 +21,7 @@ from zoo import checkpoint as ckpt
 from zoo import config, plots
 from zoo.experiment import configured_evaluation_flow, evaluation, fit_tracking_fm
 from zoo.flows.cnf import describe_in_words
-from zoo.pretrained import released_info, resolve_checkpoint
+from zoo.pretrained import evaluation_table, released_info, resolve_checkpoint
 from zoo.storage import read_json
 from zoo.train import NonFiniteStepError, RunSettings, claim_run_dir
 
@@ -97,7 +97,7 @@ def finetune(
     workdir.mkdir(parents=True, exist_ok=True)
     path = resolve_checkpoint(pretrained)
     released = released_info(pretrained)
-    as_released = {} if released is None else released.extra.get("evaluation", {})
+    as_released = {} if released is None else evaluation_table(released)
 
     def measured(model):
         return model.as_described(as_released)
