@@ -64,6 +64,18 @@ def test_project_errors_share_one_root():
     assert str(registry.UnknownNameError("nothing is registered as 'x'")) == "nothing is registered as 'x'"
 
 
+def test_unknown_names_are_answered_with_one_kind_of_hint():
+    """A misspelt model, registered name and run setting each end with the same suggestion."""
+    from zoo import registry
+    from zoo.errors import did_you_mean
+
+    assert did_you_mean("lj13_eqtofm", ["lj13_eqotfm", "dw4_eqotfm", "gmm_fm"]) == " (did you mean 'lj13_eqotfm'?)"
+    assert did_you_mean("n_stesp", ["n_steps", "seed"], prefix="train.") == " (did you mean 'train.n_steps'?)"
+    assert did_you_mean("zzz", ["n_steps", "seed"]) == ""
+    with pytest.raises(registry.UnknownNameError, match=r"nothing is registered as 'EGNNFeld' \(did you mean 'EGNNField'"):
+        registry.lookup("EGNNFeld")
+
+
 # Each tool, given something it cannot use, in-process: (module, argv, words the message must contain).
 BAD_INPUTS = [
     ("train", ["--gin=no_such_config.gin", "--workdir={tmp}/w"], "no_such_config"),
@@ -74,7 +86,7 @@ BAD_INPUTS = [
     ("finetune", ["--gin=gmm_pg.gin", "--pretrained=no_such_model", "--workdir={tmp}/w"], "no_such_model"),
     ("compare", ["--gin=no_such_config.gin", "--workdir={tmp}/w"], "no_such_config"),
     # Run settings are one declaration (RunSettings): a misspelt one is named with the closest.
-    ("train", ["--gin=gmm_fm.gin", "--workdir={tmp}/w", "--gin_param=train.n_stesp = 5"], "train.n_stesp (did you mean train.n_steps?)"),
+    ("train", ["--gin=gmm_fm.gin", "--workdir={tmp}/w", "--gin_param=train.n_stesp = 5"], "train.n_stesp (did you mean 'train.n_steps'?)"),
     ("finetune", ["--gin=gmm_pg.gin", "--pretrained=gmm_fm", "--workdir={tmp}/w", "--gin_param=finetune.ema_decy = 0.9"], "finetune.ema_decay"),
     ("compare", ["--gin=gmm_compare.gin", "--workdir={tmp}/w", "--gin_param=compare.n_steps = 5"], "compare.time_budget_s seconds"),
     ("generate_data", ["--gin=no_such_config.gin", "--workdir={tmp}/w"], "no_such_config"),

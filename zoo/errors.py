@@ -21,3 +21,17 @@ class ZooError(Exception):
 
 class ConfigError(ZooError, ValueError):
     """A setting that cannot be used: a missing gin file, an unknown configurable, a bad value."""
+
+
+def did_you_mean(name: str, known, *, prefix: str = "") -> str:
+    """The hint an unknown-name error ends with: `` (did you mean 'a' or 'b'?)`` naming the known
+    names closest to ``name`` (each shown as ``prefix + name``), or an empty string if none is close.
+
+    Every "no such name" message in zoo phrases its suggestion this one way, so a person reads the
+    same hint for a model, a registered component and a run setting."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean {' or '.join(repr(prefix + c) for c in close)}?)"

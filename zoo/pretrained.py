@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import difflib
 import json
 import math
 import os
@@ -58,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from zoo import checkpoint as ckpt
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, did_you_mean
 from zoo.flows.cnf import DESCRIPTION_SETTINGS, describe_in_words
 from zoo.resources import ROOT as REPO_ROOT
 from zoo.resources import resolve_gin_file
@@ -233,15 +232,13 @@ def list_models(model_index=None) -> list[str]:
 
 
 def _unknown(name: str, known: Sequence[str], *, as_path: bool = False) -> UnknownModelError:
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     lead = (
         f"{name!r} is neither an existing checkpoint path nor a pretrained model name"
         if as_path
         else f"no pretrained model named {name!r}"
     )
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
     listing = f" Known models: {', '.join(known)}." if known else " The model index is empty."
-    return UnknownModelError(f"{lead}{hint}{listing} (`tools/zoo list --models` shows them)")
+    return UnknownModelError(f"{lead}{did_you_mean(name, known)}.{listing} (`tools/zoo list --models` shows them)")
 
 
 def model_info(name: str, model_index=None) -> ModelInfo:

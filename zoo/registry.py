@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import gin
-from zoo.errors import ZooError
+from zoo.errors import ZooError, did_you_mean
 
 KINDS = (
     "system",
@@ -103,11 +103,7 @@ def lookup(name: str) -> Entry:
     try:
         return _REGISTRY[name]
     except KeyError:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UnknownNameError(f"nothing is registered as {name!r}{hint}") from None
+        raise UnknownNameError(f"nothing is registered as {name!r}{did_you_mean(name, _REGISTRY)}") from None
 
 
 #: The modules whose import registers names: the core components (all in one module) and the

@@ -25,7 +25,7 @@ import optax
 from zoo import checkpoint as ckpt
 from zoo import parallel
 from zoo.data import Batch, Dataset
-from zoo.errors import ConfigError, ZooError
+from zoo.errors import ConfigError, ZooError, did_you_mean
 from zoo.optim import parameter_average_of, with_clipping, with_parameter_average
 from zoo.progress import bar as progress_bar
 
@@ -111,13 +111,10 @@ class RunSettings:
     def of(cls, owner: str, values: dict, defaults: dict | None = None) -> RunSettings:
         """The settings ``owner`` was given (``values``, e.g. its gin bindings) over its ``defaults``;
         a name that is no setting is refused with the closest ones."""
-        import difflib
-
         known = [f.name for f in dataclasses.fields(cls) if f.name != "owner"]
         for name in values:
             if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f" (did you mean {owner}.{close[0]}?)" if close else f"; its settings: {', '.join(known)}"
+                hint = did_you_mean(name, known, prefix=f"{owner}.") or f"; its settings: {', '.join(known)}"
                 raise ConfigError(f"{owner} has no setting {owner}.{name}{hint}")
         return cls(owner=owner, **{**(defaults or {}), **values})
 
