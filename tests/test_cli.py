@@ -43,7 +43,7 @@ def test_the_tool_wrapper_maps_problems_to_one_line_and_keeps_bugs(capsys):
 
 
 def test_project_errors_share_one_root():
-    from zoo import checkpoint, config, mcmc, pretrained, registry, storage, train
+    from zoo import checkpoint, config, pretrained, registry, storage, train
     from zoo.flows import cnf
 
     for error in (
@@ -55,7 +55,7 @@ def test_project_errors_share_one_root():
         cnf.BatchedSolveError,
         train.RunExistsError,
         train.NonFiniteStepError,
-        mcmc.MCMCStateError,
+        storage.RunStateError,
         registry.UnknownNameError,
     ):
         assert issubclass(error, ZooError), error

@@ -4,6 +4,7 @@ expectations, the mean-free projection against the virial identity, and resumabi
 from __future__ import annotations
 
 import math
+import shutil
 
 import equinox as eqx
 import jax
@@ -184,6 +185,41 @@ def test_resume_after_kill_gives_identical_samples(tmp_path):
     # A finished run resumes to the same result without sampling again.
     again = run_chains(dw, tmp_path / "b", **kwargs)
     np.testing.assert_array_equal(again.samples, straight.samples)
+
+
+def test_a_run_kept_in_the_old_single_state_file_is_continued(tmp_path):
+    """Runs an earlier zoo kept in one ``mcmc_state.npz`` (chains so far + the state they ended in)
+    are adopted as the first chunk and continue to the samples of an uninterrupted run."""
+    import json
+
+    from zoo.mcmc import CHUNK_DIR, LEGACY_STATE_FILE
+    from zoo.storage import ChunkLog
+
+    dw = DoubleWell()
+    kwargs = dict(settings=RESUME_SETTINGS, n_per_chain=30, seed=8, progress=False)
+    straight = run_chains(dw, tmp_path / "a", **kwargs)
+    run_chains(dw, tmp_path / "b", max_chunks=3, **kwargs)  # into the sampling phase
+    log = ChunkLog.existing(tmp_path / "b" / CHUNK_DIR)
+    parts = [log.load(i) for i in range(log.n_chunks)]
+    old = {name: value for name, value in parts[-1].items() if name not in ("samples", "energies", "trace")}
+    old.update(
+        samples=np.concatenate([p["samples"] for p in parts], axis=1),
+        energies=np.concatenate([p["energies"] for p in parts], axis=1),
+        trace=np.concatenate([p["trace"] for p in parts]),
+        fingerprint=np.array(json.dumps(log.manifest["params"], sort_keys=True)),
+        version=np.array(2),
+        fresh=np.array(False),
+        seconds=np.array(log.seconds),
+    )
+    assert old["samples"].shape[1] > 0
+    np.savez(tmp_path / "b" / LEGACY_STATE_FILE, **old)
+    shutil.rmtree(tmp_path / "b" / CHUNK_DIR)
+    resumed = run_chains(dw, tmp_path / "b", **kwargs)
+    np.testing.assert_array_equal(resumed.samples, straight.samples)
+    np.testing.assert_array_equal(resumed.trace, straight.trace)
+    np.testing.assert_array_equal(resumed.acceptance, straight.acceptance)
+    assert (tmp_path / "b" / (LEGACY_STATE_FILE + ".adopted")).exists()  # kept, not deleted
+    assert not (tmp_path / "b" / LEGACY_STATE_FILE).exists()
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):

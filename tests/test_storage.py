@@ -266,3 +266,28 @@ def test_every_door_for_positions_refuses_a_scrambled_layout():
     with pytest.raises(ValueError, match=r"\(8,\) or \(4, 2\), got \(2, 4\)"):
         dw.energy(pos[0].T)
 
+
+
+def test_chunk_log_keeps_order_settings_and_refuses_what_it_cannot_continue(tmp_path):
+    from zoo.storage import ChunkLog, RunStateError
+
+    log = ChunkLog(tmp_path, {"seed": 1, "sizes": (2, 3)})
+    log.append({"a": np.arange(2)}, seconds=1.5)
+    log.append({"a": np.arange(2, 5)}, seconds=0.5, failed=[7])
+    again = ChunkLog(tmp_path, {"seed": 1, "sizes": [2, 3]})  # tuples are stored as JSON lists
+    assert again.n_chunks == 2 and again.seconds == 2.0 and again.manifest["failed"] == [7]
+    np.testing.assert_array_equal(again.concatenate(["a", "missing"])["a"], np.arange(5))
+    np.testing.assert_array_equal(again.load(-1)["a"], np.arange(2, 5))
+    with pytest.raises(RunStateError, match="seed differ"):
+        ChunkLog(tmp_path, {"seed": 2, "sizes": [2, 3]})
+    assert ChunkLog.existing(tmp_path).manifest["params"] == {"seed": 1, "sizes": [2, 3]}
+    (tmp_path / "chunk_00001.npz").write_bytes(b"not an npz")
+    with pytest.raises(RunStateError, match="chunk_00001.npz"):
+        again.load(1)
+    (tmp_path / ChunkLog.MANIFEST).write_text("{")
+    with pytest.raises(RunStateError, match="cannot read"):
+        ChunkLog(tmp_path, {"seed": 1, "sizes": [2, 3]})
+    fresh = ChunkLog(tmp_path, {"seed": 2}, resume=False)  # starts over: no chunk of the old run is left
+    assert fresh.n_chunks == 0 and not list(tmp_path.glob("chunk_*.npz"))
+    with pytest.raises(RunStateError, match="no chunked run"):
+        ChunkLog.existing(tmp_path / "elsewhere")

@@ -20,10 +20,10 @@ Each chain adapts its own step size during burn-in by dual averaging (Hoffman & 
 step, restarted at 1/8, 1/4 and 1/2 of the burn-in to forget the initial transient; after burn-in it keeps its averaged step size $\bar h$ fixed, so the sampling phase is
 a time-homogeneous Markov chain with the exact target as its stationary law.
 
-The run proceeds in chunks of ``chunk_steps`` steps; after each chunk the chain state, the
-adaptation state, the PRNG key and the samples so far are written atomically (temporary
-file + rename) to ``<workdir>/mcmc_state.npz``. A killed run continues from the last chunk
-and yields exactly the samples of an uninterrupted run (same chunk boundaries, same keys).
+The run proceeds in chunks of ``chunk_steps`` steps; each chunk's samples, together with the
+chain state, adaptation state and PRNG key it ends in, are written atomically to
+``<workdir>/mcmc/`` (a :class:`zoo.storage.ChunkLog`). A killed run continues from the last
+chunk and yields exactly the samples of an uninterrupted run (same chunk boundaries, same keys).
 """
 
 from __future__ import annotations
@@ -42,21 +42,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo._types import Array
-from zoo.errors import ZooError
 from zoo.progress import bar as progress_bar
-from zoo.storage import write_atomic
+from zoo.storage import ChunkLog, RunStateError
 
 KERNELS = ("rwm", "mala", "hmc")
 DEFAULT_TARGET_ACCEPT = {"rwm": 0.3, "mala": 0.5, "hmc": 0.65}
-STATE_FILE = "mcmc_state.npz"
-STATE_VERSION = 2
+CHUNK_DIR = "mcmc"
+#: Where zoo before the chunk log kept a run's whole state; such a run is continued (adopted).
+LEGACY_STATE_FILE = "mcmc_state.npz"
 
 
 # ---------------------------------------------------------------------------- settings
-class MCMCStateError(ZooError, ValueError):
-    """A stored chain state that cannot be resumed: unreadable, or from a run with other settings."""
-
-
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
     """Everything that determines the chains (and so must match when a run is resumed).
@@ -450,17 +446,35 @@ def _chunks(system, settings: SamplerSettings) -> _Chunks:
     return _Chunks(system, settings)
 
 
-def _save_atomic(path: Path, arrays: dict) -> None:
-    write_atomic(path, lambda f: np.savez(f, **arrays))
+_STATE_FIELDS = (
+    "x", "u", "grad", "log_h", "log_h_bar", "h_bar_stat", "t", "mu", "step_size", "key", "steps_done", "n_accepted",
+)  # fmt: skip
+_RECORD_FIELDS = ("samples", "energies", "trace")
 
 
-def _fingerprint(system, settings: SamplerSettings, n_per_chain: int, seed: int) -> str:
+def _params(system, settings: SamplerSettings, n_per_chain: int, seed: int) -> dict:
     from zoo.storage import system_spec
 
-    return json.dumps(
-        {"system": system_spec(system), "settings": settings.as_dict(), "n_per_chain": n_per_chain, "seed": seed},
-        sort_keys=True,
-    )
+    return {"system": system_spec(system), "settings": settings.as_dict(), "n_per_chain": n_per_chain, "seed": seed}
+
+
+def _adopt_state_file(workdir: Path, log: ChunkLog) -> None:
+    """Continue a run that an earlier zoo kept in one state file (``mcmc_state.npz``): its chains so
+    far become the first chunk of ``log``, and the file is kept beside as ``mcmc_state.npz.adopted``."""
+    path = workdir / LEGACY_STATE_FILE
+    if log.n_chunks or not path.exists():
+        return
+    try:
+        with np.load(path) as f:
+            st = {name: f[name] for name in f.files}
+        stored = json.loads(str(st["fingerprint"]))
+    except Exception as e:  # noqa: BLE001  (any unreadable file: say which and why)
+        raise RunStateError(f"cannot read the MCMC state {path}: {e}; delete it to start over") from e
+    if stored != log.manifest["params"]:
+        raise RunStateError(f"{path} belongs to a run with other settings; use another workdir or resume=False to start over")
+    if not bool(st["fresh"]):
+        log.append({name: st[name] for name in _STATE_FIELDS + _RECORD_FIELDS}, seconds=float(st["seconds"]))
+    path.rename(path.with_name(path.name + ".adopted"))
 
 
 def run_chains(
@@ -476,46 +490,37 @@ def run_chains(
 ) -> MCMCResult:
     """Run (or continue) ``settings.n_chains`` chains until each holds ``n_per_chain`` samples.
 
-    The state is saved to ``<workdir>/mcmc_state.npz`` after every chunk. With ``resume``
-    (default) an existing state of the same system, settings and seed is continued; a
-    state from different settings is an error (choose another workdir or ``resume=False``,
-    which starts over). ``max_chunks`` stops after that many chunks in this call (the
-    result is then partial, ``result.complete`` is False).
+    Each chunk's samples and the chain state it ends in go to ``<workdir>/mcmc/`` (a
+    :class:`zoo.storage.ChunkLog`) as it finishes. With ``resume`` (default) a run of the same
+    system, settings and seed is continued; one with different settings is an error (choose
+    another workdir or ``resume=False``, which starts over). ``max_chunks`` stops after that
+    many chunks in this call (the result is then partial, ``result.complete`` is False).
     """
     if n_per_chain < 1:
         raise ValueError(f"n_per_chain must be >= 1, got {n_per_chain}")
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / STATE_FILE
     s = settings
     n_c, dim, k = s.n_chains, system.dim, min(s.trace_chains, s.n_chains)
     if k != s.trace_chains:
         s = dataclasses.replace(s, trace_chains=k)
-    fingerprint = _fingerprint(system, s, n_per_chain, seed)
+    log = ChunkLog(workdir / CHUNK_DIR, _params(system, s, n_per_chain, seed), resume=resume)
+    if resume:
+        _adopt_state_file(workdir, log)
     sampling_steps = n_per_chain * s.thin
     total = s.burn_in + sampling_steps
 
-    if resume and path.exists():
-        try:
-            with np.load(path) as f:
-                st = {name: f[name] for name in f.files}
-        except Exception as e:  # noqa: BLE001  (any unreadable file: say which and why)
-            raise MCMCStateError(f"cannot read the MCMC state {path}: {e}; delete it to start over") from e
-        if str(st["fingerprint"]) != fingerprint:
-            raise MCMCStateError(
-                f"{path} belongs to a run with other settings; use another workdir or resume=False to start over.\n"
-                f"  stored:    {st['fingerprint']}\n  requested: {fingerprint}"
-            )
+    if log.n_chunks:
+        parts = [log.load(i) for i in range(log.n_chunks)]
+        st = parts[-1]
+        records = {
+            "samples": np.concatenate([p["samples"] for p in parts], axis=1),
+            "energies": np.concatenate([p["energies"] for p in parts], axis=1),
+            "trace": np.concatenate([p["trace"] for p in parts], axis=0),
+        }
     else:
         key, k_init = jax.random.split(jax.random.PRNGKey(seed))
-        x0 = _initial_positions(system, s, k_init).astype(jnp.float32)
         st = {
-            "fingerprint": np.array(fingerprint),
-            "version": np.array(STATE_VERSION),
-            "x": np.asarray(x0),
-            "u": np.zeros(n_c, np.float32),
-            "grad": np.zeros((n_c, dim), np.float32),
-            "fresh": np.array(True),
+            "x": np.asarray(_initial_positions(system, s, k_init).astype(jnp.float32)),
             "log_h": np.full(n_c, math.log(s.step_size), np.float32),
             "log_h_bar": np.full(n_c, math.log(s.step_size), np.float32),
             "h_bar_stat": np.zeros(n_c, np.float32),
@@ -526,15 +531,16 @@ def run_chains(
             "key": np.asarray(key),
             "steps_done": np.array(0),
             "n_accepted": np.zeros(n_c, np.int64),
+        }
+        records = {
             "samples": np.zeros((n_c, 0, dim), np.float32),
             "energies": np.zeros((n_c, 0), np.float32),
             "trace": np.zeros((0, k), np.float32),
-            "seconds": np.array(0.0),
         }
 
     chunks = _chunks(system, s)
     x = jnp.asarray(st["x"])
-    if bool(st["fresh"]):
+    if not log.n_chunks:
         u, g = chunks.value_and_grad(x)
     else:
         # The stored energies and gradients, not recomputed ones: a recomputation may differ in
@@ -544,10 +550,10 @@ def run_chains(
     ad = Adaptation(*(jnp.asarray(st[n]) for n in ("log_h", "log_h_bar", "h_bar_stat", "t", "mu")))
     key = jnp.asarray(st["key"])
     done = int(st["steps_done"])
-    samples, energies, trace = [st["samples"]], [st["energies"]], [st["trace"]]
+    samples, energies, trace = [records["samples"]], [records["energies"]], [records["trace"]]
     n_accepted = st["n_accepted"].copy()
     step_size = st["step_size"].copy()
-    seconds = float(st["seconds"])
+    seconds = log.seconds
 
     bar = None
     if progress and done < total:
@@ -556,10 +562,10 @@ def run_chains(
         n_run = 0
         while done < total and (max_chunks is None or n_run < max_chunks):
             t_start = time.perf_counter()
+            new_samples, new_energies = np.zeros((n_c, 0, dim), np.float32), np.zeros((n_c, 0), np.float32)
             if done < s.burn_in:
                 n = min(s.chunk, s.burn_in - done)
                 state, ad, key, tr, acc = chunks.burn(state, ad, key, done, n_steps=n)
-                tr = np.asarray(tr)
                 acc_mean, phase = float(np.mean(np.asarray(acc))), "burn-in"
                 if s.adapt:
                     step_size = np.exp(np.asarray(ad.log_h_bar)).astype(np.float32)
@@ -567,37 +573,25 @@ def run_chains(
                 n = min(s.chunk, total - done)
                 state, key, n_acc, xs, us, tr = chunks.sample(state, jnp.asarray(step_size), key, n_steps=n)
                 n_accepted = n_accepted + np.asarray(n_acc)
-                samples.append(np.swapaxes(np.asarray(xs), 0, 1))
-                energies.append(np.asarray(us).T)
-                tr = np.asarray(tr)
+                new_samples, new_energies = np.swapaxes(np.asarray(xs), 0, 1), np.asarray(us).T
                 acc_mean, phase = float(np.asarray(n_acc).mean() / n), "sampling"
-            trace.append(tr)
+            tr = np.asarray(tr)
             done += n
             n_run += 1
-            seconds += time.perf_counter() - t_start
-            samples = [np.concatenate(samples, axis=1)]
-            energies = [np.concatenate(energies, axis=1)]
-            trace = [np.concatenate(trace, axis=0)]
-            st.update(
-                x=np.asarray(state.x),
-                u=np.asarray(state.u),
-                grad=np.asarray(state.grad),
-                fresh=np.array(False),
-                log_h=np.asarray(ad.log_h),
-                log_h_bar=np.asarray(ad.log_h_bar),
-                h_bar_stat=np.asarray(ad.h_bar_stat),
-                t=np.asarray(ad.t),
-                mu=np.asarray(ad.mu),
-                step_size=step_size,
-                key=np.asarray(key),
-                steps_done=np.array(done),
-                n_accepted=n_accepted,
-                samples=samples[0],
-                energies=energies[0],
-                trace=trace[0],
-                seconds=np.array(seconds),
+            chunk_seconds = time.perf_counter() - t_start
+            seconds += chunk_seconds
+            samples = [np.concatenate([samples[0], new_samples], axis=1)]
+            energies = [np.concatenate([energies[0], new_energies], axis=1)]
+            trace = [np.concatenate([trace[0], tr], axis=0)]
+            log.append(
+                {
+                    "x": state.x, "u": state.u, "grad": state.grad,
+                    "log_h": ad.log_h, "log_h_bar": ad.log_h_bar, "h_bar_stat": ad.h_bar_stat, "t": ad.t, "mu": ad.mu,
+                    "step_size": step_size, "key": key, "steps_done": np.array(done), "n_accepted": n_accepted,
+                    "samples": new_samples, "energies": new_energies, "trace": tr,
+                },  # fmt: skip
+                seconds=chunk_seconds,
             )
-            _save_atomic(path, st)
             if bar is not None:
                 n_chunks = math.ceil(s.burn_in / s.chunk) + math.ceil(sampling_steps / s.chunk)
                 bar.set_postfix_str(

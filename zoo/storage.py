@@ -28,6 +28,7 @@ import numpy as np
 
 from zoo._version import __version__
 from zoo.data import DatasetError, as_event_batch
+from zoo.errors import ZooError
 
 MANIFEST = "manifest.json"
 FORMAT = "zoo-dataset"
@@ -315,6 +316,21 @@ def read_json(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------- resumable chunks
+# Two kinds of long computation are cut into chunks written as they finish, so that a killed run
+# loses at most one chunk: independent chunks (evaluations: any chunk can be computed alone), kept
+# by ChunkStore under a digest of their settings, and sequential ones (Markov chains, molecular
+# dynamics: each chunk continues from the state the previous one ended in), kept by ChunkLog. Both
+# store chunk k as ``chunk_<k>.npz``, written atomically.
+
+
+def _chunk_file(directory: Path, index: int) -> Path:
+    return directory / f"chunk_{index:05d}.npz"
+
+
+def _save_chunk(path: Path, arrays: dict) -> None:
+    write_atomic(path, lambda f: np.savez(f, **{name: np.asarray(value) for name, value in arrays.items()}))
+
+
 class ChunkStore:
     """The finished chunks of a long chunked computation, so that an interrupted run resumes.
 
@@ -332,19 +348,109 @@ class ChunkStore:
         if not (self.path / "fingerprint.json").exists():
             _write_json_atomic(self.path / "fingerprint.json", fingerprint)
 
-    def _file(self, index: int) -> Path:
-        return self.path / f"chunk_{index:05d}.npz"
-
     def load(self, index: int) -> dict[str, np.ndarray] | None:
         """Chunk ``index``'s arrays, or ``None`` if it has not been finished (or cannot be read)."""
+        path = _chunk_file(self.path, index)
         try:
-            with np.load(self._file(index)) as stored:
+            with np.load(path) as stored:
                 return {name: stored[name] for name in stored.files}
         except FileNotFoundError:
             return None
         except (OSError, ValueError, EOFError) as err:
-            print(f"warning: {self._file(index)} cannot be read ({err}); computing that chunk again")
+            print(f"warning: {path} cannot be read ({err}); computing that chunk again")
             return None
 
     def save(self, index: int, arrays: dict[str, np.ndarray]) -> None:
-        write_atomic(self._file(index), lambda f: np.savez(f, **{name: np.asarray(value) for name, value in arrays.items()}))
+        _save_chunk(_chunk_file(self.path, index), arrays)
+
+
+class RunStateError(ZooError, ValueError):
+    """The stored chunks of a sequential run cannot be continued: unreadable, or from other settings."""
+
+
+class ChunkLog:
+    """The chunks of a sequential run, in order, with the settings they were made with.
+
+    ``directory/progress.json`` holds ``params`` (the JSON form of everything the chunks depend
+    on), the finished chunk files in order, the indices of items that ``failed`` and the compute
+    ``seconds`` so far; ``directory/chunk_<k>.npz`` holds chunk k, including whatever state the
+    next chunk starts from. The manifest is rewritten atomically after each chunk file is in
+    place, so a run killed at any moment continues from its last listed chunk. Opening a
+    directory that holds a run with other ``params`` is refused with the settings that differ;
+    ``resume=False`` starts that directory over.
+    """
+
+    MANIFEST = "progress.json"
+
+    def __init__(self, directory, params: dict, *, resume: bool = True):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.manifest_path = self.dir / self.MANIFEST
+        params = json.loads(json.dumps(params, default=_json_value))  # tuples, numpy scalars as JSON has them
+        if resume and self.manifest_path.exists():
+            try:
+                manifest = json.loads(self.manifest_path.read_text())
+                stored = manifest["params"]
+            except (OSError, ValueError, KeyError) as err:
+                raise RunStateError(f"cannot read {self.manifest_path} ({err}); delete {self.dir} to start over") from err
+            if stored != params:
+                changed = sorted(k for k in set(params) | set(stored) if params.get(k) != stored.get(k))
+                raise RunStateError(
+                    f"{self.dir} holds a run with other settings ({', '.join(changed)} differ); "
+                    "use another directory or start over (resume=False)"
+                )
+            self.manifest = manifest
+        else:
+            for stale in self.dir.glob("chunk_*.npz"):
+                stale.unlink()
+            self.manifest = {"params": params, "chunks": [], "failed": [], "seconds": 0.0}
+            self._save_manifest()
+
+    @classmethod
+    def existing(cls, directory) -> ChunkLog:
+        """The run kept in ``directory``, whatever its settings (to read its chunks)."""
+        path = Path(directory) / cls.MANIFEST
+        try:
+            params = json.loads(path.read_text())["params"]
+        except FileNotFoundError:
+            raise RunStateError(f"{directory} holds no chunked run (no {cls.MANIFEST})") from None
+        except (OSError, ValueError, KeyError) as err:
+            raise RunStateError(f"cannot read {path} ({err})") from err
+        return cls(directory, params)
+
+    def _save_manifest(self) -> None:
+        _write_json_atomic(self.manifest_path, self.manifest)
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.manifest["chunks"])
+
+    @property
+    def seconds(self) -> float:
+        return float(self.manifest["seconds"])
+
+    def load(self, index: int) -> dict[str, np.ndarray]:
+        """Chunk ``index``'s arrays (negative counts from the end, as for a list)."""
+        path = self.dir / self.manifest["chunks"][index]
+        try:
+            with np.load(path) as stored:
+                return {name: stored[name] for name in stored.files}
+        except (OSError, ValueError, EOFError) as err:
+            raise RunStateError(f"cannot read {path} ({err}); delete {self.dir} to start over") from err
+
+    def append(self, arrays: dict, *, seconds: float, failed=()) -> None:
+        """Add the next chunk: its arrays, the compute seconds it took and the items that failed."""
+        path = _chunk_file(self.dir, self.n_chunks)
+        _save_chunk(path, arrays)
+        self.manifest["chunks"].append(path.name)
+        self.manifest["failed"].extend(int(i) for i in failed)
+        self.manifest["seconds"] += float(seconds)
+        self._save_manifest()
+
+    def concatenate(self, fields, axis: int = 0) -> dict[str, np.ndarray]:
+        """The named arrays of every chunk joined along ``axis`` (fields the chunks lack are left out);
+        an empty dict before the first chunk."""
+        parts = [self.load(k) for k in range(self.n_chunks)]
+        if not parts:
+            return {}
+        return {f: np.concatenate([p[f] for p in parts], axis=axis) for f in fields if f in parts[0]}

@@ -14,9 +14,9 @@ subspace of ``MeanFreeNormal``; the energy is translation invariant); forces −
 energies u in k_BT at 300 K.
 
 Generators (for ``tools/generate-data``), both chunked and resumable — a cache directory
-holds ``progress.json`` (the parameters and the chunks done) and ``chunk_#####.npz``;
-calling again with the same parameters continues where the last call stopped, different
-parameters raise ``ValueError``:
+is a :class:`zoo.storage.ChunkLog` (``progress.json`` with the parameters and the chunks
+done, ``chunk_#####.npz``); calling again with the same parameters continues where the last
+call stopped, different parameters raise ``RunStateError`` (a ``ValueError``):
 
 - :func:`generate_classical` — OpenMM Langevin MD (ff99SB-ILDN + OBC, 300 K, friction
   1/ps, 2 fs, a frame with forces every 1 ps);
@@ -29,7 +29,6 @@ parameters raise ``ValueError``:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -39,7 +38,7 @@ import numpy as np
 
 from zoo import resources
 from zoo.data import SPLITS, Dataset, make_split
-from zoo.storage import write_atomic
+from zoo.storage import ChunkLog
 from zoo.systems import alanine
 from zoo.systems.alanine.engines import XTBEngine, kbt_kj_per_mol, openmm_system
 
@@ -160,63 +159,16 @@ def phi_psi(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # Resumable chunked runs
 
 
-class _Cache:
-    """A cache directory with ``progress.json`` and numbered chunk files."""
-
-    def __init__(self, cache_dir, params: dict):
-        self.dir = Path(cache_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.manifest_path = self.dir / "progress.json"
-        params = json.loads(json.dumps(params))  # normalise tuples/ints as JSON would
-        if self.manifest_path.exists():
-            manifest = json.loads(self.manifest_path.read_text())
-            if manifest["params"] != params:
-                changed = sorted(k for k in set(params) | set(manifest["params"]) if params.get(k) != manifest["params"].get(k))
-                raise ValueError(
-                    f"{self.dir} holds a run with other parameters ({', '.join(changed)} differ); "
-                    "use another cache directory or delete this one"
-                )
-            self.manifest = manifest
-        else:
-            self.manifest = {"params": params, "chunks": [], "failed": [], "seconds": 0.0}
-            self.save()
-
-    def save(self) -> None:
-        text = json.dumps(self.manifest, indent=1) + "\n"
-        write_atomic(self.manifest_path, lambda f: f.write(text.encode()))  # an interrupted write leaves the old one
-
-    @property
-    def n_chunks(self) -> int:
-        return len(self.manifest["chunks"])
-
-    def chunk_path(self, k: int) -> Path:
-        return self.dir / f"chunk_{k:05d}.npz"
-
-    def add_chunk(self, arrays: dict, seconds: float, failed=()) -> None:
-        k = self.n_chunks
-        write_atomic(self.chunk_path(k), lambda f: np.savez(f, **arrays))
-        self.manifest["chunks"].append(self.chunk_path(k).name)
-        self.manifest["failed"].extend(int(i) for i in failed)
-        self.manifest["seconds"] += seconds
-        self.save()
-
-
 def collect(cache_dir, fields=FIELDS) -> dict[str, np.ndarray]:
     """Concatenate the chunks of a generator cache: positions (n, 22, 3) nm, forces, energies, ..."""
-    cache_dir = Path(cache_dir)
-    manifest = json.loads((cache_dir / "progress.json").read_text())
-    parts = [np.load(cache_dir / name) for name in manifest["chunks"]]
-    if not parts:
-        return {}
-    return {f: np.concatenate([p[f] for p in parts]) for f in fields if f in parts[0].files}
+    return ChunkLog.existing(cache_dir).concatenate(fields)
 
 
 def progress(cache_dir) -> dict:
     """Chunks done, frames done, failures and compute seconds of a generator cache."""
-    cache_dir = Path(cache_dir)
-    manifest = json.loads((cache_dir / "progress.json").read_text())
-    n = sum(int(np.load(cache_dir / c)["energies"].shape[0]) for c in manifest["chunks"])
-    return {"chunks": len(manifest["chunks"]), "frames": n, "failed": len(manifest["failed"]), "seconds": manifest["seconds"]}
+    log = ChunkLog.existing(cache_dir)
+    n = sum(int(log.load(k)["energies"].shape[0]) for k in range(log.n_chunks))
+    return {"chunks": log.n_chunks, "frames": n, "failed": len(log.manifest["failed"]), "seconds": log.seconds}
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,7 +216,7 @@ def generate_classical(
         "chunk_frames": chunk_frames,
         "forcefield": ["amber99sbildn.xml", "amber99_obc.xml"],
     }
-    cache = _Cache(cache_dir, params)
+    cache = ChunkLog(cache_dir, params)
     n_chunks = math.ceil(n_frames / chunk_frames)
     steps_per_frame = round(save_every_ps * 1000 / timestep_fs)
     if not math.isclose(steps_per_frame * timestep_fs, save_every_ps * 1000):
@@ -289,7 +241,7 @@ def generate_classical(
             context.setVelocitiesToTemperature(temperature * unit.kelvin, 1 + seed)
             integrator.step(round(equilibration_ps * 1000 / timestep_fs))
         else:
-            last = np.load(cache.chunk_path(k - 1))
+            last = cache.load(k - 1)
             context.setPositions(last["final_positions"])
             context.setVelocities(last["final_velocities"])
         n = min(chunk_frames, n_frames - k * chunk_frames)
@@ -312,7 +264,7 @@ def generate_classical(
             "final_velocities": state.getVelocities(asNumpy=True).value_in_unit(unit.nanometer / unit.picosecond),
         }
         seconds = time.perf_counter() - t0
-        cache.add_chunk(arrays, seconds)
+        cache.append(arrays, seconds=seconds)
         done_here += 1
         if log:
             log(f"classical chunk {k + 1}/{n_chunks}: {n} frames in {seconds:.1f} s ({cache.dir})")
@@ -469,7 +421,7 @@ def generate_xtb(
         "energy_offset_hartree": energy_offset,
         "method": "GFN2-xTB",
     }
-    cache = _Cache(cache_dir, params)
+    cache = ChunkLog(cache_dir, params)
     order = np.random.default_rng(seed).choice(len(src), n_states, replace=False)
     n_chunks = math.ceil(n_states / chunk_states)
     engine = XTBEngine(alanine.ATOMIC_NUMBERS, energy_offset=energy_offset, n_workers=0, temperature=temperature)
@@ -505,7 +457,7 @@ def generate_xtb(
                 "source_index": np.array([r[0] for r in results], np.int64),
             }
             seconds = time.perf_counter() - t0
-            cache.add_chunk(arrays, seconds, failed)
+            cache.append(arrays, seconds=seconds, failed=failed)
             done_here += 1
             if log:
                 log(
@@ -562,8 +514,7 @@ def generate_xtb_splits(
 
 
 def _chunks_done(cache_dir: Path) -> int:
-    path = Path(cache_dir) / "progress.json"
-    return len(json.loads(path.read_text())["chunks"]) if path.exists() else 0
+    return ChunkLog.existing(cache_dir).n_chunks if (Path(cache_dir) / ChunkLog.MANIFEST).exists() else 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -630,7 +581,7 @@ def build_xtb_small_set(cache_root, out_dir=ASSET_DATA / "ad2_xtb", *, meta: Map
         if not arrays:
             raise ValueError(f"{cache_root / name} has no finished chunk yet")
         splits[name] = arrays
-        params[name] = {**json.loads((cache_root / name / "progress.json").read_text())["params"], **progress(cache_root / name)}
+        params[name] = {**ChunkLog.existing(cache_root / name).manifest["params"], **progress(cache_root / name)}
     full = {
         "description": "AD2 GFN2-xTB (tblite) small set: classical states relaxed by short xTB Langevin runs",
         "generator": params,
