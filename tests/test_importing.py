@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from zoo.data import DatasetError, stored_dataset
-from zoo.importing import read_positions
+from zoo.data.importing import read_positions
 from zoo.systems import DoubleWell, LennardJones
 
 
@@ -78,7 +78,7 @@ def test_trajectories_and_molecular_arrays_with_their_units_and_atom_order(tmp_p
     pytest.importorskip("openmm")
     import mdtraj
 
-    from zoo.importing import import_splits
+    from zoo.data.importing import import_splits
     from zoo.systems import alanine
 
     system = alanine.AlanineDipeptideClassical()

@@ -29,7 +29,6 @@ CORE = (
     "zoo.progress",
     "zoo.storage",
     "zoo.data",
-    "zoo.importing",
     "zoo.systems",
     "zoo.fields",
     "zoo.flows",

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zoo.mcmc import SamplerSettings, autocorrelation, gelman_rubin, integrated_autocorr_time, run_chains
+from zoo.data.mcmc import SamplerSettings, autocorrelation, gelman_rubin, integrated_autocorr_time, run_chains
 from zoo.systems import DoubleWell, GaussianMixture2D, LennardJones
 from zoo.systems.base import AbstractTarget
 
@@ -192,7 +192,7 @@ def test_a_run_kept_in_the_old_single_state_file_is_continued(tmp_path):
     are adopted as the first chunk and continue to the samples of an uninterrupted run."""
     import json
 
-    from zoo.mcmc import CHUNK_DIR, LEGACY_STATE_FILE
+    from zoo.data.mcmc import CHUNK_DIR, LEGACY_STATE_FILE
     from zoo.storage import ChunkLog
 
     dw = DoubleWell()

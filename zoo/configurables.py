@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import optax
 
-from zoo import data, importing, losses, metrics
+from zoo import data, losses, metrics
+from zoo.data import importing
 from zoo.fields import EGNNField, MLPField
 from zoo.flows import CNF, AdaptiveStep, ExactTrace, FixedStep, Hutchinson, MeanFreeNormal, StandardNormal
 from zoo.flows.solvers import ADAPTIVE_METHODS, FIXED_STEP_METHODS

@@ -1,7 +1,7 @@
 r"""Generate a stored data set of a target system by MCMC: sample, split, add forces, check, plot.
 
 :func:`generate_data` is the gin root of ``tools/generate-data``. It runs
-:func:`zoo.mcmc.run_chains` (resumable, chunked), flattens the thinned samples chain by
+:func:`zoo.data.mcmc.run_chains` (resumable, chunked), flattens the thinned samples chain by
 chain, assigns consecutive blocks to train / val / test (so the splits come from
 (nearly) disjoint chains), shuffles within each split, computes the forces $F = -∇u$,
 writes everything with :mod:`zoo.storage` and records the diagnostics and physical
@@ -23,7 +23,7 @@ import numpy as np
 
 import gin
 from zoo import config, storage
-from zoo.mcmc import SamplerSettings, run_chains
+from zoo.data.mcmc import SamplerSettings, run_chains
 
 # Statistics of the published LJ13 test set (Klein et al. 2023) in the 'ordered' convention:
 # energy and pair-distance moments of its test split. The generator compares against them.
@@ -222,7 +222,7 @@ def generate_data(
     # Diagnostics: energy τ from the per-step trace; τ and R̂ of slower observables on the
     # thinned samples (≈ 1 when the thinning suffices).
     diagnostics = result.diagnostics()
-    from zoo.mcmc import gelman_rubin, integrated_autocorr_time
+    from zoo.data.mcmc import gelman_rubin, integrated_autocorr_time
 
     for name, series in _thinned_observables(system, result.samples).items():
         diagnostics[f"tau_{name}_thinned"] = integrated_autocorr_time(series)[0]

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from zoo.cli import common
-from zoo.importing import LENGTH_UNITS
+from zoo.data.importing import LENGTH_UNITS
 
 
 @common.tool
@@ -29,7 +29,7 @@ def main(argv=None) -> None:
     common.parse_gin(args)
 
     from zoo import config, storage
-    from zoo.importing import import_splits
+    from zoo.data.importing import import_splits
 
     system = config.make_system()
     files = {"train": args.train, "val": args.val, "test": args.test}
