@@ -46,3 +46,32 @@ def test_bad_base_settings():
         MeanFreeNormal(1, 3)
     with pytest.raises(ValueError):
         MeanFreeNormal(3, 3, scale=0.0)
+
+
+@pytest.mark.parametrize("n, d", [(2, 1), (4, 2), (13, 3)])
+def test_support_basis_is_orthonormal_and_spans_the_projection(n, d):
+    base = MeanFreeNormal(n, d)
+    basis = base.support_basis()
+    assert basis.shape == ((n - 1) * d, n * d)
+    np.testing.assert_allclose(basis @ basis.T, np.eye((n - 1) * d), atol=1e-12)
+    np.testing.assert_allclose(basis.T @ basis, np.asarray(base.project(np.eye(n * d))), atol=1e-12)
+    np.testing.assert_array_equal(StandardNormal(5).support_basis(), np.eye(5))
+
+
+def test_exact_divergence_on_the_support_basis_equals_the_projected_jacobian_trace(key, x64):
+    """tr(U J Uᵀ) over the (N-1)·d basis rows against tr(P J P) of the full autodiff Jacobian."""
+    from zoo.flows.divergence import ExactTrace
+
+    base = MeanFreeNormal(5, 3)
+    w = jax.random.normal(key, (15, 15), jnp.float64)
+
+    def v(y):
+        return jnp.tanh(w @ y) + 0.1 * y**2
+
+    x = base.project(jax.random.normal(jax.random.PRNGKey(1), (15,), jnp.float64))
+    p = np.asarray(base.project(np.eye(15)))
+    expected = np.trace(p @ np.asarray(jax.jacobian(v)(x)) @ p)
+    for chunk in (None, 4):
+        velocity, div = ExactTrace(chunk=chunk).velocity_and_divergence(v, x, None, base)
+        np.testing.assert_allclose(velocity, v(x))
+        np.testing.assert_allclose(div, expected, rtol=1e-12)

@@ -9,6 +9,7 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from zoo._types import Array, PRNGKeyArray, Scalar, Vector
 
@@ -39,6 +40,14 @@ class AbstractBase(eqx.Module):
     def project(self, x: Array) -> Array:
         """Map a vector (or a batch) onto the support of q_0 (identity for a full-space base)."""
         return x
+
+    def support_basis(self) -> np.ndarray:
+        """An orthonormal basis of the support of q_0, as the rows of a (k, dim) NumPy array
+        (``basis.T @ basis`` is the matrix of :meth:`project`); the identity for a full-space base.
+
+        The exact divergence takes one Jacobian-vector product per row, so a base on a
+        subspace saves the products of the directions it lacks."""
+        return np.eye(self.dim)
 
 
 class StandardNormal(AbstractBase):
@@ -100,6 +109,18 @@ class MeanFreeNormal(AbstractBase):
         parts = x.reshape(*shape[:-1], self.n_particles, self.spatial_dim)
         parts = parts - parts.mean(axis=-2, keepdims=True)
         return parts.reshape(shape)
+
+    def support_basis(self) -> np.ndarray:
+        r"""The Helmert basis of the mean-free particle vectors, one row per spatial axis:
+        row $(k, a)$ puts $1/\sqrt{k(k+1)}$ on axis a of particles $1..k$ and
+        $-k/\sqrt{k(k+1)}$ on particle $k+1$, for $k = 1 .. N-1$."""
+        n = self.n_particles
+        helmert = np.zeros((n - 1, n))
+        for k in range(1, n):
+            helmert[k - 1, :k] = 1.0
+            helmert[k - 1, k] = -k
+            helmert[k - 1] /= math.sqrt(k * (k + 1))
+        return np.kron(helmert, np.eye(self.spatial_dim))
 
     def log_prob(self, z: Vector) -> Scalar:
         z = self.project(z)

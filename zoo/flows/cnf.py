@@ -153,7 +153,7 @@ class CNF(eqx.Module):
     # ------------------------------------------------------------------ primitives
     def velocity_and_divergence(self, t, x: Vector, eps: Vector | None) -> tuple[Vector, Scalar]:
         """v(t, x) and its divergence on the base's support (:attr:`divergence`)."""
-        return self.divergence.velocity_and_divergence(lambda y: self.field(t, y), x, eps, self.base.project)
+        return self.divergence.velocity_and_divergence(lambda y: self.field(t, y), x, eps, self.base)
 
     def integrate(
         self,

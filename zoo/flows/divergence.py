@@ -1,7 +1,8 @@
 r"""Divergence estimators of a CNF's field: the exact trace, or Hutchinson's estimate.
 
 Both act on the base's support: with the projector $P$ onto it (identity for a full-space
-base, the mean-free subspace for particles) the divergence is $\mathrm{tr}(P\,∂v/∂x\,P)$.
+base, the mean-free subspace for particles) the divergence is $\mathrm{tr}(P\,∂v/∂x\,P)
+= \mathrm{tr}(U\,∂v/∂x\,U^\top)$ for any orthonormal basis $U$ of the support (its rows).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo._types import Array, PRNGKeyArray, Scalar, Vector
+from zoo.flows.base import AbstractBase
 
 NOISES = ("rademacher", "gaussian")
 
@@ -29,9 +31,9 @@ class AbstractDivergence(eqx.Module):
 
     @abc.abstractmethod
     def velocity_and_divergence(
-        self, v: Callable[[Vector], Vector], x: Vector, eps: Vector | None, project: Callable[[Array], Array]
+        self, v: Callable[[Vector], Vector], x: Vector, eps: Vector | None, base: AbstractBase
     ) -> tuple[Vector, Scalar]:
-        """``v(x)`` and its divergence on the support ``project`` maps onto."""
+        """``v(x)`` and its divergence on the support of ``base``."""
 
     def draw_noise(self, key: PRNGKeyArray, n: int, dim: int, dtype) -> Array:
         """One noise vector per trajectory (before projection onto the support)."""
@@ -39,9 +41,11 @@ class AbstractDivergence(eqx.Module):
 
 
 class ExactTrace(AbstractDivergence):
-    r"""The trace of the projected Jacobian: one forward-mode JVP per basis vector.
+    r"""The trace of the Jacobian on the base's support: one forward-mode JVP per vector of an
+    orthonormal basis of the support (:meth:`AbstractBase.support_basis`; (N-1)·d of them for N
+    particles in d dimensions, not N·d).
 
-    ``chunk``: how many basis-vector JVPs are evaluated together (None: all ``dim`` at
+    ``chunk``: how many basis-vector JVPs are evaluated together (None: the whole basis at
     once); smaller chunks bound the memory of the tangent tensors. On a 2-core CPU chunks
     of 3 were faster than all at once on one thread with the other core busy, and slower
     with both cores free: smaller operations parallelise worse.
@@ -55,11 +59,11 @@ class ExactTrace(AbstractDivergence):
         if self.chunk is not None and (isinstance(self.chunk, bool) or self.chunk < 1):
             raise ValueError(f"the trace chunk must be a positive number of basis vectors, got {self.chunk!r}")
 
-    def velocity_and_divergence(self, v, x, eps, project):
+    def velocity_and_divergence(self, v, x, eps, base):
         del eps
-        basis = project(jnp.eye(x.shape[0], dtype=x.dtype))
+        basis = jnp.asarray(base.support_basis(), dtype=x.dtype)
         velocity, jvp_fn = jax.linearize(v, x)
-        if self.chunk is None or self.chunk >= x.shape[0]:
+        if self.chunk is None or self.chunk >= basis.shape[0]:
             return velocity, jnp.sum(jax.vmap(jvp_fn)(basis) * basis)
         diagonal_terms = jax.lax.map(lambda e: jnp.vdot(e, jvp_fn(e)), basis, batch_size=self.chunk)
         return velocity, jnp.sum(diagonal_terms)
@@ -80,8 +84,8 @@ class Hutchinson(AbstractDivergence):
         if self.noise not in NOISES:
             raise ValueError(f"unknown Hutchinson noise {self.noise!r}; expected one of {NOISES}")
 
-    def velocity_and_divergence(self, v, x, eps, project):
-        del project
+    def velocity_and_divergence(self, v, x, eps, base):
+        del base  # the noise is drawn on the support already
         if eps is None:
             raise ValueError("Hutchinson divergence needs noise: pass a PRNG key")
         velocity, jvp = jax.jvp(v, (x,), (eps,))
