@@ -14,7 +14,6 @@ set (manifest, splits with forces, diagnostics, plots, README):
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 
 import gin
 from zoo import config
+from zoo.storage import ChunkLog
 from zoo.systems import alanine
 from zoo.systems.alanine import data as alanine_data
 
@@ -123,7 +123,7 @@ def ad2_classical_md(
     phi = alanine_data.phi_psi(arrays["positions"])[0]
     meta = {
         "description": "AD2 classical (ff99SB-ILDN + OBC, 300 K): one unbiased Langevin MD run, split in time (train, val, test)",
-        "generator": {**json.loads((workdir / "md" / "progress.json").read_text())["params"], **status},
+        "generator": {**ChunkLog.existing(workdir / "md").manifest["params"], **status},
         "statistics": alanine_data.classical_statistics(arrays, temperature),
         "phi_positive_entries": {
             "all": phi_positive_entries(phi),
