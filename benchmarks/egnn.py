@@ -7,7 +7,7 @@ compiled once with ``eqx.filter_jit`` (lower + compile timed separately), then c
 fixed batch: median wall time (and process CPU time) of ``--repeats`` rounds after two
 warm-up calls. Rounds interleave the variants so that all of them see the same load.
 
-Variants of the same loss (equal values and gradients, tested in tests/test_equivariance.py):
+Variants of the same loss (equal values and gradients, tested in tests/fields/test_egnn.py):
 
 - ``vmap``: ``jax.vmap`` of the single-sample EGNN over the whole batch, plain autodiff
   (what the field does without help; the first version of this module).

@@ -8,7 +8,7 @@ batch of 16), while each sample solved alone, a ``lax.map`` over the batch and t
 program with the pass disabled are right. Which entries break depends on the batch size
 and on how the field is written, so no rewrite of ours is safe against it; the pass is
 switched off for every computation instead, before JAX creates its backends. The
-reproducer: ``tests/test_batched_solves.py``.
+reproducer: ``tests/flows/test_batched_solves.py``.
 
 ``ZOO_KEEP_XLA_PASSES=1`` leaves XLA's passes as they are (to reproduce the bug or to
 measure the pass's effect); zoo's chunked evaluation still checks batched against

@@ -254,7 +254,7 @@ class _EGCL(eqx.Module):
         the first-layer kernel with its cheap forward-mode rule, fed with ``edge_attr`` for
         both. (Feeding it this layer's own r², the same numbers, made XLA's CPU
         while-loop-invariant code motion miscompile a vmapped fixed-step solve: wrong
-        divergences for some batch entries. ``tests/test_equivariance.py`` checks vmapped
+        divergences for some batch entries. ``tests/flows/test_cnf.py`` checks vmapped
         against per-sample solves.)
         """
         hd = self.hidden

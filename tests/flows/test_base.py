@@ -1,4 +1,4 @@
-"""Base densities: normalisation on the mean-free subspace, scores, scaled bases."""
+"""Base densities: normalisation on the mean-free subspace, χ² norms and moments, scores, scaled bases."""
 
 import math
 
@@ -46,6 +46,49 @@ def test_bad_base_settings():
         MeanFreeNormal(1, 3)
     with pytest.raises(ValueError):
         MeanFreeNormal(3, 3, scale=0.0)
+
+
+def test_mean_free_normal_chi_square_moments(key):
+    """‖z‖² ~ χ² with (N−1)d degrees of freedom: mean k, variance 2k."""
+    base = MeanFreeNormal(13, 3)
+    z = base.sample(key, 200_000)
+    np.testing.assert_allclose(np.asarray(z.reshape(-1, 13, 3).mean(1)), 0.0, atol=1e-5)
+    sq = np.asarray(jnp.sum(z.astype(jnp.float32) ** 2, axis=1), np.float64)
+    k = base.subspace_dim
+    assert k == 36
+    # 5 standard errors: Var ‖z‖² = 2k, and the sample variance has variance (8k² + 48k)/n.
+    assert abs(sq.mean() - k) < 5 * math.sqrt(2 * k / sq.size)
+    assert abs(sq.var() - 2 * k) < 5 * math.sqrt((48 * k + 8 * k * k) / sq.size)
+    # log density: −‖z‖²/2 − k/2 log 2π on mean-free z.
+    np.testing.assert_allclose(
+        np.asarray(jax.vmap(base.log_prob)(z[:10])),
+        -0.5 * sq[:10] - 0.5 * k * math.log(2 * math.pi),
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("n,d", [(2, 1), (2, 2), (3, 1)])
+def test_mean_free_normal_integrates_to_one_on_the_subspace(n, d):
+    """∫ q_0 over an orthonormal basis of the centre-of-mass-free subspace is 1 (scipy quadrature)."""
+    base = MeanFreeNormal(n, d)
+    # Orthonormal basis of {x : Σ_i x_i = 0} ⊗ R^d.
+    centred = np.eye(n) - 1.0 / n
+    u, s, _ = np.linalg.svd(centred)
+    basis_particles = u[:, s > 0.5]  # (n, n−1)
+    basis = np.kron(basis_particles, np.eye(d))  # (n·d, (n−1)·d)
+    k = basis.shape[1]
+    assert k == base.subspace_dim
+    log_prob = jax.jit(base.log_prob)
+
+    def density(*coords):
+        return math.exp(float(log_prob(jnp.asarray(basis @ np.asarray(coords), jnp.float32))))
+
+    lim = 9.0
+    if k == 1:
+        total, _ = scipy.integrate.quad(density, -lim, lim)
+    else:
+        total, _ = scipy.integrate.dblquad(lambda b, a: density(a, b), -lim, lim, -lim, lim, epsabs=1e-7)
+    np.testing.assert_allclose(total, 1.0, rtol=1e-4)
 
 
 @pytest.mark.parametrize("n, d", [(2, 1), (4, 2), (13, 3)])

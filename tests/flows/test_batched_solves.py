@@ -6,7 +6,7 @@ while-loop-invariant code motion miscompiled that program for the exact trace of
 with 2 steps, a batch of 8) gave entries 4–7 of the batch log densities off by 1e-3–2e-3
 nats with the pass on, and the released ``lj13_otfm`` was off by 0.7–2.4 nats on entries
 4–7 of the first 8 test samples. ``zoo`` switches the pass off when it is imported
-(:mod:`zoo._xla`); ``ZOO_KEEP_XLA_PASSES=1 pytest tests/test_batched_solves.py`` shows the
+(:mod:`zoo._xla`); ``ZOO_KEEP_XLA_PASSES=1 pytest tests/flows/test_batched_solves.py`` shows the
 failure again.
 
 The per-sample reference is a ``lax.map`` over single-sample solves (no batch dimension

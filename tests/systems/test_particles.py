@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy.stats import special_ortho_group
+from testing_utils import random_orthogonal
 
 from zoo.systems import DoubleWell, LennardJones
 from zoo.systems.particles import pair_distances
@@ -17,11 +17,6 @@ SYSTEMS = {
 }
 
 
-def _orthogonal(rng, d, reflect):
-    q = special_ortho_group.rvs(d, random_state=rng) if d > 1 else np.ones((1, 1))
-    if reflect:
-        q = q @ np.diag([-1.0] + [1.0] * (d - 1))
-    return q
 
 
 def _configuration(system, rng):
@@ -44,7 +39,7 @@ def test_energy_invariant_and_forces_equivariant(name, reflect):
     rng = np.random.default_rng(0)
     n, d = system.n_particles, system.spatial_dim
     x = _configuration(system, rng)
-    q = _orthogonal(rng, d, reflect)
+    q = random_orthogonal(rng, d, reflect)
     shift = rng.normal(size=d) * 3.0
     perm = rng.permutation(n)
     y = (x @ q.T + shift)[perm]
