@@ -208,19 +208,10 @@ def describe(entry: dict) -> str:
 
 def write_plots(output_dir: Path) -> None:
     """Ramachandran map and energy histogram per split, under ``output_dir/plots``."""
-    from matplotlib.figure import Figure
-
-    from zoo.generate import energy_per_split
-    from zoo.views import ramachandran_panel
+    from zoo import views
 
     folder = Path(output_dir) / "plots"
-    folder.mkdir(parents=True, exist_ok=True)
     splits = {name: alanine_data.read_arrays(output_dir, name) for name in alanine_data.SPLITS}
-    fig = Figure(figsize=(4.3 * len(splits), 4.0), layout="constrained")
-    for ax, (name, arrays) in zip(fig.subplots(1, len(splits)), splits.items()):
-        phi, psi = alanine_data.phi_psi(arrays["positions"])
-        ramachandran_panel(ax, phi, psi, title=f"{name} (n={len(phi)}, φ > 0: {np.mean(phi > 0):.3f})")
-    fig.savefig(folder / "ramachandran.png", dpi=110)
-
+    views.split_ramachandran({name: alanine_data.phi_psi(arrays["positions"]) for name, arrays in splits.items()}, folder / "ramachandran.png")
     energies = {name: arrays["energies"] for name, arrays in splits.items() if "energies" in arrays}
-    energy_per_split(energies, folder / "energy_histogram.png", title=f"{alanine.N_ATOMS}-atom alanine dipeptide: energy per split")
+    views.split_energies(energies, folder / "energy_histogram.png", title=f"{alanine.N_ATOMS}-atom alanine dipeptide: energy per split")

@@ -353,61 +353,19 @@ def describe(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def energy_per_split(energies: dict, path, *, title: str) -> None:
-    """One step histogram of the reduced energy per split, on shared bins (PNG, Agg)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 3.5), layout="constrained")
-    ax = fig.subplots()
-    lo = min(np.percentile(e, 0.1) for e in energies.values())
-    hi = max(np.percentile(e, 99.9) for e in energies.values())
-    for k, e in energies.items():
-        ax.hist(e, bins=np.linspace(lo, hi, 80), density=True, histtype="step", label=f"{k} (n={len(e)})")
-    ax.set(xlabel="reduced energy u [k_BT]", ylabel="density", title=title)
-    ax.legend()
-    fig.savefig(path, dpi=120)
-
-
 def write_plots(folder, system, splits: dict, result) -> None:
-    """Energy histogram per split, pair-distance histograms and the energy trace (PNG, Agg)."""
-    from matplotlib.figure import Figure  # Figure without pyplot renders with Agg, no global backend
-
+    """Energy histogram per split, pair-distance histograms and the energy trace of the chains."""
+    from zoo import views
     from zoo.systems.particles import AbstractParticleSystem
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     name = type(system).__name__
     energies = {k: _batched(system, "energy", v[0]) for k, v in splits.items()}
-    energy_per_split(energies, folder / "energy_histogram.png", title=f"{name}: energy per split")
-
+    views.split_energies(energies, folder / "energy_histogram.png", title=f"{name}: energy per split")
     if isinstance(system, AbstractParticleSystem):
-        dist = {k: _batched(system, "pair_distances", v[0]) for k, v in splits.items()}
-        fig = Figure(figsize=(9, 3.5), layout="constrained")
-        ax1, ax2 = fig.subplots(1, 2)
-        for k, r in dist.items():
-            ax1.hist(r.min(axis=1), bins=80, density=True, histtype="step", label=k)
-            ax2.hist(r.ravel(), bins=120, density=True, histtype="step", label=k)
-        ax1.set(xlabel="smallest pair distance", ylabel="density", title=f"{name}: smallest pair distance")
-        ax2.set(xlabel="pair distance", ylabel="density", title=f"{name}: all pair distances")
-        ax1.legend()
-        fig.savefig(folder / "pair_distance_histogram.png", dpi=120)
-
-    fig = Figure(figsize=(9, 3.5), layout="constrained")
-    ax = fig.subplots()
-    trace = result.trace
-    steps = np.arange(1, len(trace) + 1)
-    for j in range(min(4, trace.shape[1])):
-        ax.plot(steps, trace[:, j], lw=0.4, alpha=0.8)
-    ax.axvline(result.burn_in, color="k", ls="--", lw=1, label="end of burn-in")
-    # Limits from the sampling phase: the first burn-in energies (lattice start) are far off.
-    sampling = trace[result.burn_in :]
-    finite = sampling[np.isfinite(sampling)]
-    if finite.size:
-        span = np.percentile(finite, 99.9) - np.percentile(finite, 0.1)
-        ax.set_ylim(np.percentile(finite, 0.1) - 0.5 * span, np.percentile(finite, 99.9) + 0.5 * span)
-    ax.set(xlabel="MCMC step", ylabel="u [k_BT]", title=f"{name}: energy trace of {min(4, trace.shape[1])} chains")
-    ax.legend(loc="upper right")
-    fig.savefig(folder / "energy_trace.png", dpi=120)
+        distances = {k: _batched(system, "pair_distances", v[0]) for k, v in splits.items()}
+        views.split_pair_distances(distances, folder / "pair_distance_histogram.png", name=name)
+    views.chain_energy_trace(result.trace, result.burn_in, folder / "energy_trace.png", name=name)
 
 
 __all__ = ["PUBLISHED_LJ13", "generate_data", "statistics", "write_plots"]

@@ -1,8 +1,11 @@
-"""Views of samples: the figures an evaluation writes for each system.
+"""Views of samples: the figures an evaluation writes for each system, and those a generated
+data set is described with.
 
-Each view compares the data, the model's samples, and the model's samples reweighted to
-the target with w ∝ exp(−u − log q) (self-normalised). The numbers these views show
-(free-energy differences, pair distances) are computed in :mod:`zoo.metrics`.
+Each evaluation view compares the data, the model's samples, and the model's samples
+reweighted to the target with w ∝ exp(−u − log q) (self-normalised). The data-set views
+compare the splits of a set and show its sampler's energy trace. The numbers these views
+show (free-energy differences, pair distances, dihedrals) are computed in :mod:`zoo.metrics`
+and the systems.
 """
 
 from __future__ import annotations
@@ -134,3 +137,56 @@ def write_views(flow, system, arrays: dict, workdir: Path, *, prefix: str = "") 
         molecule_views(arrays, workdir, prefix=prefix)
     elif isinstance(system, AbstractParticleSystem):
         pair_distance_histogram(arrays, workdir, prefix=prefix, n_particles=system.n_particles, spatial_dim=system.spatial_dim)
+
+
+# ---------------------------------------------------------------------------- data sets
+def split_energies(energies: dict, path: Path, *, title: str) -> Path:
+    """One step histogram of the reduced energy per split, on shared bins."""
+    fig, ax = subplots(figsize=(5, 3.5))
+    lo = min(np.percentile(e, 0.1) for e in energies.values())
+    hi = max(np.percentile(e, 99.9) for e in energies.values())
+    for name, e in energies.items():
+        density_hist(ax, e, np.linspace(lo, hi, 80), histtype="step", label=f"{name} (n={len(e)})")
+    ax.set(xlabel="reduced energy u [k_BT]", ylabel="density", title=title)
+    ax.legend()
+    return save(fig, path)
+
+
+def split_pair_distances(distances: dict, path: Path, *, name: str) -> Path:
+    """Per split: the smallest pair distance of each sample, and all pair distances."""
+    fig, (smallest, every) = subplots(1, 2, figsize=(9, 3.5))
+    for split, r in distances.items():
+        smallest.hist(r.min(axis=1), bins=80, density=True, histtype="step", label=split)
+        every.hist(r.ravel(), bins=120, density=True, histtype="step", label=split)
+    smallest.set(xlabel="smallest pair distance", ylabel="density", title=f"{name}: smallest pair distance")
+    every.set(xlabel="pair distance", ylabel="density", title=f"{name}: all pair distances")
+    smallest.legend()
+    return save(fig, path)
+
+
+def chain_energy_trace(trace: np.ndarray, burn_in: int, path: Path, *, name: str, n_chains: int = 4) -> Path:
+    """The per-step energies (steps, chains) of the first Markov chains, burn-in marked; the
+    limits are set by the sampling phase (a lattice start is far off)."""
+    fig, ax = subplots(figsize=(9, 3.5))
+    steps = np.arange(1, len(trace) + 1)
+    shown = min(n_chains, trace.shape[1])
+    for j in range(shown):
+        ax.plot(steps, trace[:, j], lw=0.4, alpha=0.8)
+    ax.axvline(burn_in, color="k", ls="--", lw=1, label="end of burn-in")
+    sampling = trace[burn_in:]
+    finite = sampling[np.isfinite(sampling)]
+    if finite.size:
+        lo, hi = np.percentile(finite, [0.1, 99.9])
+        ax.set_ylim(lo - 0.5 * (hi - lo), hi + 0.5 * (hi - lo))
+    ax.set(xlabel="MCMC step", ylabel="u [k_BT]", title=f"{name}: energy trace of {shown} chains")
+    ax.legend(loc="upper right")
+    return save(fig, path)
+
+
+def split_ramachandran(phi_psi: dict, path: Path) -> Path:
+    """(φ, ψ) histograms of the splits of an alanine dipeptide set side by side, with each
+    split's φ > 0 fraction."""
+    fig, axes = subplots(1, len(phi_psi), figsize=(4.3 * len(phi_psi), 4.0), squeeze=False)
+    for ax, (name, (phi, psi)) in zip(axes[0], phi_psi.items()):
+        ramachandran_panel(ax, phi, psi, title=f"{name} (n={len(phi)}, φ > 0: {np.mean(phi > 0):.3f})")
+    return save(fig, path)
