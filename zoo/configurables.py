@@ -19,7 +19,6 @@ from zoo.flows import CNF, AdaptiveStep, ExactTrace, FixedStep, Hutchinson, Mean
 from zoo.flows.solvers import ADAPTIVE_METHODS, FIXED_STEP_METHODS
 from zoo.registry import register_external
 from zoo.systems import AlanineDipeptideClassical, AlanineDipeptideXTB, DoubleWell, GaussianMixture2D, LennardJones
-from zoo.systems.alanine import data as alanine_data
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "lamb", "rmsprop", "lion")
 SCHEDULES = (
@@ -33,7 +32,7 @@ SCHEDULES = (
 
 _CORE = {
     "system": (GaussianMixture2D, LennardJones, DoubleWell, AlanineDipeptideClassical, AlanineDipeptideXTB),
-    "dataset": (data.exact_samples, data.stored_dataset, importing.imported_dataset, alanine_data.ad2_dataset),
+    "dataset": (data.exact_samples, data.stored_dataset, importing.imported_dataset),
     "base": (StandardNormal, MeanFreeNormal),
     "field": (MLPField, EGNNField),
     "flow": (CNF,),

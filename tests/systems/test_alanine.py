@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from zoo.data import stored_dataset
 from zoo.systems import alanine
 from zoo.systems.alanine import data as alanine_data
 from zoo.systems.alanine.engines import (
@@ -286,7 +287,7 @@ def test_classical_asset_forces_are_recomputable(classical):
 
 def test_classical_asset_layout():
     meta = json.loads((CLASSICAL / "manifest.json").read_text())["ad2"]
-    ds = alanine_data.ad2_dataset(name="ad2_classical")
+    ds = stored_dataset(alanine.AlanineDipeptideClassical(), path=str(CLASSICAL))
     assert ds.has_forces and ds.train.positions.shape[1] == 66 and ds.train.positions.dtype == np.float32
     for name in ("train", "val", "test"):
         split = ds.split(name)
@@ -297,8 +298,6 @@ def test_classical_asset_layout():
 
 
 def test_classical_asset_reads_through_the_generic_loader():
-    from zoo.data import stored_dataset
-
     ds = stored_dataset(alanine.AlanineDipeptideClassical(), path=str(CLASSICAL), n_test=10)
     np.testing.assert_array_equal(ds.test.positions, alanine_data.read_arrays(CLASSICAL, "test")["positions"][:10])
 
@@ -383,7 +382,8 @@ def test_xtb_asset_if_present():
     if not (XTB / "manifest.json").exists():
         pytest.skip("xTB small set not generated yet")
     pytest.importorskip("tblite")
-    ds = alanine_data.ad2_dataset(name="ad2_xtb")
+    ds = stored_dataset(alanine.AlanineDipeptideXTB(n_workers=0), path=str(XTB))
+    assert ds.train.positions.shape[1] == 66 and ds.has_forces
     arrays = alanine_data.read_arrays(XTB, "val")
     u, f = alanine.AlanineDipeptideXTB(n_workers=0).energies_and_forces(arrays["positions"][:3])
     np.testing.assert_allclose(u, arrays["energies"][:3], atol=1e-3)
@@ -498,7 +498,7 @@ def test_generate_data_tool_runs_the_classical_md_generator(tmp_path):
     train = alanine_data.read_arrays(tmp_path / "set", "train")
     assert list(train["source_index"]) == list(range(7))
     assert list(alanine_data.read_arrays(tmp_path / "set", "test")["source_index"]) == [8, 9]
-    ds = alanine_data.ad2_dataset(path=str(tmp_path / "set"))
+    ds = stored_dataset(alanine.AlanineDipeptideClassical(), path=str(tmp_path / "set"))
     assert ds.train.positions.shape == (7, 66) and ds.train.forces is not None
     for name in ("README.md", "operative_config.gin", "plots/ramachandran.png", "plots/energy_histogram.png"):
         assert (tmp_path / "set" / name).is_file(), name

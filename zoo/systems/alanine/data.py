@@ -2,7 +2,7 @@ r"""Alanine dipeptide data: stored splits, and the classical and xTB generators.
 
 Stored format: the project's data-set directory (:mod:`zoo.storage`, ``manifest.json`` +
 zarr arrays ``<split>/positions`` and ``<split>/forces`` of shape (n, 22, 3) float32, each
-checked against its sha256), read by ``zoo.data.stored_dataset`` or :func:`ad2_dataset`.
+checked against its sha256), read by ``zoo.data.stored_dataset`` (gin: ``@stored_dataset``) like every other set.
 The AD2 sets add, per split, ``<split>/energies`` (n,) u in k_BT and
 ``<split>/source_index`` (n,) (frame of the source run, stored as float32), listed with
 their sha256 under the manifest's ``extra_arrays``, and an ``ad2`` entry (units,
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from zoo import resources
-from zoo.data import SPLITS, Dataset, make_split
+from zoo.data import SPLITS
 from zoo.storage import ChunkLog
 from zoo.systems import alanine
 from zoo.systems.alanine.engines import XTBEngine, kbt_kj_per_mol, openmm_system
@@ -122,28 +122,6 @@ def read_arrays(path, split: str) -> dict[str, np.ndarray]:
             raise storage.DatasetError(f"array {path / split / field} does not match its sha256 in the manifest")
         out[field] = arr.astype(np.int64) if field == "source_index" else arr
     return out
-
-
-def read_dataset(path) -> Dataset:
-    """A stored AD2 data set as a :class:`zoo.data.Dataset` (flat float32 positions and forces)."""
-    from zoo import storage
-
-    path = Path(path)
-    splits = [make_split(*storage.read_split(path, name), event_shape=(alanine.N_ATOMS, 3)) for name in SPLITS]
-    manifest = storage.read_manifest(path)
-    return Dataset(*splits, description=manifest.get("ad2", {}).get("description", str(path)))
-
-
-def ad2_dataset(system=None, *, name: str = "ad2_classical", path: str | None = None) -> Dataset:
-    """A stored alanine dipeptide data set: ``name`` under assets/data, or an explicit ``path``.
-
-    The shipped small sets are ``ad2_classical`` and ``ad2_xtb``. Only the dimension is
-    checked against ``system``: its atom encoding, worker count or platform do not change
-    the target, so a set serves every such variant.
-    """
-    ds = read_dataset(Path(path) if path is not None else ASSET_DATA / name)
-    ds.validate(3 * alanine.N_ATOMS if system is None else system.dim)
-    return ds
 
 
 def phi_psi(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
