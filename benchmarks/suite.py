@@ -41,8 +41,8 @@ import optax
 
 from benchmarks import flops
 from benchmarks._timing import machine, run_interleaved, timed
-from zoo import config
 from zoo.data import Batch
+from zoo.experiments import config
 from zoo.flows import FixedStep
 from zoo.flows.cnf import sample_and_log_prob_chunked
 from zoo.losses import EquivariantOTFlowMatching, FlowMatching, PathGradientForwardKL

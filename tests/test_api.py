@@ -12,7 +12,7 @@ import pytest
 
 import gin
 import zoo
-from zoo import config
+from zoo.experiments import config
 from zoo.resources import ROOT as REPO_ROOT
 
 

@@ -43,7 +43,8 @@ def test_the_tool_wrapper_maps_problems_to_one_line_and_keeps_bugs(capsys):
 
 
 def test_project_errors_share_one_root():
-    from zoo import checkpoint, config, pretrained, registry, storage, train
+    from zoo import checkpoint, pretrained, storage, train
+    from zoo.experiments import config, registry
     from zoo.flows import cnf
 
     for error in (
@@ -66,8 +67,8 @@ def test_project_errors_share_one_root():
 
 def test_unknown_names_are_answered_with_one_kind_of_hint():
     """A misspelt model, registered name and run setting each end with the same suggestion."""
-    from zoo import registry
     from zoo.errors import did_you_mean
+    from zoo.experiments import registry
 
     assert did_you_mean("lj13_eqtofm", ["lj13_eqotfm", "dw4_eqotfm", "gmm_fm"]) == " (did you mean 'lj13_eqotfm'?)"
     assert did_you_mean("n_stesp", ["n_steps", "seed"], prefix="train.") == " (did you mean 'train.n_steps'?)"

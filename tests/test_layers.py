@@ -88,12 +88,11 @@ def test_the_core_imports_nothing_above_it():
 def test_the_checker_sees_a_violation(tmp_path):
     """The reader of import statements finds late, nested and from-imports."""
     source = tmp_path / "m.py"
-    source.write_text("def f():\n    if True:\n        from zoo import views\n    import gin.config\n")
-    source.write_text("def f():\n    if True:\n        from zoo import views, __version__\n    import gin.config\n")
-    assert imports_of(source, modules={"zoo.views"}) == {"zoo.views", "zoo", "gin.config"}
+    source.write_text("def f():\n    if True:\n        from zoo.plotting import views\n        from zoo import __version__\n    import gin.config\n")
+    assert imports_of(source, modules={"zoo.plotting.views"}) == {"zoo.plotting.views", "zoo", "gin.config"}
 
 
-@pytest.mark.parametrize("statement", ["import zoo", "import zoo, zoo.views, zoo.plots, zoo.experiment, zoo.compare, zoo.finetune"])
+@pytest.mark.parametrize("statement", ["import zoo", "import zoo, zoo.plotting.views, zoo.plotting.plots, zoo.experiments.runs, zoo.experiments.compare, zoo.experiments.finetune"])
 def test_importing_zoo_selects_no_plotting_backend(statement):
     code = f"{statement}; import sys; print('matplotlib.pyplot' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})

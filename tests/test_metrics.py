@@ -119,7 +119,7 @@ def test_metric_files_store_nonfinite_numbers_as_strict_json(tmp_path):
 
 
 def test_density_hist_with_no_mass_in_range_draws_a_legend_entry_only():
-    from zoo.plots import density_hist, subplots
+    from zoo.plotting.plots import density_hist, subplots
 
     fig, ax = subplots(figsize=(4, 3))
     bins = np.linspace(0.0, 1.0, 11)
@@ -216,7 +216,7 @@ def test_solver_agreement_reports_differences_that_shrink_with_the_step():
     import jax
 
     from zoo.data import exact_samples
-    from zoo.experiment import solver_agreement
+    from zoo.experiments.runs import solver_agreement
     from zoo.fields import MLPField
     from zoo.flows import CNF, StandardNormal
     from zoo.systems import GaussianMixture2D

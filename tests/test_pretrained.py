@@ -650,7 +650,8 @@ def test_shipped_model_reproduces_its_metrics(name, tmp_path, monkeypatch):
     """Download the shipped archive, rebuild the flow from its stored config, re-measure
     on 512 fresh samples (tolerances in :func:`_disagreements`); an untrained flow of the
     same architecture must be caught by the same criteria."""
-    from zoo import config, experiment
+    from zoo.experiments import config
+    from zoo.experiments import runs as experiment
 
     monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
     info = SHIPPED[name]

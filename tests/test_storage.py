@@ -126,7 +126,7 @@ def test_a_folder_that_is_not_a_data_set_is_never_replaced(tmp_path):
 
 
 def test_registered_as_dataset():
-    from zoo.registry import lookup
+    from zoo.experiments.registry import lookup
 
     assert lookup("stored_dataset").kind == "dataset"
 
@@ -185,7 +185,7 @@ SHIPPED = REPO_ROOT / "assets" / "data"
 
 @pytest.mark.skipif(not (SHIPPED / "lj13" / "manifest.json").exists(), reason="LJ13 data set not generated")
 def test_shipped_lj13_matches_published_statistics(tmp_path, monkeypatch):
-    from zoo.generate import statistics
+    from zoo.experiments.generate import statistics
 
     monkeypatch.chdir(tmp_path)  # the relative path resolves against the repository root
     lj = LennardJones()
@@ -204,7 +204,7 @@ def test_shipped_lj13_matches_published_statistics(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not (SHIPPED / "dw4" / "manifest.json").exists(), reason="DW4 data set not generated")
 def test_shipped_dw4_is_bimodal_and_satisfies_virial():
-    from zoo.generate import statistics
+    from zoo.experiments.generate import statistics
 
     dw = DoubleWell()
     data = stored_dataset(dw, path=SHIPPED / "dw4")

@@ -9,22 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from testing_utils import TINY_EGNN_RUN, gmm_setup
 
-from zoo import config
-from zoo.data import exact_samples, make_split
+from zoo.data import make_split
 from zoo.errors import ConfigError
-from zoo.fields import MLPField
-from zoo.flows import CNF, StandardNormal
+from zoo.experiments import config
 from zoo.losses import FlowMatching
-from zoo.systems import GaussianMixture2D
 from zoo.train import RunSettings, fit
-
-
-def _setup(seed=0):
-    system = GaussianMixture2D()
-    data = exact_samples(system, n_train=256, n_val=64, n_test=64, seed=seed)
-    flow = CNF(MLPField(2, width=16, depth=2, key=jax.random.PRNGKey(seed)), StandardNormal(2), n_steps=4)
-    return system, data, flow
 
 
 def _params(model):
@@ -32,7 +23,7 @@ def _params(model):
 
 
 def test_resume_continues_exactly(tmp_path):
-    _, data, flow = _setup()
+    _, data, flow = gmm_setup()
     kwargs = dict(batch_size=32, accumulation=2, clip_norm=1.0, seed=3, progress=False, log_every=1)
     straight, _ = fit(flow, data, FlowMatching(), optax.adam(1e-2), RunSettings(n_steps=10, **kwargs), workdir=tmp_path / "a")
     fit(flow, data, FlowMatching(), optax.adam(1e-2), RunSettings(n_steps=5, **kwargs), workdir=tmp_path / "b")
@@ -74,7 +65,7 @@ def test_moving_average_is_checkpointed_evaluated_and_resumed(tmp_path):
     """With ema_decay the model returned, evaluated and checkpointed is the average; resume is exact."""
     from zoo import checkpoint as ckpt
 
-    _, data, flow = _setup()
+    _, data, flow = gmm_setup()
     seen = {}
 
     def evaluate(model, step):
@@ -121,7 +112,7 @@ def test_a_time_budget_survives_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "make_step", make_step)
     monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock["now"])
-    _, data, flow = _setup()
+    _, data, flow = gmm_setup()
     kwargs = dict(batch_size=32, seed=3, progress=False, log_every=1, checkpoint_every=1)
     _, straight = fit(flow, data, FlowMatching(), optax.adam(1e-2), RunSettings(time_budget_s=12, **kwargs), workdir=tmp_path / "a")
     fit(flow, data, FlowMatching(), optax.adam(1e-2), RunSettings(time_budget_s=12, n_steps=5, **kwargs), workdir=tmp_path / "b")
@@ -135,9 +126,9 @@ def test_a_time_budget_survives_resume(tmp_path, monkeypatch):
 
 
 def test_resume_refuses_different_data(tmp_path):
-    _, data, flow = _setup()
+    _, data, flow = gmm_setup()
     fit(flow, data, FlowMatching(), optax.adam(1e-2), RunSettings(n_steps=2, batch_size=32, progress=False), workdir=tmp_path)
-    _, other, _ = _setup(seed=1)
+    _, other, _ = gmm_setup(seed=1)
     from zoo.checkpoint import CheckpointMismatchError
 
     with pytest.raises(CheckpointMismatchError, match="sha256"):
@@ -156,7 +147,7 @@ class NaNOnStep(FlowMatching):
 
 
 def test_nonfinite_step_is_skipped(tmp_path, capsys):
-    _, data, flow = _setup()
+    _, data, flow = gmm_setup()
     loss = NaNOnStep(poison=jnp.asarray(data.train.positions[0]))
     # With batch = whole training set every step is poisoned: parameters never change.
     model, records = fit(flow, data, loss, optax.adam(1e-1), RunSettings(n_steps=3, batch_size=256, progress=False), workdir=tmp_path)
@@ -167,7 +158,7 @@ def test_nonfinite_step_is_skipped(tmp_path, capsys):
 
 
 def test_forces_required_for_pg_like_losses(tmp_path):
-    _, data, flow = _setup()
+    _, data, flow = gmm_setup()
 
     class NeedsForces(FlowMatching):
         needs_forces = True
@@ -178,7 +169,7 @@ def test_forces_required_for_pg_like_losses(tmp_path):
 
 
 def test_nan_in_data_is_named():
-    system, data, _ = _setup()
+    system, data, _ = gmm_setup()
     bad = data.train.positions.copy()
     bad[7, 1] = np.nan
     broken = type(data)(make_split(bad, data.train.forces), data.val, data.test)
@@ -196,7 +187,7 @@ def test_config_errors_are_clear(tmp_path):
     with pytest.raises(config.ConfigError, match="unknown_parameter"):
         config.parse(["gmm_fm.gin"], ["make_flow.unknown_parameter = 3"])
     # train's run settings are RunSettings' fields, checked when the run starts, before any work.
-    from zoo.experiment import train
+    from zoo.experiments.runs import train
 
     config.parse(["gmm_fm.gin"], ["train.unknown_parameter = 3"])
     with pytest.raises(config.ConfigError, match="train has no setting train.unknown_parameter; its settings: n_steps, "):
@@ -234,186 +225,6 @@ def test_train_then_evaluate_reproduces_metrics(tmp_path):
         assert again[key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-6), key
 
 
-def test_finetune_with_path_gradients_end_to_end(tmp_path):
-    """FM pre-training, then tools/finetune with the PG loss from the checkpoint path: before/after files and report."""
-    from zoo.cli import finetune, train
-
-    small = [
-        "--gin_param=exact_samples.n_train = 256",
-        "--gin_param=evaluation.n_samples = 128",
-        "--gin_param=evaluation.n_target = 128",
-        "--gin_param=evaluation.progress = False",
-        "--gin_param=CNF.n_steps = 4",
-    ]
-    train.main(["--gin=gmm_fm.gin", f"--workdir={tmp_path / 'fm'}", "--gin_param=train.n_steps = 20", "--gin_param=train.batch_size = 64", "--gin_param=train.progress = False", *small])
-    args = [
-        "--gin=gmm_pg.gin",
-        f"--workdir={tmp_path / 'pg'}",
-        f"--pretrained={tmp_path / 'fm' / 'checkpoint'}",
-        "--steps=3",
-        "--gin_param=finetune.batch_size = 32",
-        "--gin_param=finetune.accumulation = 2",
-        "--gin_param=finetune.clip_norm = 1.0",
-        "--gin_param=finetune.progress = False",
-        "--gin_param=finetune.eval_every = 3",
-        *small,
-    ]
-    finetune.main(args)
-    run = tmp_path / "pg"
-    for name in ("metrics_before.json", "metrics.json", "report.md", "before_density.png", "density.png", "fm_loss_during_finetuning.png"):
-        assert (run / name).is_file(), name
-    before = json.loads((run / "metrics_before.json").read_text())
-    after = json.loads((run / "metrics.json").read_text())
-    assert before["nll"] != after["nll"], "three PG steps must move the model"
-    steps = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in steps if "loss" in r][-1] == 3
-    assert all("c_norm" in r for r in steps if "loss" in r)
-    assert "| nll |" in (run / "report.md").read_text()
-    assert before["pretrained"] == str(tmp_path / "fm" / "checkpoint")
-
-    # The same run from Python: the checkpoint's stored config goes underneath the same files
-    # and bindings, and the result is the tool's.
-    from zoo.finetune import run_finetuning
-
-    bindings = [a.removeprefix("--gin_param=") for a in args if a.startswith("--gin_param=")]
-    bindings += [f"finetune.pretrained = {str(tmp_path / 'fm' / 'checkpoint')!r}", "finetune.n_steps = 3"]
-    run_finetuning(tmp_path / "py", ["gmm_pg.gin"], bindings)
-    from_python = json.loads((tmp_path / "py" / "metrics.json").read_text())
-    assert from_python["nll"] == pytest.approx(after["nll"], rel=1e-6)
-
-    # Resuming a finished run: the pretrained model's metrics are reused, not recomputed
-    # (its plots stay untouched), no step is added and the after-metrics come out the same.
-    stamp = (run / "before_density.png").stat().st_mtime_ns
-    finetune.main([*args, "--resume"])
-    assert (run / "before_density.png").stat().st_mtime_ns == stamp
-    assert json.loads((run / "metrics_before.json").read_text()) == before
-    steps = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in steps if "loss" in r][-1] == 3
-    assert json.loads((run / "metrics.json").read_text())["nll"] == pytest.approx(after["nll"], rel=1e-6)
-
-    # The learning-rate probe: one first step per learning rate, no training, no checkpoint.
-    probe = tmp_path / "probe"
-    finetune.main([*args[:1], f"--workdir={probe}", *args[2:], "--probe_lr", "1e-4", "1e-2", "--probe_samples=32"])
-    result = json.loads((probe / "lr_probe.json").read_text())
-    assert result["learning_rates"] == [1e-4, 1e-2] and result["configured_learning_rate"] == 5e-3
-    assert all(np.isfinite(result["d_nll_mean"])) and (probe / "lr_probe.png").is_file()
-    assert not (probe / "checkpoint").exists()
-
-
-def test_finetune_of_a_released_model_evaluates_it_as_the_model_index_does(tmp_path, monkeypatch):
-    """A model named from the model index is measured before and after with its index's
-    solver (not the cheaper one stored with it for training), so the report's "before" is
-    the index's model; an ``evaluation.*`` binding still overrides, and a resumed run whose
-    before-metrics were computed another way evaluates again."""
-    import hashlib
-
-    from zoo import checkpoint as ckpt
-    from zoo import pretrained
-    from zoo.cli import finetune, train
-
-    small = [
-        "--gin_param=exact_samples.n_train = 256",
-        "--gin_param=evaluation.n_samples = 64",
-        "--gin_param=evaluation.n_target = 64",
-        "--gin_param=evaluation.progress = False",
-        "--gin_param=CNF.n_steps = 4",
-    ]
-    train.main(["--gin=gmm_fm.gin", f"--workdir={tmp_path / 'fm'}", "--gin_param=train.n_steps = 5", "--gin_param=train.batch_size = 64", "--gin_param=train.progress = False", *small])
-    archive = ckpt.pack_checkpoint(ckpt.latest_checkpoint(tmp_path / "fm" / "checkpoint"), tmp_path / "toy_gmm.tar")
-    data = archive.read_bytes()
-    entry = {
-        "name": "toy_gmm", "system": "GaussianMixture", "gin": "gin/gmm_fm.gin", "recipe": "a test fixture",
-        "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "locations": [str(archive)],
-        "metrics": {"nll": 1.0, "ess_q": 0.5, "ess_p": 0.5, "n_samples_q": 64, "n_samples_p": 64},
-        "evaluation": {"divergence": "exact", "solver": "rk4", "n_solver_steps": 6},
-    }  # fmt: skip
-    monkeypatch.setenv("ZOO_MODELS", str(pretrained.write_index([entry], tmp_path / "models.toml")))
-    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
-    args = ["--gin=gmm_pg.gin", f"--workdir={tmp_path / 'pg'}", "--pretrained=toy_gmm", "--steps=1", "--gin_param=finetune.progress = False", *small]
-    finetune.main(args)
-    before = json.loads((tmp_path / "pg" / "metrics_before.json").read_text())
-    after = json.loads((tmp_path / "pg" / "metrics.json").read_text())
-    assert (before["solver"], before["n_solver_steps"]) == (after["solver"], after["n_solver_steps"]) == ("rk4", 6)
-    assert "Log densities: exact divergence, RK4-6." in (tmp_path / "pg" / "report.md").read_text()
-    # The same model by its path: no index, so the stored config's (and the bindings') solver.
-    finetune.main([args[0], f"--workdir={tmp_path / 'by_path'}", f"--pretrained={tmp_path / 'fm' / 'checkpoint'}", *args[3:]])
-    assert json.loads((tmp_path / "by_path" / "metrics_before.json").read_text())["n_solver_steps"] == 4
-    # An evaluation binding wins over the index, and the resumed run does not reuse the
-    # before-metrics computed with 6 steps.
-    finetune.main([*args, "--resume", "--gin_param=evaluation.n_solver_steps = 5"])
-    assert json.loads((tmp_path / "pg" / "metrics_before.json").read_text())["n_solver_steps"] == 5
-    assert json.loads((tmp_path / "pg" / "metrics.json").read_text())["n_solver_steps"] == 5
-
-
-def test_learning_rate_probe_matches_the_first_order_prediction(x64):
-    """The probe's NLL change against −η ⟨∇NLL_test, g_train⟩ (SGD, whole training set in one step)."""
-    from zoo.finetune import probe_learning_rates
-    from zoo.losses import MaximumLikelihood
-
-    _, data, flow = _setup()
-    flow = jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, flow)
-    nll = lambda model, x: -jnp.mean(model.log_prob(x))  # noqa: E731
-    grad_train = eqx.filter_grad(nll)(flow, jnp.asarray(data.train.positions))
-    grad_test = eqx.filter_grad(nll)(flow, jnp.asarray(data.test.positions))
-    slope = -sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree.leaves(grad_test), jax.tree.leaves(grad_train)))
-    lrs = [1e-4, 1e-3]
-    result = probe_learning_rates(
-        flow, MaximumLikelihood(), optax.sgd(0.5), data, lrs, configured_learning_rate=0.5,
-        batch_size=64, accumulation=4, n_eval=64,
-    )  # fmt: skip
-    assert slope < 0  # train and test gradients agree: a small SGD step helps
-    for lr, change in zip(lrs, result["d_nll_mean"]):
-        assert change == pytest.approx(lr * slope, rel=2e-2)
-    assert result["n_gradient_samples"] == 256 and result["n_eval"] == 64
-    with pytest.raises(ValueError, match="positive"):
-        probe_learning_rates(flow, MaximumLikelihood(), optax.sgd(0.5), data, [0.0], configured_learning_rate=0.5, batch_size=64)
-
-
-#: Bindings that shrink an EGNN experiment to seconds: tiny field, 2 solver steps, 16 samples.
-TINY_EGNN_RUN = [
-    "--gin_param=EGNNField.hidden = 8",
-    "--gin_param=EGNNField.n_layers = 1",
-    "--gin_param=CNF.n_steps = 2",
-    "--gin_param=evaluation.n_samples = 16",
-    "--gin_param=evaluation.n_target = 16",
-    "--gin_param=evaluation.progress = False",
-]
-
-
-def test_alanine_dipeptide_fm_then_path_gradient_finetune(tmp_path):
-    """The molecular route on the shipped small classical set: FM pre-training of a tiny TBG
-    EGNN, then tools/finetune with ad2_classical_pg.gin: report, Ramachandran maps, folded
-    mirror images counted, before/after metrics."""
-    pytest.importorskip("openmm")
-    from zoo.cli import finetune, train
-
-    small = TINY_EGNN_RUN
-    train.main(["--gin=ad2_classical_fm.gin", f"--workdir={tmp_path / 'fm'}", "--gin_param=train.n_steps = 3", "--gin_param=train.batch_size = 16", "--gin_param=train.progress = False", *small])
-    finetune.main(
-        [
-            "--gin=ad2_classical_pg.gin",
-            f"--workdir={tmp_path / 'pg'}",
-            f"--pretrained={tmp_path / 'fm' / 'checkpoint'}",
-            "--steps=2",
-            "--gin_param=finetune.batch_size = 4",
-            "--gin_param=finetune.accumulation = 2",
-            "--gin_param=finetune.eval_every = 0",
-            *small,
-        ]
-    )
-    run = tmp_path / "pg"
-    for name in ("metrics_before.json", "metrics.json", "report.md", "ramachandran.png", "before_ramachandran.png", "bond_lengths.png", "energy_histogram.png"):
-        assert (run / name).is_file(), name
-    before = json.loads((run / "metrics_before.json").read_text())
-    after = json.loads((run / "metrics.json").read_text())
-    assert before["nll"] != after["nll"], "two PG steps must move the model"
-    for metrics in (before, after):
-        assert metrics["divergence"] == "exact" and 0 <= metrics["n_folded_q"] <= 16
-        assert np.isfinite(metrics["nll"])
-        # The φ free-energy differences come with their errors (metrics.free_energy_difference).
-        assert all(f"delta_f_phi_{w}" in metrics and f"delta_f_phi_{w}_se" in metrics for w in ("data", "model", "reweighted"))
-    steps = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in steps if "loss" in r][-1] == 2
 
 
 @pytest.mark.parametrize("system", ["dw4", "lj13"])
@@ -439,89 +250,6 @@ def test_particle_configs_train_end_to_end(system, variant, tmp_path):
     assert (workdir / "pair_distances.png").is_file() and (workdir / "energy_histogram.png").is_file()
     log = [json.loads(line) for line in (workdir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r][-1] == 2
-
-
-def test_compare_tool_writes_table_curves_and_views(tmp_path):
-    """tools/compare on the GMM: two recipes at one tiny budget, table and JSON, curves, and
-    each run's evaluation (under the evaluation bindings) and views; its checkpoints carry the
-    config, so tools/evaluate can reload them."""
-    from zoo.cli import compare, evaluate
-
-    workdir = tmp_path / "cmp"
-    compare.main(
-        [
-            "--gin=gmm_compare.gin",
-            f"--workdir={workdir}",
-            "--gin_param=compare.recipes = [@fm_only/Recipe(), @hybrid/Recipe()]",
-            "--gin_param=compare.seeds = (0,)",
-            "--gin_param=compare.time_budget_s = 1.0",
-            "--gin_param=compare.eval_every = 5",
-            "--gin_param=compare.n_track = 64",
-            "--gin_param=evaluation.n_samples = 64",
-            "--gin_param=evaluation.n_target = 64",
-            "--gin_param=evaluation.divergence = 'hutchinson'",
-            "--gin_param=exact_samples.n_train = 256",
-            "--gin_param=CNF.n_steps = 4",
-        ]
-    )
-    table = (workdir / "table.md").read_text()
-    assert "| FM only |" in table and "hutchinson divergence" in table
-    results = json.loads((workdir / "results.json").read_text())["results"]
-    # The evaluation bindings of training runs apply to the comparison's evaluations too.
-    assert [(m["divergence"], m["n_samples_q"], m["n_samples_p"]) for ms in results.values() for m in ms] == [("hutchinson", 64, 64)] * 2
-    for name in ("kl_vs_time.png", "fm_only_seed0_density.png", "fm_only_seed0_energy_histogram.png", "fm_only_seed0_metrics.json"):
-        assert (workdir / name).is_file(), name
-    run = next((workdir / "runs").glob("fm_only_seed0_stage0"))
-    evaluate.main([str(run / "checkpoint"), f"--workdir={tmp_path / 'eval'}", "--gin_param=evaluation.n_samples = 32", "--gin_param=evaluation.n_target = 32", "--gin_param=evaluation.progress = False"])
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n_samples_q"] == 32
-
-
-def test_an_interrupted_comparison_resumes_to_the_same_budget(tmp_path, monkeypatch, capsys):
-    """tools/compare killed (Ctrl-C) midway, then run with --resume: each run stops where the
-    uninterrupted one does (±1 step). A fake clock advances one second per training step."""
-    import zoo.train as train_module
-    from zoo.cli import compare
-
-    clock = {"now": 0.0, "calls": 0, "interrupt_at": None}
-    real_make_step = train_module.make_step
-
-    def make_step(*args):
-        step = real_make_step(*args)
-
-        def timed_step(*a):
-            clock["calls"] += 1
-            if clock["calls"] == clock["interrupt_at"]:
-                raise KeyboardInterrupt
-            clock["now"] += 1.0
-            return step(*a)
-
-        return timed_step
-
-    monkeypatch.setattr(train_module, "make_step", make_step)
-    monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock["now"])
-
-    def run(workdir, *extra):
-        compare.main(
-            ["--gin=gmm_compare.gin", f"--workdir={workdir}", "--gin_param=compare.recipes = [@fm_only/Recipe()]",
-             "--gin_param=compare.seeds = (0,)", "--gin_param=compare.time_budget_s = 12.0", "--gin_param=compare.eval_every = 5",
-             "--gin_param=compare.n_track = 32", "--gin_param=evaluation.n_samples = 32", "--gin_param=evaluation.n_target = 32", "--gin_param=exact_samples.n_train = 256",
-             "--gin_param=CNF.n_steps = 2", *extra]  # fmt: skip
-        )
-        return json.loads((workdir / "results.json").read_text())["results"]["FM only"][0]
-
-    straight = run(tmp_path / "a")
-    clock["calls"], clock["interrupt_at"] = 0, 9  # after the checkpoint at step 5
-    with pytest.raises(SystemExit) as stop:
-        run(tmp_path / "b")
-    assert stop.value.code == 130 and "interrupted" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as stop:  # not without --resume or --overwrite
-        run(tmp_path / "b")
-    assert stop.value.code == 2 and "--resume" in capsys.readouterr().err
-    clock["interrupt_at"] = None
-    resumed = run(tmp_path / "b", "--resume")
-    assert straight["steps"] == 13
-    assert resumed["steps"] - straight["steps"] in (0, 1)
-    assert resumed["train_time_s"] == pytest.approx(12.0, abs=1.0)
 
 
 def test_published_lj13_architecture_config():
@@ -597,9 +325,9 @@ def test_tools_refuse_an_unwritable_output_before_any_work(tmp_path, capsys):
 
 
 def test_metrics_are_written_before_the_plots(tmp_path, monkeypatch):
-    from zoo import experiment
+    from zoo.experiments import runs as experiment
 
-    system, data, flow = _setup()
+    system, data, flow = gmm_setup()
 
     def broken_views(*args, **kwargs):
         raise RuntimeError("plotting failed")
@@ -619,7 +347,7 @@ def test_an_epoch_budget_is_whole_passes_over_the_training_set(tmp_path):
     assert steps_for_budget("train", 7, None, 1000, 64) == 7
     with pytest.raises(ConfigError, match="exceeds the 10 training samples"):
         steps_for_budget("finetune", None, 1, 10, 64)
-    _, data, flow = _setup()
+    _, data, flow = gmm_setup()
     per_epoch = len(data.train) // 32
     _, records = fit(flow, data, FlowMatching(), optax.adam(1e-2), RunSettings(n_epochs=1.5, batch_size=32, progress=False), workdir=tmp_path)
     assert records[-1]["step"] == math.ceil(1.5 * per_epoch)

@@ -5,7 +5,7 @@ gradients of the forward KL, with the metrics to judge them as samplers.
 
 ``import zoo`` exports the public names of the numerical core and the Python API
 (``zoo.load(name).sample(n)``). It selects no plotting backend; gin names are registered in
-:mod:`zoo.configurables`, which every config parse imports.
+:mod:`zoo.experiments.configurables`, which every config parse imports.
 """
 
 from zoo import _xla  # noqa: E402  (first: XLA flags must be set before JAX starts its backends)
@@ -13,9 +13,9 @@ from zoo._version import __version__
 
 _xla.apply()
 
-from zoo import configurables  # noqa: E402,F401  (the names gin configs use)
 from zoo.boltzmann import BoltzmannGenerator, load  # noqa: E402
 from zoo.data import Batch, Dataset, Split  # noqa: E402
+from zoo.experiments import configurables  # noqa: E402,F401  (the names gin configs use)
 from zoo.fields import AbstractVectorField, EGNNField, MLPField  # noqa: E402
 from zoo.flows import CNF, MeanFreeNormal, StandardNormal  # noqa: E402
 from zoo.losses import (  # noqa: E402

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo import config
-from zoo.config import ConfigError
 from zoo.data import as_event_batch
+from zoo.experiments import config
+from zoo.experiments.config import ConfigError
 from zoo.flows.cnf import CNF, log_prob_chunked, sample_and_log_prob_chunked
 from zoo.losses.pg import grad_log_prob
 from zoo.metrics import energies_chunked
@@ -150,7 +150,7 @@ def load(name_or_path, *, bindings=()) -> BoltzmannGenerator:
     (e.g. ``"CNF.solver = 'rk4'"``, ``"CNF.n_steps = 40"``); they must not change the
     model's structure. The caller's own gin configuration is left as it was.
     """
-    from zoo.experiment import load_flow
+    from zoo.experiments.runs import load_flow
 
     with config.isolated():
         system, flow, restored = load_flow(name_or_path, extra_bindings=bindings)

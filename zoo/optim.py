@@ -1,7 +1,7 @@
 """Gradient clipping and a moving average of the parameters as optax transformations.
 
 The optimisers and schedules themselves are optax's, named in configs by their optax names
-(:mod:`zoo.configurables`)."""
+(:mod:`zoo.experiments.configurables`)."""
 
 from __future__ import annotations
 

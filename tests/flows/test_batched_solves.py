@@ -136,7 +136,8 @@ def test_evaluation_refuses_a_batch_that_disagrees_with_per_sample_solves(monkey
 
 # ---------------------------------------------------------------------- the released models
 def _released(name):
-    from zoo import config, experiment
+    from zoo.experiments import config
+    from zoo.experiments import runs as experiment
 
     system, flow, _ = experiment.load_flow(name)
     dataset = config.make_dataset(system)

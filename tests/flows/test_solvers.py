@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import gin
-from zoo import config
+from zoo.experiments import config
 from zoo.fields import MLPField
 from zoo.flows import CNF, RK4, AdaptiveStep, ExactTrace, FixedStep, Hutchinson, StandardNormal
 from zoo.systems import GaussianMixture2D

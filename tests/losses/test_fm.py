@@ -81,7 +81,7 @@ def test_the_named_variants_are_flow_matching_with_their_coupling(key):
     """OTFlowMatching and EquivariantOTFlowMatching are FlowMatching with a coupling component:
     same pairs and the same loss for the same key; a gin config can pick the coupling."""
     import gin
-    from zoo import config
+    from zoo.experiments import config
     from zoo.fields import EGNNField
     from zoo.flows import MeanFreeNormal
     from zoo.losses import EquivariantOTCoupling, EquivariantOTFlowMatching, IndependentCoupling, OTCoupling

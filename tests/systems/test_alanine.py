@@ -459,7 +459,7 @@ def test_generate_xtb_short_run_resumes(tmp_path, frames):
 
 
 def test_phi_positive_entries_counts_transitions_not_wraps_or_recrossings():
-    from zoo.ad2_generate import phi_positive_entries
+    from zoo.experiments.generate_ad2 import phi_positive_entries
 
     # −2 → 1 enters φ > 0 (once; leaving to −1 and coming back counts again); 3.1 → −3.1 → 3.1
     # is the β basin wrapping through ±π, no entry.
@@ -560,7 +560,7 @@ def test_samples_are_written_as_trajectories_mdtraj_reads_back(fmt, tmp_path):
 
 def test_particle_samples_go_to_npy_and_have_no_trajectory(tmp_path, capsys):
     from zoo.boltzmann import save_samples
-    from zoo.config import ConfigError
+    from zoo.experiments.config import ConfigError
     from zoo.systems import DoubleWell
 
     system = DoubleWell()

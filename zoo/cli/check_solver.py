@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     if args.n < 2:
         common.fail(f"--n must be at least 2, got {args.n}")
 
-    from zoo import experiment
+    from zoo.experiments import runs as experiment
 
     system, flow, _, dataset = common.load_checkpoint_for_output(args, args.workdir)
     if args.divergence:

@@ -14,8 +14,9 @@ import re
 import sys
 from pathlib import Path
 
-from zoo import config, progress
+from zoo import progress
 from zoo.errors import EXIT_ERROR, EXIT_INTERRUPTED, ZooError
+from zoo.experiments import config
 
 
 def os_error_message(e: OSError) -> str:
@@ -87,8 +88,8 @@ def load_checkpoint_for_output(args, output_folder: Path, *, with_dataset: bool 
 
     ``output_folder`` is checked for writing first, so a tool fails before its work, not after.
     """
-    from zoo import experiment
-    from zoo.config import make_dataset
+    from zoo.experiments import runs as experiment
+    from zoo.experiments.config import make_dataset
 
     apply_progress_flag(args)
     experiment.check_writable(output_folder)

@@ -22,7 +22,7 @@ def main(argv=None) -> None:
         args.gin_param.append(f"compare.time_budget_s = {args.time_budget}")
     common.parse_gin(args)
 
-    from zoo import compare
+    from zoo.experiments import compare
 
     start = time.perf_counter()
     compare.compare(args.workdir, resume=args.resume, overwrite=args.overwrite)

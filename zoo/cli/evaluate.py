@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from zoo import config
 from zoo.cli import common
+from zoo.experiments import config
 
 
 @common.tool
@@ -14,7 +14,7 @@ def main(argv=None) -> None:
     if args.workdir is None:
         common.fail("--workdir is required")
 
-    from zoo import experiment
+    from zoo.experiments import runs as experiment
 
     system, flow, restored, dataset = common.load_checkpoint_for_output(args, args.workdir)
     print(f"loaded {type(flow).__name__} for {type(system).__name__} at step {restored.step}")

@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     if workdir is None:
         common.fail("--workdir is required")
 
-    from zoo import finetune
+    from zoo.experiments import finetune
 
     start = time.perf_counter()
     finetune.run_finetuning(

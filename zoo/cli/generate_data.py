@@ -17,8 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from zoo import config
 from zoo.cli import common
+from zoo.experiments import config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     common.apply_progress_flag(args)
-    import zoo.ad2_generate  # noqa: F401  (registers the molecular generators with gin)
-    import zoo.generate  # noqa: F401  (registers generate_data with gin before parsing)
-    from zoo.generate import generate
+    import zoo.experiments.generate  # noqa: F401  (registers generate_data with gin before parsing)
+    import zoo.experiments.generate_ad2  # noqa: F401  (registers the molecular generators with gin)
+    from zoo.experiments.generate import generate
 
     if not args.gin:
         common.fail("give at least one --gin file (e.g. --gin=data_lj13)")

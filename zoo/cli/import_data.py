@@ -28,8 +28,9 @@ def main(argv=None) -> None:
         common.fail("give --gin=FILE naming the target (e.g. --gin=lj13_common.gin)")
     common.parse_gin(args)
 
-    from zoo import config, storage
+    from zoo import storage
     from zoo.data.importing import import_splits
+    from zoo.experiments import config
 
     system = config.make_system()
     files = {"train": args.train, "val": args.val, "test": args.test}

@@ -26,7 +26,7 @@ def main(argv=None) -> None:
     if args.n < 1:
         common.fail(f"--n must be positive, got {args.n}")
 
-    from zoo import experiment
+    from zoo.experiments import runs as experiment
 
     out = args.out or args.workdir / f"samples.{args.format or 'npz'}"
     if out.exists() and not os.access(out, os.W_OK):

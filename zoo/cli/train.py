@@ -19,7 +19,7 @@ def main(argv=None) -> None:
         common.fail("give at least one --gin=FILE (e.g. --gin=gmm_fm.gin); `tools/zoo list` shows what is registered")
     common.parse_gin(args)
 
-    from zoo import experiment
+    from zoo.experiments import runs as experiment
 
     start = time.perf_counter()
     experiment.train(args.workdir, resume=args.resume, overwrite=args.overwrite)

@@ -22,7 +22,7 @@ def main(argv=None) -> None:
         _list_models()
         return
 
-    from zoo import registry
+    from zoo.experiments import registry
 
     if args.command == "list":
         kinds = [args.kind] if args.kind else list(registry.KINDS)

@@ -255,7 +255,7 @@ CLASSICAL_REFERENCE = {
     "mean_potential_kj_mol": (-59.38, -59.41),
     "sd_potential_kj_mol": (13.57, 13.61),
     "phi_positive_fraction": (0.0268, 0.0168),  # rare state: uncertain
-    # Transitions into the φ > 0 basin core (zoo.ad2_generate.phi_positive_entries on the
+    # Transitions into the φ > 0 basin core (zoo.experiments.generate_ad2.phi_positive_entries on the
     # 4-ps frames; the runs' own summaries count 20 and 19 "entries", recrossings included).
     "phi_positive_entries": (2, 4),
 }

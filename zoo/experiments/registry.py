@@ -109,13 +109,13 @@ def lookup(name: str) -> Entry:
 #: The modules whose import registers names: the core components (all in one module) and the
 #: gin roots of the experiments (train, evaluation, finetune, compare, data generation).
 REGISTERING_MODULES = (
-    "zoo.configurables",
-    "zoo.config",
-    "zoo.experiment",
-    "zoo.finetune",
-    "zoo.compare",
-    "zoo.generate",
-    "zoo.ad2_generate",
+    "zoo.experiments.configurables",
+    "zoo.experiments.config",
+    "zoo.experiments.runs",
+    "zoo.experiments.finetune",
+    "zoo.experiments.compare",
+    "zoo.experiments.generate",
+    "zoo.experiments.generate_ad2",
 )
 
 

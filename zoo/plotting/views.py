@@ -17,9 +17,9 @@ import jax
 import numpy as np
 from matplotlib.colors import LogNorm
 
-from zoo import plots
 from zoo.metrics import pair_distances
-from zoo.plots import density_hist, save, subplots
+from zoo.plotting import plots
+from zoo.plotting.plots import density_hist, save, subplots
 from zoo.systems import AbstractParticleSystem, AlanineDipeptideClassical, AlanineDipeptideXTB, alanine
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import gin
-from zoo import config
+from zoo.experiments import config
 from zoo.storage import ChunkLog
 from zoo.systems import alanine
 from zoo.systems.alanine import data as alanine_data
@@ -208,7 +208,7 @@ def describe(entry: dict) -> str:
 
 def write_plots(output_dir: Path) -> None:
     """Ramachandran map and energy histogram per split, under ``output_dir/plots``."""
-    from zoo import views
+    from zoo.plotting import views
 
     folder = Path(output_dir) / "plots"
     splits = {name: alanine_data.read_arrays(output_dir, name) for name in alanine_data.SPLITS}

@@ -1,7 +1,7 @@
 """Experiments as library functions: train, evaluate, sample. The tools are thin shells over these.
 
 Each root is gin-configurable (``train.n_steps = 2000``); models, systems and data come
-from :mod:`zoo.config` (``make_system``, ``make_dataset``, ``make_flow``).
+from :mod:`zoo.experiments.config` (``make_system``, ``make_dataset``, ``make_flow``).
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ import numpy as np
 
 import gin
 from zoo import checkpoint as ckpt
-from zoo import config, plots
 from zoo._version import __version__
+from zoo.experiments import config
 from zoo.flows.cnf import describe_in_words
 from zoo.losses.fm import FlowMatching
 from zoo.metrics import energies_chunked, ess_p, ess_p_se, ess_q, ess_q_se, evaluate_flow, fm_loss_on, format_metrics, nll, nll_se, observables
+from zoo.plotting import plots
+from zoo.plotting.views import write_views
 from zoo.storage import write_json
 from zoo.train import RunSettings, fit, read_log
-from zoo.views import write_views
 
 
 @gin.configurable

@@ -7,7 +7,7 @@ import jax
 import pytest
 
 import gin
-from zoo import config
+from zoo.experiments import config
 from zoo.pretrained import load_index
 from zoo.resources import GIN_DIR
 
@@ -49,7 +49,7 @@ def test_every_finetuning_config_builds_the_flow_of_its_pretrained_model(name, m
     another architecture (lj13_pg.gin did, through lj13_common.gin, once lj13_eqotfm became
     an h32 model) fails here instead of after a user's first evaluation."""
     from zoo import checkpoint
-    from zoo.finetune import stored_config
+    from zoo.experiments.finetune import stored_config
 
     path, stored = stored_config(model)
     config.parse([name], [], config_str=stored)

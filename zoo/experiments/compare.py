@@ -19,12 +19,12 @@ import numpy as np
 import optax
 
 import gin
-from zoo import config
 from zoo._version import __version__
-from zoo.experiment import configured_evaluation_flow, evaluation
+from zoo.experiments import config
+from zoo.experiments.registry import register
+from zoo.experiments.runs import configured_evaluation_flow, evaluation
 from zoo.losses.fm import FlowMatching
 from zoo.metrics import fm_loss_on
-from zoo.registry import register
 from zoo.train import RunExistsError, RunSettings, claim_run_dir, fit, read_log
 
 
@@ -89,7 +89,7 @@ def compare(
 ) -> dict:
     """Train every recipe from scratch for every seed under the same budget; write table and curves.
 
-    Every run ends with the :func:`zoo.experiment.evaluation` that training runs end with,
+    Every run ends with the :func:`zoo.experiments.runs.evaluation` that training runs end with,
     under the same bindings (``evaluation.n_samples``, ``evaluation.divergence``, ...; e.g.
     train an LJ13 flow configured with the exact trace and evaluate with Hutchinson to keep
     evaluation affordable on a CPU), seed 1234 + the run's seed; its metrics and the
@@ -211,7 +211,7 @@ def summarise(results: dict[str, list[dict]], *, time_budget_s: float, seeds) ->
 
 
 def _curve_plots(curves, workdir: Path, *, system_name: str, budget_s: float, seeds) -> None:
-    from zoo import plots
+    from zoo.plotting import plots
 
     recipes = ", ".join(curves)
     for key, fname, ylabel, log in (

@@ -22,8 +22,9 @@ import jax
 import numpy as np
 
 import gin
-from zoo import config, storage
+from zoo import storage
 from zoo.data.mcmc import SamplerSettings, run_chains
+from zoo.experiments import config
 
 # Statistics of the published LJ13 test set (Klein et al. 2023) in the 'ordered' convention:
 # energy and pair-distance moments of its test split. The generator compares against them.
@@ -264,7 +265,7 @@ def generate(workdir, *, generator=generate_data, resume: bool = True, max_chunk
     """Run the data generator a gin file selects (``generate.generator``; MCMC by default).
 
     The molecular generators (``@ad2_classical_md``, ``@ad2_xtb_relaxed`` in
-    ``zoo.ad2_generate``) take the same workdir, resume, max_chunks and progress arguments
+    ``zoo.experiments.generate_ad2``) take the same workdir, resume, max_chunks and progress arguments
     and also return None while chunks remain.
     """
     return generator(workdir, resume=resume, max_chunks=max_chunks, progress=progress)
@@ -355,7 +356,7 @@ def describe(manifest: dict) -> str:
 
 def write_plots(folder, system, splits: dict, result) -> None:
     """Energy histogram per split, pair-distance histograms and the energy trace of the chains."""
-    from zoo import views
+    from zoo.plotting import views
     from zoo.systems.particles import AbstractParticleSystem
 
     folder = Path(folder)

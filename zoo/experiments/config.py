@@ -57,7 +57,7 @@ def isolated():
 
 def parse(gin_files=(), bindings=(), *, config_str: str | None = None) -> None:
     """Clear gin and parse files, bindings (and/or a stored operative config), with clear errors."""
-    from zoo import registry
+    from zoo.experiments import registry
 
     registry.import_all()
     gin.clear_config()

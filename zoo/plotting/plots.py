@@ -175,7 +175,7 @@ def energy_histogram(u_target: np.ndarray, u_model: np.ndarray, log_w: np.ndarra
 
 
 def learning_rate_probe(result: dict, path: Path, *, title: str = "") -> Path:
-    """Held-out NLL change after one optimiser step against the learning rate (zoo.finetune.probe_learning_rates)."""
+    """Held-out NLL change after one optimiser step against the learning rate (zoo.experiments.finetune.probe_learning_rates)."""
     lrs = np.asarray(result["learning_rates"])
     order = np.argsort(lrs)
     mean = np.asarray(result["d_nll_mean"])[order]

@@ -18,9 +18,10 @@ import numpy as np
 
 import gin
 from zoo import checkpoint as ckpt
-from zoo import config, plots
-from zoo.experiment import configured_evaluation_flow, evaluation, fit_tracking_fm
+from zoo.experiments import config
+from zoo.experiments.runs import configured_evaluation_flow, evaluation, fit_tracking_fm
 from zoo.flows.cnf import describe_in_words
+from zoo.plotting import plots
 from zoo.pretrained import evaluation_table, released_info, resolve_checkpoint
 from zoo.storage import read_json
 from zoo.train import NonFiniteStepError, RunSettings, claim_run_dir

@@ -14,10 +14,10 @@ import optax
 
 from zoo import data, losses, metrics
 from zoo.data import importing
+from zoo.experiments.registry import register_external
 from zoo.fields import EGNNField, MLPField
 from zoo.flows import CNF, AdaptiveStep, ExactTrace, FixedStep, Hutchinson, MeanFreeNormal, StandardNormal
 from zoo.flows.solvers import ADAPTIVE_METHODS, FIXED_STEP_METHODS
-from zoo.registry import register_external
 from zoo.systems import AlanineDipeptideClassical, AlanineDipeptideXTB, DoubleWell, GaussianMixture2D, LennardJones
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "lamb", "rmsprop", "lion")

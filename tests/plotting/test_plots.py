@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from zoo import plots
+from zoo.plotting import plots
 
 
 @pytest.fixture

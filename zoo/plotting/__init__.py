@@ -1,0 +1,2 @@
+"""Figures: ``plots`` (curves, densities, histograms on matplotlib's object interface, no global
+backend) and ``views`` (the figures of each system's evaluations and generated data sets)."""
