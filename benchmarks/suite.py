@@ -1,6 +1,6 @@
 """The benchmark suite: training, path-gradient and sampling costs of every shipped model size.
 
-Run: ``python -m benchmarks [--only mlp2d dw4 lj13_3 lj13_5 lj55_3 ad2] [--repeats 5]
+Run: ``python -m benchmarks [--only mlp2d dw4 lj13_3 lj13_5 lj13_h32 lj55_3 ad2] [--repeats 5]
 [--quick] [--out benchmarks/results_<device>.json]``.
 
 Each case is built from its shipped gin config (so the numbers describe what the tools
@@ -79,6 +79,13 @@ CASES = {
         reference={"fm": (0.21, 0.38), "sample_hutchinson": (74.0, 100.0), "sample_exact": (1009.0, None)},
     ),
     "lj13_5": Case("LJ13, EGNN 5L h64", "lj13_fm.gin", ("EGNNField.n_layers = 5",), exact_sampling=False, reference={"fm": (0.40, 0.55)}),
+    # The published LJ13 architecture (lj13_eqotfm_h32.gin), which the released LJ13 EQ-OT models use.
+    "lj13_h32": Case(
+        "LJ13, EGNN 3L h32 att+tanh (published)",
+        "lj13_fm.gin",
+        ("EGNNField.hidden = 32", "EGNNField.attention = True", "EGNNField.tanh = True"),
+        eqot=True,
+    ),
     "lj55_3": Case(
         "LJ55, EGNN 3L h64",
         "lj55_fm.gin",
