@@ -8,7 +8,7 @@ reaches says how much is left to gain on any machine.
   analysis on a loop-free program (XLA counts a loop body once, so loops are multiplied out
   here: RK4 stages and samples): one field evaluation; value and gradient of one sample's
   flow-matching error (times the batch) for the FM step; one RK4 stage's velocity and
-  divergence (Hutchinson: one JVP; exact: one JVP per dimension) times 4 × steps × samples
+  divergence (Hutchinson: one JVP; exact: one JVP per dimension of the base's support) times 4 × steps × samples
   for sampling. Work zoo saves by its own formulation (shared pair terms, a hand-written
   reverse pass) is not counted as done, so the rate is a rate of useful work.
 - **The attainable rate** is the best float32 rate of ``jnp.matmul`` measured in the same run

@@ -267,7 +267,6 @@ def test_every_door_for_positions_refuses_a_scrambled_layout():
         dw.energy(pos[0].T)
 
 
-
 def test_chunk_log_keeps_order_settings_and_refuses_what_it_cannot_continue(tmp_path):
     from zoo.storage import ChunkLog, RunStateError
 

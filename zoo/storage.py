@@ -397,14 +397,15 @@ class ChunkLog:
                 changed = sorted(k for k in set(params) | set(stored) if params.get(k) != stored.get(k))
                 raise RunStateError(
                     f"{self.dir} holds a run with other settings ({', '.join(changed)} differ); "
-                    "use another directory or start over (resume=False)"
+                    "use another directory, or start over (resume=False, --no-resume) or delete it"
                 )
             self.manifest = manifest
         else:
-            for stale in self.dir.glob("chunk_*.npz"):
-                stale.unlink()
+            # The empty manifest first: a run killed while the old chunks go still starts over.
             self.manifest = {"params": params, "chunks": [], "failed": [], "seconds": 0.0}
             self._save_manifest()
+            for stale in self.dir.glob("chunk_*.npz"):
+                stale.unlink()
 
     @classmethod
     def existing(cls, directory) -> ChunkLog:

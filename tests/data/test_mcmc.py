@@ -222,6 +222,26 @@ def test_a_run_kept_in_the_old_single_state_file_is_continued(tmp_path):
     assert not (tmp_path / "b" / LEGACY_STATE_FILE).exists()
 
 
+def test_an_old_state_file_of_other_settings_is_refused_or_set_aside(tmp_path):
+    """An old single-file state of other settings is refused by a resuming call and set aside
+    (kept as ``.superseded``, never adopted later) by one that starts over."""
+    import json
+
+    from zoo.data.mcmc import LEGACY_STATE_FILE
+    from zoo.storage import RunStateError
+
+    dw = DoubleWell()
+    kwargs = dict(settings=RESUME_SETTINGS, n_per_chain=10, progress=False)
+    legacy = tmp_path / LEGACY_STATE_FILE
+    np.savez(legacy, fingerprint=np.array(json.dumps({"seed": "some other run"})), fresh=np.array(False))
+    with pytest.raises(RunStateError, match="other settings"):
+        run_chains(dw, tmp_path, seed=0, max_chunks=1, **kwargs)
+    assert legacy.exists()
+    run_chains(dw, tmp_path, seed=0, resume=False, max_chunks=1, **kwargs)
+    assert not legacy.exists() and (tmp_path / (LEGACY_STATE_FILE + ".superseded")).exists()
+    assert run_chains(dw, tmp_path, seed=0, **kwargs).complete  # continues its own chunks
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     dw = DoubleWell()
     kwargs = dict(settings=RESUME_SETTINGS, n_per_chain=10, progress=False)  # compiled above

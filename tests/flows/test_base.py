@@ -100,6 +100,13 @@ def test_support_basis_is_orthonormal_and_spans_the_projection(n, d):
     np.testing.assert_allclose(basis.T @ basis, np.asarray(base.project(np.eye(n * d))), atol=1e-12)
     np.testing.assert_array_equal(StandardNormal(5).support_basis(), np.eye(5))
 
+    class FirstAxisOnly(StandardNormal):  # a base on a subspace that declares only its projection
+        def project(self, x):
+            return x * jnp.asarray([1.0, 0.0, 0.0])
+
+    rows = FirstAxisOnly(3).support_basis()
+    np.testing.assert_allclose(rows.T @ rows, np.diag([1.0, 0.0, 0.0]))
+
 
 def test_exact_divergence_on_the_support_basis_equals_the_projected_jacobian_trace(key, x64):
     """tr(U J Uᵀ) over the (N-1)·d basis rows against tr(P J P) of the full autodiff Jacobian."""

@@ -147,8 +147,6 @@ def test_bad_settings_raise(key):
 # ---------------------------------------------------------------------------- EGNN field on the mean-free base
 
 
-
-
 @pytest.mark.parametrize("n,d", [(4, 2), (5, 3)])
 def test_cnf_log_density_is_invariant(n, d, key):
     field = roughen(EGNNField(n, d, hidden=32, n_layers=2, key=key), jax.random.PRNGKey(5), scale=0.1)

@@ -17,8 +17,6 @@ SYSTEMS = {
 }
 
 
-
-
 def _configuration(system, rng):
     """A spread-out configuration (no near-overlaps, so energies are moderate)."""
     n, d = system.n_particles, system.spatial_dim

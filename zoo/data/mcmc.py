@@ -504,8 +504,11 @@ def run_chains(
     if k != s.trace_chains:
         s = dataclasses.replace(s, trace_chains=k)
     log = ChunkLog(workdir / CHUNK_DIR, _params(system, s, n_per_chain, seed), resume=resume)
+    legacy = workdir / LEGACY_STATE_FILE
     if resume:
         _adopt_state_file(workdir, log)
+    elif legacy.exists():  # starting over: the old run's file is kept aside, never adopted later
+        legacy.rename(legacy.with_name(legacy.name + ".superseded"))
     sampling_steps = n_per_chain * s.thin
     total = s.burn_in + sampling_steps
 
@@ -580,9 +583,9 @@ def run_chains(
             n_run += 1
             chunk_seconds = time.perf_counter() - t_start
             seconds += chunk_seconds
-            samples = [np.concatenate([samples[0], new_samples], axis=1)]
-            energies = [np.concatenate([energies[0], new_energies], axis=1)]
-            trace = [np.concatenate([trace[0], tr], axis=0)]
+            samples.append(new_samples)
+            energies.append(new_energies)
+            trace.append(tr)
             log.append(
                 {
                     "x": state.x, "u": state.u, "grad": state.grad,
@@ -605,11 +608,11 @@ def run_chains(
     sampling_done = max(done - s.burn_in, 0)
     acceptance = n_accepted / max(sampling_done, 1)
     return MCMCResult(
-        samples=samples[0],
-        energies=energies[0],
+        samples=np.concatenate(samples, axis=1),
+        energies=np.concatenate(energies, axis=1),
         step_size=step_size,
         acceptance=acceptance,
-        trace=trace[0],
+        trace=np.concatenate(trace, axis=0),
         burn_in=s.burn_in,
         thin=s.thin,
         steps_done=done,

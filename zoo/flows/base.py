@@ -42,12 +42,12 @@ class AbstractBase(eqx.Module):
         return x
 
     def support_basis(self) -> np.ndarray:
-        """An orthonormal basis of the support of q_0, as the rows of a (k, dim) NumPy array
-        (``basis.T @ basis`` is the matrix of :meth:`project`); the identity for a full-space base.
-
-        The exact divergence takes one Jacobian-vector product per row, so a base on a
-        subspace saves the products of the directions it lacks."""
-        return np.eye(self.dim)
+        """Directions spanning the support of q_0, as the rows of a (k, dim) NumPy array with
+        ``basis.T @ basis`` equal to the matrix of :meth:`project` (so that the sum over rows
+        of ``rowᵀ J row`` is tr(P J P)). By default the projected unit vectors (the identity for
+        a full-space base); a base on a subspace overrides it with an orthonormal basis of
+        k < dim rows, since the exact divergence takes one Jacobian-vector product per row."""
+        return np.asarray(self.project(np.eye(self.dim)))
 
 
 class StandardNormal(AbstractBase):

@@ -78,7 +78,8 @@ class CNF(eqx.Module):
             RK4 with 15 steps, as in the path-gradient paper) or an
             :class:`~zoo.flows.solvers.AdaptiveStep` (Dopri5 and kin with ``rtol``/``atol``);
             or a method name (``'rk4'``, ``'dopri5'``), the form of released configs.
-        divergence: :class:`~zoo.flows.divergence.ExactTrace` (``dim`` forward-mode JVPs)
+        divergence: :class:`~zoo.flows.divergence.ExactTrace` (one forward-mode JVP per row of
+            ``base.support_basis()``: (N-1)·d for N particles in d dimensions)
             or :class:`~zoo.flows.divergence.Hutchinson` (ε held fixed along a trajectory);
             or ``'exact'``/``'hutchinson'``.
         n_steps, rtol, atol, max_steps: override the solver's own settings (``CNF.n_steps
