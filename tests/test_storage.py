@@ -277,6 +277,8 @@ def test_chunk_log_keeps_order_settings_and_refuses_what_it_cannot_continue(tmp_
     assert again.n_chunks == 2 and again.seconds == 2.0 and again.manifest["failed"] == [7]
     np.testing.assert_array_equal(again.concatenate(["a", "missing"])["a"], np.arange(5))
     np.testing.assert_array_equal(again.load(-1)["a"], np.arange(2, 5))
+    log.append({"a": np.arange(1), "b": np.zeros(3)}, seconds=0.0)
+    assert set(ChunkLog.existing(tmp_path).load(-1, ("b", "missing"))) == {"b"}  # only the fields asked for
     with pytest.raises(RunStateError, match="seed differ"):
         ChunkLog(tmp_path, {"seed": 2, "sizes": [2, 3]})
     assert ChunkLog.existing(tmp_path).manifest["params"] == {"seed": 1, "sizes": [2, 3]}

@@ -430,12 +430,13 @@ class ChunkLog:
     def seconds(self) -> float:
         return float(self.manifest["seconds"])
 
-    def load(self, index: int) -> dict[str, np.ndarray]:
-        """Chunk ``index``'s arrays (negative counts from the end, as for a list)."""
+    def load(self, index: int, fields=None) -> dict[str, np.ndarray]:
+        """Chunk ``index``'s arrays (negative counts from the end, as for a list); with ``fields``
+        only those of them the chunk has (an .npz member is read only when asked for)."""
         path = self.dir / self.manifest["chunks"][index]
         try:
             with np.load(path) as stored:
-                return {name: stored[name] for name in stored.files}
+                return {name: stored[name] for name in stored.files if fields is None or name in fields}
         except (OSError, ValueError, EOFError) as err:
             raise RunStateError(f"cannot read {path} ({err}); delete {self.dir} to start over") from err
 
@@ -451,7 +452,7 @@ class ChunkLog:
     def concatenate(self, fields, axis: int = 0) -> dict[str, np.ndarray]:
         """The named arrays of every chunk joined along ``axis`` (fields the chunks lack are left out);
         an empty dict before the first chunk."""
-        parts = [self.load(k) for k in range(self.n_chunks)]
+        parts = [self.load(k, fields) for k in range(self.n_chunks)]
         if not parts:
             return {}
         return {f: np.concatenate([p[f] for p in parts], axis=axis) for f in fields if f in parts[0]}

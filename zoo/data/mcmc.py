@@ -458,11 +458,18 @@ def _params(system, settings: SamplerSettings, n_per_chain: int, seed: int) -> d
     return {"system": system_spec(system), "settings": settings.as_dict(), "n_per_chain": n_per_chain, "seed": seed}
 
 
-def _adopt_state_file(workdir: Path, log: ChunkLog) -> None:
-    """Continue a run that an earlier zoo kept in one state file (``mcmc_state.npz``): its chains so
-    far become the first chunk of ``log``, and the file is kept beside as ``mcmc_state.npz.adopted``."""
+def _settle_state_file(workdir: Path, log: ChunkLog, *, resume: bool) -> None:
+    """Deal with a run that an earlier zoo kept in one state file (``mcmc_state.npz``). Resuming
+    into an empty log, its chains so far become the first chunk and the file is kept beside as
+    ``mcmc_state.npz.adopted``; starting over, the file is set aside as ``.superseded`` so that no
+    later call adopts it."""
     path = workdir / LEGACY_STATE_FILE
-    if log.n_chunks or not path.exists():
+    if not path.exists():
+        return
+    if not resume:
+        path.rename(path.with_name(path.name + ".superseded"))
+        return
+    if log.n_chunks:
         return
     try:
         with np.load(path) as f:
@@ -504,17 +511,13 @@ def run_chains(
     if k != s.trace_chains:
         s = dataclasses.replace(s, trace_chains=k)
     log = ChunkLog(workdir / CHUNK_DIR, _params(system, s, n_per_chain, seed), resume=resume)
-    legacy = workdir / LEGACY_STATE_FILE
-    if resume:
-        _adopt_state_file(workdir, log)
-    elif legacy.exists():  # starting over: the old run's file is kept aside, never adopted later
-        legacy.rename(legacy.with_name(legacy.name + ".superseded"))
+    _settle_state_file(workdir, log, resume=resume)
     sampling_steps = n_per_chain * s.thin
     total = s.burn_in + sampling_steps
 
     if log.n_chunks:
-        parts = [log.load(i) for i in range(log.n_chunks)]
-        st = parts[-1]
+        st = log.load(-1, _STATE_FIELDS)  # only the last chunk's end state is continued from
+        parts = [log.load(i, _RECORD_FIELDS) for i in range(log.n_chunks)]
         records = {
             "samples": np.concatenate([p["samples"] for p in parts], axis=1),
             "energies": np.concatenate([p["energies"] for p in parts], axis=1),

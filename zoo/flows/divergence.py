@@ -41,9 +41,9 @@ class AbstractDivergence(eqx.Module):
 
 
 class ExactTrace(AbstractDivergence):
-    r"""The trace of the Jacobian on the base's support: one forward-mode JVP per vector of an
-    orthonormal basis of the support (:meth:`AbstractBase.support_basis`; (N-1)·d of them for N
-    particles in d dimensions, not N·d).
+    r"""The trace of the Jacobian on the base's support: one forward-mode JVP per row of
+    :meth:`AbstractBase.support_basis` (an orthonormal basis of the mean-free subspace for
+    particle bases: (N-1)·d rows for N particles in d dimensions, not N·d).
 
     ``chunk``: how many basis-vector JVPs are evaluated together (None: the whole basis at
     once); smaller chunks bound the memory of the tangent tensors. On a 2-core CPU chunks

@@ -145,7 +145,7 @@ def collect(cache_dir, fields=FIELDS) -> dict[str, np.ndarray]:
 def progress(cache_dir) -> dict:
     """Chunks done, frames done, failures and compute seconds of a generator cache."""
     log = ChunkLog.existing(cache_dir)
-    n = sum(int(log.load(k)["energies"].shape[0]) for k in range(log.n_chunks))
+    n = sum(int(log.load(k, ("energies",))["energies"].shape[0]) for k in range(log.n_chunks))
     return {"chunks": log.n_chunks, "frames": n, "failed": len(log.manifest["failed"]), "seconds": log.seconds}
 
 
