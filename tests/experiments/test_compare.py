@@ -3,6 +3,7 @@ and an interrupted comparison resumed to the same budget."""
 
 import json
 
+import jax
 import pytest
 
 
@@ -87,3 +88,65 @@ def test_an_interrupted_comparison_resumes_to_the_same_budget(tmp_path, monkeypa
     assert straight["steps"] == 13
     assert resumed["steps"] - straight["steps"] in (0, 1)
     assert resumed["train_time_s"] == pytest.approx(12.0, abs=1.0)
+
+
+def test_a_comparison_from_a_pretrained_model_starts_every_run_there(tmp_path):
+    """compare.pretrained (tools/compare --pretrained): every run starts from the released
+    gmm_fm, which is evaluated once per seed and heads the table; a stage's own eval_every
+    sets its tracking cadence."""
+    from zoo.cli import compare
+    from zoo.experiments import config
+    from zoo.experiments.compare import _tracked
+
+    workdir = tmp_path / "cmp"
+    compare.main(
+        [
+            "--gin=gmm_compare.gin",
+            f"--workdir={workdir}",
+            "--pretrained=gmm_fm",
+            "--gin_param=compare.recipes = [@fm_only/Recipe(), @pg_only/Recipe()]",
+            "--gin_param=compare.seeds = (0,)",
+            "--gin_param=compare.time_budget_s = 1.0",
+            "--gin_param=compare.eval_every = 50",
+            "--gin_param=pg/Stage.eval_every = 2",
+            "--gin_param=compare.n_track = 64",
+            "--gin_param=evaluation.n_samples = 64",
+            "--gin_param=evaluation.n_target = 64",
+            "--gin_param=CNF.n_steps = 4",
+        ]
+    )
+    summary = json.loads((workdir / "results.json").read_text())
+    assert summary["pretrained"] == "gmm_fm"
+    assert list(summary["results"]) == ["start: gmm_fm", "FM only", "PG only"]
+    (start,) = summary["results"]["start: gmm_fm"]
+    assert start["steps"] == 0 and start["n_samples_q"] == 64
+    assert (workdir / "start_seed0_metrics.json").is_file()
+    table = (workdir / "table.md").read_text()
+    assert "| start: gmm_fm |" in table and "starts from gmm_fm" in table
+
+    # Both recipes' curves begin at the released model's tracked metrics (not at a fresh flow's).
+    path, stored = config.stored_config("gmm_fm")
+    from zoo import checkpoint
+
+    system = config.make_system()
+    dataset = config.make_dataset(system)
+    released = checkpoint.load_checkpoint(path, model_like=config.make_flow(system, key=jax.random.PRNGKey(0))).model
+    from zoo.experiments.runs import configured_evaluation_flow
+
+    expected = _tracked(configured_evaluation_flow(released), system, dataset, 64, jax.random.PRNGKey(10_000))
+    for name in ("FM only", "PG only"):
+        first = summary["curves"][name][0][0]
+        assert first["step"] == 0 and first["nll"] == pytest.approx(expected["nll"], rel=1e-5)
+    pg_evals = [p["step"] for p in summary["curves"]["PG only"][0][1:-1]]
+    assert pg_evals and all(s % 2 == 0 for s in pg_evals)
+
+
+def test_a_stage_setting_that_is_no_count_is_refused():
+    from zoo.experiments.compare import Stage
+
+    with pytest.raises(ValueError, match="Stage.eval_every"):
+        Stage(loss=None, learning_rate=1e-3, eval_every=0)
+    with pytest.raises(ValueError, match="Stage.ema_decay"):
+        Stage(loss=None, learning_rate=1e-3, ema_decay=1.5)
+    with pytest.raises(ValueError, match="Stage.batch_size"):
+        Stage(loss=None, learning_rate=1e-3, batch_size=2.5)

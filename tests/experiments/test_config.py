@@ -35,8 +35,12 @@ def test_every_gin_file_parses_and_builds(name):
 
 
 def _pretrained_name(name: str) -> str | None:
+    """The model a config starts from: a fine-tuning's, or a comparison's from a pretrained model."""
     config.parse([name], [])
-    return gin.query_parameter("finetune.pretrained") if _bound("finetune.pretrained") else None
+    for selector in ("finetune.pretrained", "compare.pretrained"):
+        if _bound(selector):
+            return gin.query_parameter(selector)
+    return None
 
 
 FINETUNING = [(name, model) for name in GIN_FILES if (model := _pretrained_name(name)) in SHIPPED]
@@ -44,14 +48,12 @@ FINETUNING = [(name, model) for name in GIN_FILES if (model := _pretrained_name(
 
 @pytest.mark.parametrize("name, model", FINETUNING)
 def test_every_finetuning_config_builds_the_flow_of_its_pretrained_model(name, model):
-    """As tools/finetune layers it (the checkpoint's stored config underneath the file), each
-    fine-tuning config builds a flow the released checkpoint loads into: a file that bound
+    """As tools/finetune and tools/compare lay it (the checkpoint's stored config underneath the
+    file), each fine-tuning config (and comparison from a pretrained model) builds a flow the released checkpoint loads into: a file that bound
     another architecture (lj13_pg.gin did, through lj13_common.gin, once lj13_eqotfm became
     an h32 model) fails here instead of after a user's first evaluation."""
     from zoo import checkpoint
-    from zoo.experiments.finetune import stored_config
-
-    path, stored = stored_config(model)
+    path, stored = config.stored_config(model)
     config.parse([name], [], config_str=stored)
     flow = config.make_flow(config.make_system(), key=jax.random.PRNGKey(0))
     restored = checkpoint.load_checkpoint(path, model_like=flow)

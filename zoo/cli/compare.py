@@ -10,6 +10,7 @@ from zoo.cli import common
 @common.tool
 def main(argv=None) -> None:
     p = common.parser("Compare training recipes at equal wall-clock budget; writes table.md, results.json and curves.")
+    p.add_argument("--pretrained", help="start every run from this checkpoint folder or model name (overrides compare.pretrained)")
     p.add_argument("--time_budget", type=float, metavar="SECONDS", help="training seconds per run (overrides compare.time_budget_s)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted comparison in WORKDIR (each run keeps its training seconds)")
     p.add_argument("--overwrite", action="store_true", help="replace the comparison already in WORKDIR (its runs are deleted)")
@@ -20,9 +21,13 @@ def main(argv=None) -> None:
         common.fail("--workdir is required")
     if args.time_budget is not None:
         args.gin_param.append(f"compare.time_budget_s = {args.time_budget}")
-    common.parse_gin(args)
+    if args.pretrained:
+        args.gin_param.append(f"compare.pretrained = {args.pretrained!r}")
+    common.parse_gin(args)  # the tools' own checks and messages before the run's parse
 
-    from zoo.experiments import compare
+    from zoo.experiments import compare, config
+
+    config.parse_over_pretrained(args.gin, args.gin_param, selector="compare.pretrained")
 
     start = time.perf_counter()
     compare.compare(args.workdir, resume=args.resume, overwrite=args.overwrite)

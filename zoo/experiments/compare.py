@@ -5,6 +5,10 @@ path-gradient paper's three: FM only, PG only, and the hybrid FM → PG. Every r
 the same training-time budget (compilation and periodic evaluation excluded) and the
 same seeds; the output is one table (markdown + JSON, mean ± standard deviation over
 seeds) and overlaid curves of the tracked metrics against training time.
+
+Runs start from a fresh initialisation, or all from one pretrained model
+(``compare.pretrained``): "flow matching continued for T against path gradients for T
+from the same checkpoint", the comparison a user with a released model faces.
 """
 
 from __future__ import annotations
@@ -19,24 +23,46 @@ import numpy as np
 import optax
 
 import gin
+from zoo import checkpoint
 from zoo._version import __version__
 from zoo.experiments import config
 from zoo.experiments.registry import register
 from zoo.experiments.runs import configured_evaluation_flow, evaluation
 from zoo.losses.fm import FlowMatching
 from zoo.metrics import fm_loss_on
+from zoo.pretrained import resolve_checkpoint
 from zoo.train import RunExistsError, RunSettings, claim_run_dir, fit, read_log
 
 
 @register("recipe")
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One stage of a recipe: ``loss`` at ``learning_rate`` (Adam) for ``fraction`` of the budget."""
+    """One stage of a recipe: ``loss`` at ``learning_rate`` (Adam) for ``fraction`` of the budget.
+
+    ``batch_size``, ``eval_every`` and ``ema_decay`` replace the comparison's for this stage:
+    a path-gradient step costs ~100 flow-matching steps, so one cadence in steps would track
+    one stage hundreds of times as often as the other, and a weight average over the last
+    ~1000 steps suits thousands of flow-matching steps but would hold a few hundred
+    path-gradient steps near where they started (``ema_decay = 0``: no average).
+    """
 
     loss: object
     learning_rate: float
     fraction: float = 1.0
     batch_size: int | None = None
+    eval_every: int | None = None
+    ema_decay: float | None = None
+
+    def __post_init__(self):
+        # Checked as the run's settings will be, at once and under this stage's names.
+        overrides = self.run_overrides()
+        RunSettings.of("Stage", overrides)
+        if overrides.get("eval_every") == 0:
+            raise config.ConfigError("Stage.eval_every must be >= 1 or None (None: the comparison's), got 0")
+
+    def run_overrides(self) -> dict:
+        """The run settings this stage replaces (those it sets)."""
+        return {k: v for k in ("batch_size", "eval_every", "ema_decay") if (v := getattr(self, k)) is not None}
 
 
 @register("recipe")
@@ -83,11 +109,18 @@ def compare(
     recipes=gin.REQUIRED,
     seeds=(0, 1, 2),
     n_track: int = 512,
+    pretrained=None,
     resume: bool = False,
     overwrite: bool = False,
     **settings,
 ) -> dict:
-    """Train every recipe from scratch for every seed under the same budget; write table and curves.
+    """Train every recipe for every seed under the same budget; write table and curves.
+
+    Every run starts from a fresh initialisation (seeded by the run's seed), or from
+    ``pretrained`` (a checkpoint folder or a model-index name; ``tools/compare`` lays its
+    stored config underneath the comparison's files, so the field is the checkpoint's own).
+    A pretrained start is evaluated too, once per seed with that seed's evaluation seed,
+    and heads the table as ``start: <pretrained>``: each run's change is paired with it.
 
     Every run ends with the :func:`zoo.experiments.runs.evaluation` that training runs end with,
     under the same bindings (``evaluation.n_samples``, ``evaluation.divergence``, ...; e.g.
@@ -128,14 +161,32 @@ def compare(
     system = config.make_system()
     dataset = config.make_dataset(system)
     config.write_operative_config(workdir, everything=True)
-    results: dict[str, list[dict]] = {r.name: [] for r in recipes}
+    start = None
+    if pretrained is not None:
+        path = resolve_checkpoint(pretrained)
+        restored = checkpoint.load_checkpoint(path, model_like=config.make_flow(system, key=jax.random.PRNGKey(0)))
+        start = restored.model
+        print(f"every run starts from {path} (step {restored.step})")
+    results: dict[str, list[dict]] = {}
+    if start is not None:
+        start_name = f"start: {pretrained}"
+        results[start_name] = []
+        for seed in seeds:
+            metrics = evaluation(
+                start, system, dataset, workdir, seed=1234 + seed, fm_loss=FlowMatching(), prefix=f"start_seed{seed}_", progress=run.progress
+            )
+            results[start_name].append({**metrics, "seed": seed, "train_time_s": 0.0, "steps": 0})
+    results.update({r.name: [] for r in recipes})
     curves: dict[str, list[list[dict]]] = {r.name: [] for r in recipes}
     # One optimiser object per stage, reused across seeds, so jit caches are reused too.
     optimizers = {(r.name, i): optax.adam(s.learning_rate) for r in recipes for i, s in enumerate(r.stages)}
 
     for recipe in recipes:
         for seed in seeds:
-            flow = config.make_flow(system, key=jax.random.fold_in(jax.random.PRNGKey(seed), 10**6))
+            if start is not None:
+                flow = start
+            else:
+                flow = config.make_flow(system, key=jax.random.fold_in(jax.random.PRNGKey(seed), 10**6))
             offset_s, offset_step, curve = 0.0, 0, []
             track_key = jax.random.PRNGKey(10_000 + seed)
 
@@ -145,10 +196,9 @@ def compare(
             curve.append({"time_s": 0.0, "step": 0, **evaluate(flow, 0)})
             for i, stage in enumerate(recipe.stages):
                 run_dir = workdir / "runs" / f"{_slug(recipe.name)}_seed{seed}_stage{i}"
-                stage_settings = run.replace(
-                    time_budget_s=stage.fraction * time_budget_s, batch_size=stage.batch_size or run.batch_size, seed=seed,
-                    log_every=run.eval_every, checkpoint_every=run.eval_every,
-                )  # fmt: skip
+                stage_settings = run.replace(time_budget_s=stage.fraction * time_budget_s, seed=seed, **stage.run_overrides())
+                every = stage_settings.eval_every
+                stage_settings = stage_settings.replace(log_every=every, checkpoint_every=every)
                 flow, _ = fit(
                     flow,
                     dataset,
@@ -178,9 +228,10 @@ def compare(
             results[recipe.name].append(metrics)
             curves[recipe.name].append(curve)
             print(f"{recipe.name} seed {seed}: " + ", ".join(f"{k}={metrics[k]:.4g}" for k in ("kl", "nll", "ess_q", "ess_p") if k in metrics) + f" ({offset_step} steps)")
-    table = summarise(results, time_budget_s=time_budget_s, seeds=seeds)
+    table = summarise(results, time_budget_s=time_budget_s, seeds=seeds, pretrained=pretrained)
     (workdir / "table.md").write_text(table)
-    (workdir / "results.json").write_text(json.dumps({"budget_s": time_budget_s, "seeds": list(seeds), "results": results, "curves": curves}, indent=1))
+    summary = {"budget_s": time_budget_s, "seeds": list(seeds), "pretrained": None if pretrained is None else str(pretrained), "results": results, "curves": curves}
+    (workdir / "results.json").write_text(json.dumps(summary, indent=1))
     _curve_plots(curves, workdir, system_name=type(system).__name__, budget_s=time_budget_s, seeds=seeds)
     print(table)
     return results
@@ -190,10 +241,12 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
-def summarise(results: dict[str, list[dict]], *, time_budget_s: float, seeds) -> str:
+def summarise(results: dict[str, list[dict]], *, time_budget_s: float, seeds, pretrained=None) -> str:
     keys = [k for k in ("kl", "nll", "ess_q", "ess_p", "path_length", "fm_loss", "steps") if any(k in m for ms in results.values() for m in ms)]
+    start = "from a fresh initialisation" if pretrained is None else f"from {pretrained} (row `start`: it, evaluated with each seed's evaluation seed)"
     lines = [
         f"Budget {time_budget_s:g} s of training per run (compilation and evaluation excluded), seeds {list(seeds)}; mean ± std over seeds.",
+        f"Every run starts {start}.",
         "",
         "| recipe | " + " | ".join(keys) + " |",
         "|---|" + "---|" * len(keys),

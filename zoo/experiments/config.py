@@ -82,6 +82,36 @@ def parse(gin_files=(), bindings=(), *, config_str: str | None = None) -> None:
         root.setLevel(level)
 
 
+def stored_config(pretrained) -> tuple[Path, str]:
+    """The checkpoint folder of ``pretrained`` (a path or a model-index name) and its stored config."""
+    from zoo import checkpoint
+    from zoo.pretrained import resolve_checkpoint
+
+    path = resolve_checkpoint(pretrained)
+    return path, checkpoint.read_checkpoint_info(path).config
+
+
+def parse_over_pretrained(gin_files=(), bindings=(), *, selector: str) -> Path | None:
+    """Parse files and bindings that may start from a pretrained model bound at ``selector``.
+
+    ``selector`` is the binding that names it (``finetune.pretrained``,
+    ``compare.pretrained``: a checkpoint folder or a model-index name). When it is bound,
+    the checkpoint's stored config is parsed underneath the files and bindings, so the
+    system, data and field are the checkpoint's own and the files change only what they
+    bind. Returns the checkpoint folder, or None when ``selector`` is unbound or None.
+    """
+    parse(gin_files, bindings)
+    try:
+        pretrained = gin.query_parameter(selector)
+    except ValueError:
+        return None
+    if pretrained is None:
+        return None
+    path, stored = stored_config(pretrained)
+    parse(gin_files, bindings, config_str=stored)
+    return path
+
+
 OPERATIVE_CONFIG = "operative_config.gin"
 
 

@@ -1,4 +1,4 @@
-"""Fine-tuning a pretrained flow (path gradients, or any registered loss) and comparing recipes.
+"""Fine-tuning a pretrained flow (path gradients, or any registered loss) and probing its learning rate.
 
 ``finetune`` loads a checkpoint (a path, or a model name resolved by ``zoo.pretrained``),
 evaluates it, trains it further for a budget in steps or wall-clock seconds,
@@ -30,28 +30,17 @@ REPORT_KEYS = ("kl", "nll", "ess_q", "ess_p", "path_length", "fm_loss")
 HIGHER_IS_BETTER = {"ess_q", "ess_p"}
 
 
-def stored_config(pretrained) -> tuple[Path, str]:
-    path = resolve_checkpoint(pretrained)
-    return path, ckpt.read_checkpoint_info(path).config
-
-
 def run_finetuning(workdir, gin_files=(), bindings=(), **kwargs):
     """Fine-tune from Python as ``tools/finetune`` does, given the same gin files and bindings.
 
     The files and bindings name the pretrained model (``finetune.pretrained``: a checkpoint
-    folder or a model-index name); its stored config is laid underneath them, so the system,
-    data and field are the checkpoint's own and the files change only what they bind. Then
-    :func:`finetune` runs with ``kwargs`` (``resume``, ``overwrite``, ``probe_lr``, …).
-    Returns what :func:`finetune` returns.
+    folder or a model-index name); its stored config is laid underneath them
+    (:func:`~zoo.experiments.config.parse_over_pretrained`). Then :func:`finetune` runs
+    with ``kwargs`` (``resume``, ``overwrite``, ``probe_lr``, …). Returns what
+    :func:`finetune` returns.
     """
-    config.parse(gin_files, bindings)
-    try:
-        pretrained = gin.query_parameter("finetune.pretrained")
-    except ValueError:
-        raise config.ConfigError("no pretrained model: bind finetune.pretrained (or pass --pretrained)") from None
-    _, stored = stored_config(pretrained)
-    # The checkpoint's own config first, then the user's files and bindings on top.
-    config.parse(gin_files, bindings, config_str=stored)
+    if config.parse_over_pretrained(gin_files, bindings, selector="finetune.pretrained") is None:
+        raise config.ConfigError("no pretrained model: bind finetune.pretrained (or pass --pretrained)")
     return finetune(workdir, **kwargs)
 
 
