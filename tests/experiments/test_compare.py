@@ -150,3 +150,6 @@ def test_a_stage_setting_that_is_no_count_is_refused():
         Stage(loss=None, learning_rate=1e-3, ema_decay=1.5)
     with pytest.raises(ValueError, match="Stage.batch_size"):
         Stage(loss=None, learning_rate=1e-3, batch_size=2.5)
+    with pytest.raises(ValueError, match="Stage.clip_norm"):
+        Stage(loss=None, learning_rate=1e-3, clip_norm=-1.0)
+    assert Stage(loss=None, learning_rate=1e-3, accumulation=4, eval_every=3).run_overrides() == {"accumulation": 4, "eval_every": 3}

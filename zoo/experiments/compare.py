@@ -39,8 +39,8 @@ from zoo.train import RunExistsError, RunSettings, claim_run_dir, fit, read_log
 class Stage:
     """One stage of a recipe: ``loss`` at ``learning_rate`` (Adam) for ``fraction`` of the budget.
 
-    ``batch_size``, ``eval_every`` and ``ema_decay`` replace the comparison's for this stage:
-    a path-gradient step costs ~100 flow-matching steps, so one cadence in steps would track
+    The run settings in :data:`STAGE_SETTINGS` (None: the comparison's) replace the
+    comparison's for this stage: a path-gradient step costs ~100 flow-matching steps, so one cadence in steps would track
     one stage hundreds of times as often as the other, and a weight average over the last
     ~1000 steps suits thousands of flow-matching steps but would hold a few hundred
     path-gradient steps near where they started (``ema_decay = 0``: no average).
@@ -50,6 +50,8 @@ class Stage:
     learning_rate: float
     fraction: float = 1.0
     batch_size: int | None = None
+    accumulation: int | None = None
+    clip_norm: float | None = None
     eval_every: int | None = None
     ema_decay: float | None = None
 
@@ -62,7 +64,11 @@ class Stage:
 
     def run_overrides(self) -> dict:
         """The run settings this stage replaces (those it sets)."""
-        return {k: v for k in ("batch_size", "eval_every", "ema_decay") if (v := getattr(self, k)) is not None}
+        return {k: v for k in STAGE_SETTINGS if (v := getattr(self, k)) is not None}
+
+
+#: The :class:`~zoo.train.RunSettings` a :class:`Stage` may set for itself.
+STAGE_SETTINGS = ("batch_size", "accumulation", "clip_norm", "eval_every", "ema_decay")
 
 
 @register("recipe")
