@@ -40,10 +40,11 @@ class Stage:
     """One stage of a recipe: ``loss`` at ``learning_rate`` (Adam) for ``fraction`` of the budget.
 
     The run settings in :data:`STAGE_SETTINGS` (None: the comparison's) replace the
-    comparison's for this stage: a path-gradient step costs ~100 flow-matching steps, so one cadence in steps would track
-    one stage hundreds of times as often as the other, and a weight average over the last
-    ~1000 steps suits thousands of flow-matching steps but would hold a few hundred
-    path-gradient steps near where they started (``ema_decay = 0``: no average).
+    comparison's for this stage: a path-gradient step costs ~100 flow-matching steps, so
+    one cadence in steps would track one stage hundreds of times as often as the other,
+    and a weight average over the last ~1000 steps suits thousands of flow-matching steps
+    but would hold a few hundred path-gradient steps near where they started
+    (``ema_decay = 0``: no average).
     """
 
     loss: object
