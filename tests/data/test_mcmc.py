@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zoo.data.mcmc import SamplerSettings, autocorrelation, gelman_rubin, integrated_autocorr_time, run_chains
+from zoo.data.mcmc import SamplerSettings, autocorrelation, block_mean_and_error, gelman_rubin, integrated_autocorr_time, run_chains
 from zoo.systems import DoubleWell, GaussianMixture2D, LennardJones
 from zoo.systems.base import AbstractTarget
 
@@ -61,6 +61,21 @@ def test_autocorrelation_of_ar1_is_geometric():
     np.testing.assert_allclose(rho[:6], 0.7 ** np.arange(6), atol=0.02)
 
 
+def test_block_error_of_an_ar1_mean_matches_the_exact_variance():
+    """For stationary AR(1) with unit variance, var(mean of n) → (1+φ)/((1−φ) n): the block
+    errors of 200 independent series match it, and so does the spread of their means; the
+    naive sd/√n is (1+φ)/(1−φ) = 19 times too small in variance."""
+    phi, n = 0.9, 20_000
+    x = ar1(phi, n_chains=200, n=n, seed=3)
+    exact_se = math.sqrt((1 + phi) / (1 - phi) / n)
+    results = np.array([block_mean_and_error(series, n_blocks=20) for series in x])
+    assert np.sqrt(np.mean(results[:, 1] ** 2)) == pytest.approx(exact_se, rel=0.1)
+    assert np.std(results[:, 0], ddof=1) == pytest.approx(exact_se, rel=0.15)
+    np.testing.assert_allclose(results[:, 0], x.mean(axis=1))
+    naive = x.std(axis=1, ddof=1).mean() / math.sqrt(n)
+    assert exact_se / naive == pytest.approx(math.sqrt(19), rel=0.05)
+
+
 def test_gelman_rubin_detects_disagreeing_chains():
     rng = np.random.default_rng(0)
     iid = rng.standard_normal((8, 2000))
@@ -77,6 +92,10 @@ def test_estimators_reject_bad_input():
         integrated_autocorr_time(np.zeros((3, 1)))
     with pytest.raises(ValueError, match="chains"):
         gelman_rubin(np.zeros(10))
+    with pytest.raises(ValueError, match="n_blocks"):
+        block_mean_and_error(np.zeros(10), n_blocks=1)
+    with pytest.raises(ValueError, match="one series"):
+        block_mean_and_error(np.zeros((2, 10)))
 
 
 def test_settings_validation():

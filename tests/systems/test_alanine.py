@@ -442,6 +442,7 @@ def test_generate_classical_short_run_resumes(tmp_path):
     np.testing.assert_array_equal(alanine_data.collect(tmp_path / "straight")["positions"], arrays["positions"])
     stats = alanine_data.classical_statistics(arrays)
     assert stats["n"] == 4 and -150 < stats["mean_potential_kj_mol"] < 50
+    assert stats["n_blocks"] == 4 and stats["mean_potential_kj_mol_se"] > 0 and stats["phi_positive_entries"] >= 0
 
 
 def test_generate_xtb_short_run_resumes(tmp_path, frames):
@@ -459,7 +460,7 @@ def test_generate_xtb_short_run_resumes(tmp_path, frames):
 
 
 def test_phi_positive_entries_counts_transitions_not_wraps_or_recrossings():
-    from zoo.experiments.generate_ad2 import phi_positive_entries
+    from zoo.systems.alanine.data import phi_positive_entries
 
     # −2 → 1 enters φ > 0 (once; leaving to −1 and coming back counts again); 3.1 → −3.1 → 3.1
     # is the β basin wrapping through ±π, no entry.

@@ -274,6 +274,26 @@ def integrated_autocorr_time(x, c: float = 5.0) -> tuple[float, int]:
     return float(taus[m]), m
 
 
+def block_mean_and_error(x, n_blocks: int = 20) -> tuple[float, float]:
+    r"""Mean of one correlated series (T,) and its standard error from contiguous blocks.
+
+    The series is cut into ``n_blocks`` equal blocks (the last T mod n_blocks values sit in
+    none) and the error is $\mathrm{sd}(\bar x_b)/\sqrt{n_b}$ over the block means. It
+    is right when a block is much longer than the integrated autocorrelation time, so that
+    block means are nearly independent; for a rare event, also when each block sees several
+    entries into and exits from the state (else it understates, and the count of entries
+    says more). Unlike the naive $\mathrm{sd}(x)/\sqrt{T}$ it needs no estimate of τ.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"block_mean_and_error takes one series (T,), got shape {x.shape}")
+    if n_blocks < 2 or len(x) < n_blocks:
+        raise ValueError(f"need n_blocks >= 2 blocks of at least one value each, got n_blocks={n_blocks} for {len(x)} values")
+    size = len(x) // n_blocks
+    means = x[: size * n_blocks].reshape(n_blocks, size).mean(axis=1)
+    return float(x.mean()), float(means.std(ddof=1) / math.sqrt(n_blocks))
+
+
 def gelman_rubin(x) -> float:
     r"""Split-R̂ of a scalar over chains (c, n) (Gelman et al., BDA3 §11.4).
 

@@ -17,38 +17,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 import gin
 from zoo.experiments import config
 from zoo.storage import ChunkLog
 from zoo.systems import alanine
 from zoo.systems.alanine import data as alanine_data
-
-#: Cores of the two φ basins, in rad, for counting transitions: φ > 0 (αL / C7ax, around
-#: φ ≈ 1) and the rest (C7eq / β / αR, φ < 0 and the β basin's wrap to φ ≈ +π). Frames
-#: between the cores keep the last core's state, so recrossings of φ = 0 count once.
-PHI_POSITIVE_CORE = (0.2, 1.8)
-PHI_NEGATIVE_CORE = (-0.2, 2.5)  # φ < −0.2 or φ > 2.5
-
-
-def phi_positive_entries(phi: np.ndarray) -> int:
-    """Transitions into the φ > 0 basin along a trajectory: arrivals in its core from the other core.
-
-    A whole transition can fit between two 1-ps frames (φ = −2.2 → 1.2 was seen), so a
-    step's size says nothing about wraps; instead the β basin's excursions to φ ≈ +π lie in
-    the other core and are no entry.
-    """
-    phi = np.asarray(phi)
-    in_positive = (phi > PHI_POSITIVE_CORE[0]) & (phi < PHI_POSITIVE_CORE[1])
-    in_negative = (phi < PHI_NEGATIVE_CORE[0]) | (phi > PHI_NEGATIVE_CORE[1])
-    entries, state = 0, None
-    for pos, neg in zip(in_positive, in_negative):
-        if pos and state == "negative":
-            entries += 1
-        if pos or neg:
-            state = "positive" if pos else "negative"
-    return entries
 
 
 def _prepare(workdir: Path, output_dir, resume: bool, caches: tuple[str, ...]) -> Path:
@@ -126,8 +99,8 @@ def ad2_classical_md(
         "generator": {**ChunkLog.existing(workdir / "md").manifest["params"], **status},
         "statistics": alanine_data.classical_statistics(arrays, temperature),
         "phi_positive_entries": {
-            "all": phi_positive_entries(phi),
-            **{name: phi_positive_entries(phi[a:b]) for name, (a, b) in bounds.items()},
+            "all": alanine_data.phi_positive_entries(phi),
+            **{name: alanine_data.phi_positive_entries(phi[a:b]) for name, (a, b) in bounds.items()},
         },
         "simulated_ns": n_frames * save_every_ps / 1000,
     }
@@ -195,8 +168,11 @@ def describe(entry: dict) -> str:
         ref = stats["reference"]
         lines += [
             "",
-            f"Whole run: ⟨E⟩ = {stats['mean_potential_kj_mol']:.2f} kJ/mol (sd {stats['sd_potential_kj_mol']:.2f}), "
-            f"φ > 0 fraction {stats['phi_positive_fraction']:.4f}, {entries.get('all', '?')} entries; "
+            f"Whole run: ⟨E⟩ = {stats['mean_potential_kj_mol']:.2f}{_error(stats, 'mean_potential_kj_mol_se')} kJ/mol "
+            f"(sd {stats['sd_potential_kj_mol']:.2f}), φ > 0 fraction {stats['phi_positive_fraction']:.4f}"
+            f"{_error(stats, 'phi_positive_fraction_se')}, {entries.get('all', '?')} entries"
+            + (f" (errors from {stats['n_blocks']} blocks in time)" if "n_blocks" in stats else "")
+            + "; "
             f"the long reference runs: ⟨E⟩ = {ref['mean_potential_kj_mol'][0]} / {ref['mean_potential_kj_mol'][1]} kJ/mol "
             f"(sd {ref['sd_potential_kj_mol'][0]} / {ref['sd_potential_kj_mol'][1]}), φ > 0 fraction "
             f"{ref['phi_positive_fraction'][0]} / {ref['phi_positive_fraction'][1]}"
@@ -204,6 +180,10 @@ def describe(entry: dict) -> str:
             + " (164 / 165 ns).",
         ]
     return "\n".join(lines)
+
+
+def _error(stats: dict, key: str) -> str:
+    return f" ± {stats[key]:.2g}" if key in stats else ""
 
 
 def write_plots(output_dir: Path) -> None:

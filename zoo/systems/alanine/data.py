@@ -38,6 +38,7 @@ import numpy as np
 
 from zoo import resources
 from zoo.data import SPLITS
+from zoo.data.mcmc import block_mean_and_error
 from zoo.storage import ChunkLog
 from zoo.systems import alanine
 from zoo.systems.alanine.engines import XTBEngine, kbt_kj_per_mol, openmm_system
@@ -255,27 +256,65 @@ CLASSICAL_REFERENCE = {
     "mean_potential_kj_mol": (-59.38, -59.41),
     "sd_potential_kj_mol": (13.57, 13.61),
     "phi_positive_fraction": (0.0268, 0.0168),  # rare state: uncertain
-    # Transitions into the φ > 0 basin core (zoo.experiments.generate_ad2.phi_positive_entries on the
+    # Transitions into the φ > 0 basin core (phi_positive_entries below, on the
     # 4-ps frames; the runs' own summaries count 20 and 19 "entries", recrossings included).
     "phi_positive_entries": (2, 4),
 }
 
 
-def classical_statistics(arrays: Mapping[str, np.ndarray], temperature: float = 300.0) -> dict:
-    """Mean and sd of the potential energy (kJ/mol) and the φ > 0 fraction of a run, beside the reference.
+#: Cores of the two φ basins, in rad, for counting transitions: φ > 0 (αL / C7ax, around
+#: φ ≈ 1) and the rest (C7eq / β / αR, φ < 0 and the β basin's wrap to φ ≈ +π). Frames
+#: between the cores keep the last core's state, so recrossings of φ = 0 count once.
+PHI_POSITIVE_CORE = (0.2, 1.8)
+PHI_NEGATIVE_CORE = (-0.2, 2.5)  # φ < −0.2 or φ > 2.5
+
+
+def phi_positive_entries(phi: np.ndarray) -> int:
+    """Transitions into the φ > 0 basin along a trajectory: arrivals in its core from the other core.
+
+    A whole transition can fit between two 1-ps frames (φ = −2.2 → 1.2 was seen), so a
+    step's size says nothing about wraps; instead the β basin's excursions to φ ≈ +π lie in
+    the other core and are no entry.
+    """
+    phi = np.asarray(phi)
+    in_positive = (phi > PHI_POSITIVE_CORE[0]) & (phi < PHI_POSITIVE_CORE[1])
+    in_negative = (phi < PHI_NEGATIVE_CORE[0]) | (phi > PHI_NEGATIVE_CORE[1])
+    entries, state = 0, None
+    for pos, neg in zip(in_positive, in_negative):
+        if pos and state == "negative":
+            entries += 1
+        if pos or neg:
+            state = "positive" if pos else "negative"
+    return entries
+
+
+
+def classical_statistics(arrays: Mapping[str, np.ndarray], temperature: float = 300.0, n_blocks: int = 20) -> dict:
+    """Mean and sd of the potential energy (kJ/mol), the φ > 0 fraction and the entries into
+    that state of one run in time order, beside the reference runs.
 
     ``arrays`` has ``energies`` (u in k_BT) and ``positions`` (n, 22, 3) or (n, 66) nm,
-    e.g. :func:`collect` of a :func:`generate_classical` cache. The standard error of the
-    mean ignores autocorrelation (frames 1 ps apart are correlated): read it as a lower bound.
+    e.g. :func:`collect` of a :func:`generate_classical` cache. The errors (``*_se``) come
+    from ``n_blocks`` contiguous blocks in time (:func:`zoo.data.mcmc.block_mean_and_error`);
+    the φ > 0 fraction's is only as good as the number of entries is large (a block with no
+    visit says little about the next). ``sem_potential_kj_mol_uncorrelated`` ignores the
+    correlation of neighbouring frames, a lower bound kept for comparison.
     """
     e = np.asarray(arrays["energies"], np.float64) * kbt_kj_per_mol(temperature)
     phi = phi_psi(arrays["positions"])[0]
+    n_blocks = min(n_blocks, len(e))  # a short run: one frame a block
+    mean_e, se_e = block_mean_and_error(e, n_blocks)
+    fraction, se_fraction = block_mean_and_error((phi > 0).astype(np.float64), n_blocks)
     return {
         "n": int(len(e)),
-        "mean_potential_kj_mol": float(e.mean()),
+        "mean_potential_kj_mol": mean_e,
+        "mean_potential_kj_mol_se": se_e,
         "sem_potential_kj_mol_uncorrelated": float(e.std(ddof=1) / math.sqrt(len(e))),
         "sd_potential_kj_mol": float(e.std(ddof=1)),
-        "phi_positive_fraction": float(np.mean(phi > 0)),
+        "phi_positive_fraction": fraction,
+        "phi_positive_fraction_se": se_fraction,
+        "phi_positive_entries": phi_positive_entries(phi),
+        "n_blocks": n_blocks,
         "reference": CLASSICAL_REFERENCE,
     }
 
