@@ -128,3 +128,19 @@ def test_a_stage_setting_that_is_no_count_is_refused():
     with pytest.raises(ValueError, match="Stage.clip_norm"):
         Stage(loss=None, learning_rate=1e-3, clip_norm=-1.0)
     assert Stage(loss=None, learning_rate=1e-3, accumulation=4, eval_every=3).run_overrides() == {"accumulation": 4, "eval_every": 3}
+
+
+def test_a_resumed_comparison_must_start_where_it_started(tmp_path):
+    """start.json: resuming with another pretrained model (or none) is refused by name; the same start passes."""
+    from zoo.experiments import config
+    from zoo.experiments.compare import _claim_start
+
+    released = {"pretrained": "gmm_fm", "flow": "ab" * 32}
+    _claim_start(tmp_path, released, resume=False)
+    _claim_start(tmp_path, dict(released), resume=True)
+    with pytest.raises(config.ConfigError, match="start from gmm_fm .*not from a fresh initialisation"):
+        _claim_start(tmp_path, {"pretrained": None, "flow": None}, resume=True)
+    with pytest.raises(config.ConfigError, match="--overwrite"):
+        _claim_start(tmp_path, {"pretrained": "gmm_fm", "flow": "cd" * 32}, resume=True)
+    _claim_start(tmp_path, {"pretrained": None, "flow": None}, resume=False)  # starting over records the new start
+    assert json.loads((tmp_path / "start.json").read_text())["pretrained"] is None

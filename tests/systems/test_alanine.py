@@ -442,7 +442,7 @@ def test_generate_classical_short_run_resumes(tmp_path):
     np.testing.assert_array_equal(alanine_data.collect(tmp_path / "straight")["positions"], arrays["positions"])
     stats = alanine_data.classical_statistics(arrays)
     assert stats["n"] == 4 and -150 < stats["mean_potential_kj_mol"] < 50
-    assert stats["n_blocks"] == 4 and stats["mean_potential_kj_mol_se"] > 0 and stats["phi_positive_entries"] >= 0
+    assert stats["n_blocks"] == 4 and stats["mean_potential_kj_mol_se"] > 0
 
 
 def test_generate_xtb_short_run_resumes(tmp_path, frames):

@@ -278,7 +278,7 @@ def block_mean_and_error(x, n_blocks: int = 20) -> tuple[float, float]:
     r"""Mean of one correlated series (T,) and its standard error from contiguous blocks.
 
     The series is cut into ``n_blocks`` equal blocks (the last T mod n_blocks values sit in
-    none) and the error is $\mathrm{sd}(\bar x_b)/\sqrt{n_b}$ over the block means. It
+    none) and the error is $\mathrm{sd}(\bar x_b)/\sqrt{n_\mathrm{blocks}}$ over the ``n_blocks`` block means. It
     is right when a block is much longer than the integrated autocorrelation time, so that
     block means are nearly independent; for a rare event, also when each block sees several
     entries into and exits from the state (else it understates, and the count of entries

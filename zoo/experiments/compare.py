@@ -28,9 +28,11 @@ from zoo._version import __version__
 from zoo.experiments import config
 from zoo.experiments.registry import register
 from zoo.experiments.runs import configured_evaluation_flow, evaluation
+from zoo.flows.cnf import fingerprint
 from zoo.losses.fm import FlowMatching
 from zoo.metrics import fm_loss_on
 from zoo.pretrained import resolve_checkpoint
+from zoo.storage import read_json, write_json
 from zoo.train import RunExistsError, RunSettings, claim_run_dir, fit, read_log
 
 
@@ -145,7 +147,11 @@ def compare(
     :data:`COMPARE_DEFAULTS`). Every run trains for the same seconds, so a step count is
     refused; the tracked metrics are logged and a checkpoint written every ``eval_every``
     steps (a killed comparison loses at most one interval per run), and a recipe stage's
-    own batch size replaces ``batch_size``.
+    own settings (:data:`STAGE_SETTINGS`) replace the comparison's. A resumed comparison
+    must start from what it started from (``start.json`` in ``workdir``).
+
+    Returns each row's metrics per seed: ``start: <pretrained>`` first when there is one,
+    then the recipes by name.
     """
     if "seed" in settings:
         raise config.ConfigError("compare runs every seed of compare.seeds: bind compare.seeds instead of compare.seed")
@@ -167,13 +173,14 @@ def compare(
         claim_run_dir(run / "checkpoint", resume=False, overwrite=True)
     system = config.make_system()
     dataset = config.make_dataset(system)
-    config.write_operative_config(workdir, everything=True)
     start = None
     if pretrained is not None:
         path = resolve_checkpoint(pretrained)
         restored = checkpoint.load_checkpoint(path, model_like=config.make_flow(system, key=jax.random.PRNGKey(0)))
         start = restored.model
         print(f"every run starts from {path} (step {restored.step})")
+    _claim_start(workdir, {"pretrained": None if start is None else str(pretrained), "flow": None if start is None else fingerprint(start)}, resume=resume)
+    config.write_operative_config(workdir, everything=True)
     results: dict[str, list[dict]] = {}
     if start is not None:
         start_name = f"start: {pretrained}"
@@ -187,6 +194,7 @@ def compare(
     curves: dict[str, list[list[dict]]] = {r.name: [] for r in recipes}
     # One optimiser object per stage, reused across seeds, so jit caches are reused too.
     optimizers = {(r.name, i): optax.adam(s.learning_rate) for r in recipes for i, s in enumerate(r.stages)}
+    start_points: dict[int, dict] = {}  # a pretrained start's tracked metrics, the same for every recipe
 
     for recipe in recipes:
         for seed in seeds:
@@ -200,7 +208,12 @@ def compare(
             def evaluate(model, step):
                 return _tracked(configured_evaluation_flow(model), system, dataset, n_track, track_key)  # noqa: B023  (fit calls it within this iteration)
 
-            curve.append({"time_s": 0.0, "step": 0, **evaluate(flow, 0)})
+            if start is None:
+                curve.append({"time_s": 0.0, "step": 0, **evaluate(flow, 0)})
+            else:
+                if seed not in start_points:
+                    start_points[seed] = {"time_s": 0.0, "step": 0, **evaluate(flow, 0)}
+                curve.append(start_points[seed])
             for i, stage in enumerate(recipe.stages):
                 run_dir = workdir / "runs" / f"{_slug(recipe.name)}_seed{seed}_stage{i}"
                 stage_settings = run.replace(time_budget_s=stage.fraction * time_budget_s, seed=seed, **stage.run_overrides())
@@ -242,6 +255,26 @@ def compare(
     _curve_plots(curves, workdir, system_name=type(system).__name__, budget_s=time_budget_s, seeds=seeds)
     print(table)
     return results
+
+
+#: What a comparison's runs start from (``pretrained`` and the start's flow fingerprint, or
+#: None for fresh initialisations), so that a resumed comparison cannot mix two starts.
+START_FILE = "start.json"
+
+
+def _claim_start(workdir: Path, start: dict, *, resume: bool) -> None:
+    file = workdir / START_FILE
+    if resume and file.is_file():
+        earlier = read_json(file)
+        if earlier != start:
+            def said(s):
+                return "a fresh initialisation" if s.get("pretrained") is None else f"{s['pretrained']} (flow {str(s.get('flow'))[:12]})"
+
+            raise config.ConfigError(
+                f"{workdir} holds a comparison whose runs start from {said(earlier)}, not from {said(start)}: "
+                "resume it with the same start (compare.pretrained / --pretrained), or pass --overwrite"
+            )
+    write_json(file, start)
 
 
 def _slug(name: str) -> str:

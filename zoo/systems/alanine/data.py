@@ -288,7 +288,6 @@ def phi_positive_entries(phi: np.ndarray) -> int:
     return entries
 
 
-
 def classical_statistics(arrays: Mapping[str, np.ndarray], temperature: float = 300.0, n_blocks: int = 20) -> dict:
     """Mean and sd of the potential energy (kJ/mol), the φ > 0 fraction and the entries into
     that state of one run in time order, beside the reference runs.
