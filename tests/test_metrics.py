@@ -207,6 +207,16 @@ def test_an_interrupted_evaluation_resumes_from_its_finished_chunks(tmp_path, mo
     other = CNF(MLPField(2, width=8, depth=1, key=jax.random.PRNGKey(5)), StandardNormal(2), n_steps=2)
     evaluate_flow(other, system, data, resume_dir=tmp_path, **kwargs)
     assert solves.count("push_forward") == 4
+    # Another evaluation seed draws new model samples; the exact log densities of the same
+    # target samples do not depend on it and are read back (Hutchinson's would not be).
+    solves[:] = []
+    reseeded, _ = evaluate_flow(flow, system, data, resume_dir=tmp_path, **{**kwargs, "key": jax.random.PRNGKey(2)})
+    assert solves.count("push_forward") == 4 and solves.count("log_prob_and_path_length_with_noise") == 0
+    assert reseeded["nll"] == straight["nll"] and reseeded["ess_q"] != straight["ess_q"]
+    noisy = CNF(MLPField(2, width=8, depth=1, key=jax.random.PRNGKey(0)), StandardNormal(2), n_steps=2, divergence="hutchinson")
+    for seed in (1, 2):
+        evaluate_flow(noisy, system, data, resume_dir=tmp_path, **{**kwargs, "key": jax.random.PRNGKey(seed)})
+    assert solves.count("log_prob_and_path_length_with_noise") == 10
 
 
 @pytest.mark.slow  # it switches float64 on and off for the whole process; in the full suite a later compile then segfaulted
