@@ -351,3 +351,31 @@ def test_an_epoch_budget_is_whole_passes_over_the_training_set(tmp_path):
     per_epoch = len(data.train) // 32
     _, records = fit(flow, data, FlowMatching(), optax.adam(1e-2), RunSettings(n_epochs=1.5, batch_size=32, progress=False), workdir=tmp_path)
     assert records[-1]["step"] == math.ceil(1.5 * per_epoch)
+
+
+def test_a_second_process_cannot_train_in_a_run_another_holds(tmp_path):
+    """The run folder's lock (train.RUN_LOCK): a run another process holds is refused by name; it is
+    re-entrant within a process, and fit releases what it claimed when it returns."""
+    import subprocess
+    import sys
+
+    from zoo import train
+
+    holder = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / train.RUN_LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(train.RunExistsError, match="another process is training"):
+            train.claim_run_dir(tmp_path / "checkpoint", resume=True, overwrite=False)
+    finally:
+        proc.kill()
+        proc.wait()
+    _, data, flow = gmm_setup()
+    settings = RunSettings(n_steps=2, batch_size=32, progress=False, log_every=1)
+    fit(flow, data, FlowMatching(), optax.adam(1e-2), settings, workdir=tmp_path)  # the holder is gone
+    assert tmp_path.resolve() not in train._HELD_RUNS
+    train.claim_run_dir(tmp_path / "checkpoint", resume=True, overwrite=False)
+    train.claim_run_dir(tmp_path / "checkpoint", resume=True, overwrite=False)  # re-entrant
+    fit(flow, data, FlowMatching(), optax.adam(1e-2), settings.replace(n_steps=3), workdir=tmp_path, resume=True)
+    assert tmp_path.resolve() in train._HELD_RUNS  # claimed before fit: kept
+    train._release_run_folders(keep=())

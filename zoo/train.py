@@ -9,8 +9,11 @@ resumed from its checkpoint at step N therefore continues exactly as an uninterr
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import functools
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -178,11 +181,47 @@ class RunExistsError(ZooError, FileExistsError):
     """A run would start in a folder that already holds one."""
 
 
+#: The lock file a training process holds in its run folder (beside ``checkpoint/``).
+RUN_LOCK = ".run.lock"
+
+#: Run folders this process holds, with the descriptors of their locks.
+_HELD_RUNS: dict[Path, int] = {}
+
+
+def _hold_run_folder(checkpoint_dir: Path) -> None:
+    """Lock the run folder of ``checkpoint_dir`` for this process (re-entrant within it).
+
+    A second process on the same run (a forgotten background job, a resume started twice)
+    would write checkpoints and log records beside the first one's: it is refused instead.
+    The lock is the kernel's (``flock``), so a killed process leaves none behind.
+    """
+    folder = Path(checkpoint_dir).resolve().parent
+    if folder in _HELD_RUNS:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunExistsError(f"another process is training in {folder} (it holds {folder / RUN_LOCK}): let it finish or stop it first") from None
+    _HELD_RUNS[folder] = fd
+
+
+def _release_run_folders(keep) -> None:
+    for folder in set(_HELD_RUNS) - set(keep):
+        os.close(_HELD_RUNS.pop(folder))  # closing the descriptor releases the lock
+
+
 def claim_run_dir(checkpoint_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to start a fresh run over a previous one unless told to continue it or replace it.
+    """Refuse to start a fresh run over a previous one unless told to continue it or replace it,
+    and refuse a second process on a run another one is training (:data:`RUN_LOCK`).
 
     With ``overwrite`` the previous run's checkpoints are removed; with ``resume`` they are kept.
+    The run folder stays locked for this process until the :func:`fit` that claimed it returns
+    (or, claimed outside ``fit``, until the process ends).
     """
+    _hold_run_folder(checkpoint_dir)
     step_dir = ckpt.latest_checkpoint(checkpoint_dir)
     if resume or step_dir is None:
         return
@@ -290,6 +329,21 @@ def _to_python(tree) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in tree.items()}
 
 
+def _releasing_run_folders(train):
+    """``train`` releases the run folders it claimed when it returns or raises."""
+
+    @functools.wraps(train)
+    def run(*args, **kwargs):
+        held = set(_HELD_RUNS)
+        try:
+            return train(*args, **kwargs)
+        finally:
+            _release_run_folders(keep=held)
+
+    return run
+
+
+@_releasing_run_folders
 def fit(
     model,
     dataset: Dataset,
