@@ -194,26 +194,20 @@ def compare(
     curves: dict[str, list[list[dict]]] = {r.name: [] for r in recipes}
     # One optimiser object per stage, reused across seeds, so jit caches are reused too.
     optimizers = {(r.name, i): optax.adam(s.learning_rate) for r in recipes for i, s in enumerate(r.stages)}
-    start_points: dict[int, dict] = {}  # a pretrained start's tracked metrics, the same for every recipe
+    first_points: dict[int, dict] = {}  # the step-0 tracked metrics per seed (a pretrained start's serve every recipe)
 
     for recipe in recipes:
         for seed in seeds:
-            if start is not None:
-                flow = start
-            else:
-                flow = config.make_flow(system, key=jax.random.fold_in(jax.random.PRNGKey(seed), 10**6))
+            flow = start if start is not None else config.make_flow(system, key=jax.random.fold_in(jax.random.PRNGKey(seed), 10**6))
             offset_s, offset_step, curve = 0.0, 0, []
             track_key = jax.random.PRNGKey(10_000 + seed)
 
             def evaluate(model, step):
                 return _tracked(configured_evaluation_flow(model), system, dataset, n_track, track_key)  # noqa: B023  (fit calls it within this iteration)
 
-            if start is None:
-                curve.append({"time_s": 0.0, "step": 0, **evaluate(flow, 0)})
-            else:
-                if seed not in start_points:
-                    start_points[seed] = {"time_s": 0.0, "step": 0, **evaluate(flow, 0)}
-                curve.append(start_points[seed])
+            if start is None or seed not in first_points:
+                first_points[seed] = {"time_s": 0.0, "step": 0, **evaluate(flow, 0)}
+            curve.append(first_points[seed])
             for i, stage in enumerate(recipe.stages):
                 run_dir = workdir / "runs" / f"{_slug(recipe.name)}_seed{seed}_stage{i}"
                 stage_settings = run.replace(time_budget_s=stage.fraction * time_budget_s, seed=seed, **stage.run_overrides())
