@@ -9,7 +9,9 @@ reaches says how much is left to gain on any machine.
   here: RK4 stages and samples): one field evaluation; value and gradient of one sample's
   flow-matching error (times the batch) for the FM step; one RK4 stage's velocity and
   divergence (Hutchinson: one JVP; exact: one JVP per dimension of the base's support) times 4 × steps × samples
-  for sampling. Work zoo saves by its own formulation (shared pair terms, a hand-written
+  for sampling; for the path-gradient step, one RK4 stage of each of its three solves (the inverse: a field
+  evaluation; the augmented solve for ∇ₓ log q: the vector-Jacobian product of velocity and divergence; the
+  parameter adjoint: the field's vector-Jacobian product in parameters and position) times 4 × steps × samples. Work zoo saves by its own formulation (shared pair terms, a hand-written
   reverse pass) is not counted as done, so the rate is a rate of useful work.
 - **The attainable rate** is the best float32 rate of ``jnp.matmul`` measured in the same run
   on the matrix products the field is made of: for the EGNN the edge products
@@ -41,10 +43,12 @@ def count_flops(fn, *args) -> float:
     return float(flops) if flops is not None and flops > 0 else math.nan
 
 
-def unit_flops(flow, *, t: float = 0.5) -> dict[str, float]:
+def unit_flops(flow, *, t: float = 0.5, pg_divergence: str = "hutchinson") -> dict[str, float]:
     """Per-sample FLOPs: ``field`` (one evaluation), ``fm`` (value and parameter gradient of
     one sample's squared error), ``stage_hutchinson`` and ``stage_exact`` (one RK4 stage's
-    velocity and divergence)."""
+    velocity and divergence), ``pg_augmented`` and ``pg_adjoint`` (one stage of the
+    path-gradient step's augmented solve, with ``pg_divergence``, and of its parameter
+    adjoint) and ``stage_pg`` (one stage of all three of its solves: inverse, augmented, adjoint)."""
     dim = flow.dim
     x = jnp.asarray(flow.base.sample(jax.random.PRNGKey(0), 1)[0], jnp.float32)
     u = jnp.ones(dim, jnp.float32)
@@ -56,22 +60,41 @@ def unit_flops(flow, *, t: float = 0.5) -> dict[str, float]:
 
     hutchinson = flow.with_settings(divergence="hutchinson")
     exact = flow.with_settings(divergence=ExactTrace())
-    return {
+    pg = flow.with_settings(divergence=pg_divergence)
+    eps = u if pg.needs_key else None
+
+    def augmented_stage(y, a):
+        # (v, ∇·v) and its x-gradient with cotangent (a, 1): da/dt = -(∂v/∂x)ᵀa - ∇ₓ(∇·v).
+        (v, div), vjp = jax.vjp(lambda yy: pg.velocity_and_divergence(t, yy, eps), y)
+        return v, div, vjp((a, jnp.ones_like(div)))
+
+    def adjoint_stage(p, y, a):
+        # v and (∂v/∂θ)ᵀa, (∂v/∂x)ᵀa: the continuous adjoint that carries c back to the parameters.
+        v, vjp = jax.vjp(lambda pp, yy: eqx.combine(pp, static)(t, yy), p, y)
+        return v, vjp(a)
+
+    units = {
         "field": count_flops(lambda y: field(t, y), x),
         "fm": count_flops(jax.value_and_grad(squared_error), params, x, u),
         "stage_hutchinson": count_flops(lambda y, e: hutchinson.velocity_and_divergence(t, y, e), x, u),
         "stage_exact": count_flops(lambda y: exact.velocity_and_divergence(t, y, None), x),
+        "pg_augmented": count_flops(augmented_stage, x, u),
+        "pg_adjoint": count_flops(adjoint_stage, params, x, u),
     }
+    units["stage_pg"] = units["field"] + units["pg_augmented"] + units["pg_adjoint"]
+    return units
 
 
 def work_flops(units: dict[str, float], work: str, batch: int, n_steps: int = 20) -> float:
     """FLOPs of one benchmarked call: ``fm``/``fm_at_pg_batch``/``eqot`` steps (the EQ-OT pairing
     is not floating-point work of the field and is not counted), ``sample_hutchinson``,
-    ``sample_exact`` (RK4 with ``n_steps``); NaN for work without a count (the PG step)."""
+    ``sample_exact`` and ``pg`` (RK4 with ``n_steps``); NaN for work without a count."""
     if work in ("fm", "fm_at_pg_batch", "eqot"):
         return units["fm"] * batch
     if work.startswith("sample_"):
         return units["stage_" + work.removeprefix("sample_")] * 4 * n_steps * batch
+    if work == "pg":
+        return units["stage_pg"] * 4 * n_steps * batch
     return math.nan
 
 

@@ -16,7 +16,9 @@ def _check(results, names):
         assert r["pg_over_fm"] > 1  # a PG step solves three ODEs; an FM step evaluates the field once
         assert ("eqot" in timing) == suite.CASES[name].eqot  # the EQ-OT step where the case asks for it
         assert timing["fm"]["gflop_per_s"] > 0 and timing["fm"]["of_attainable"] > 0  # FLOP rate against the machine's
-        assert timing["pg"]["gflop_per_s"] != timing["pg"]["gflop_per_s"]  # the PG step has no count (NaN)
+        assert timing["pg"]["gflop_per_s"] > 0 and timing["pg"]["of_attainable"] > 0  # every row has a rate
+        assert r["pg_over_fm_flops"] > 4 * suite.PG_STEPS  # 4 × 15 stages, each (three solves) more work than an FM step
+
 
 
 def test_quick_suite_on_the_2d_model(capsys, tmp_path):
@@ -52,7 +54,8 @@ def test_quick_suite_on_every_case():
 
 def test_flop_counts_against_formulas():
     """XLA's count of a matmul is 2mkn, a loop body is counted once (which is why benchmarks/flops.py
-    multiplies loops out), and an MLP field costs its products plus a few operations per unit."""
+    multiplies loops out), an MLP field costs its products plus a few operations per unit, and the
+    PG stage's parts cost what their forward and reverse passes make them."""
     import jax
     import jax.numpy as jnp
 
@@ -74,7 +77,15 @@ def test_flop_counts_against_formulas():
     assert units["field"] < units["stage_hutchinson"] <= units["stage_exact"] <= 4 * units["field"]  # d = 2 JVPs
     assert flops.work_flops(units, "sample_exact", 10, n_steps=20) == units["stage_exact"] * 4 * 20 * 10
     assert flops.work_flops(units, "eqot", 8) == 8 * units["fm"]
-    assert flops.work_flops(units, "pg", 8) != flops.work_flops(units, "pg", 8)  # NaN: not counted
+    # A PG stage: the inverse's field evaluation, the augmented solve's reverse pass over velocity and
+    # divergence (about twice their forward work), the adjoint's reverse pass in parameters and position.
+    assert 2 * units["field"] <= units["pg_adjoint"] <= 3 * units["field"]
+    assert 1.5 * units["stage_hutchinson"] <= units["pg_augmented"] <= 3 * units["stage_hutchinson"]
+    assert units["stage_pg"] == units["field"] + units["pg_augmented"] + units["pg_adjoint"]
+    exact_pg = flops.unit_flops(CNF(field, StandardNormal(2)), pg_divergence="exact")
+    assert 1.5 * units["stage_exact"] <= exact_pg["pg_augmented"] <= 3 * units["stage_exact"]
+    assert flops.work_flops(units, "pg", 8, n_steps=15) == units["stage_pg"] * 4 * 15 * 8
+    assert flops.work_flops(units, "unknown", 8) != flops.work_flops(units, "unknown", 8)  # NaN: not counted
     assert flops.product_shapes(field, [5]) == [(5, i, o) for o, i in shapes]
     rate = flops.matmul_rate([(64, 32, 16), (128, 32, 16)], repeats=3, min_seconds=0.001)
     assert rate["best"] == max(rate["by_shape"].values()) > 0
