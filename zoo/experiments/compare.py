@@ -23,7 +23,6 @@ import numpy as np
 import optax
 
 import gin
-from zoo import checkpoint
 from zoo._version import __version__
 from zoo.experiments import config
 from zoo.experiments.registry import register
@@ -176,7 +175,7 @@ def compare(
     start = None
     if pretrained is not None:
         path = resolve_checkpoint(pretrained)
-        restored = checkpoint.load_checkpoint(path, model_like=config.make_flow(system, key=jax.random.PRNGKey(0)))
+        restored = config.restore_flow(path, system)
         start = restored.model
         print(f"every run starts from {path} (step {restored.step})")
     _claim_start(workdir, {"pretrained": None if start is None else str(pretrained), "flow": None if start is None else fingerprint(start)}, resume=resume)

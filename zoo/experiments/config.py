@@ -167,11 +167,12 @@ def make_flow(system, *, key, field=gin.REQUIRED, flow=CNF, base=None) -> CNF:
     return flow(field=field_module, base=base)
 
 
-def build_from_config(config_str: str, *, key=None):
-    """Rebuild (system, flow template) from a stored operative config string."""
+def restore_flow(checkpoint_dir, system):
+    """The checkpoint in ``checkpoint_dir`` restored into the flow the parsed config builds for
+    ``system`` (:func:`make_flow` gives the template; a stored model of another structure is
+    refused by :func:`zoo.checkpoint.load_checkpoint`). Returns its ``Checkpoint`` record."""
     import jax
 
-    parse(config_str=config_str)
-    system = make_system()
-    flow = make_flow(system, key=key if key is not None else jax.random.PRNGKey(0))
-    return system, flow
+    from zoo import checkpoint
+
+    return checkpoint.load_checkpoint(checkpoint_dir, model_like=make_flow(system, key=jax.random.PRNGKey(0)))

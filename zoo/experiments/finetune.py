@@ -17,7 +17,6 @@ import jax
 import numpy as np
 
 import gin
-from zoo import checkpoint as ckpt
 from zoo.experiments import config
 from zoo.experiments.runs import configured_evaluation_flow, evaluation, fit_tracking_fm
 from zoo.flows.cnf import describe_in_words
@@ -96,8 +95,7 @@ def finetune(
     dataset = config.make_dataset(system)
     # Before the first evaluation's minutes, so that a conflicting budget fails at once.
     run.steps_for(len(dataset.train))
-    flow_like = config.make_flow(system, key=jax.random.PRNGKey(0))
-    restored = ckpt.load_checkpoint(path, model_like=flow_like)
+    restored = config.restore_flow(path, system)
     flow = restored.model
     print(f"loaded {path} (step {restored.step}) for {type(system).__name__}")
     if probe_lr:

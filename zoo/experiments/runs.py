@@ -214,8 +214,7 @@ def load_flow(path, *, extra_gin_files=(), extra_bindings=()):
     as_released = [] if released is None else evaluation_bindings(released)
     config.parse(extra_gin_files, [*as_released, *extra_bindings], config_str=info.config)
     system = config.make_system()
-    flow_like = config.make_flow(system, key=jax.random.PRNGKey(0))
-    restored = ckpt.load_checkpoint(path, model_like=flow_like)
+    restored = config.restore_flow(path, system)
     return system, restored.model, restored
 
 
