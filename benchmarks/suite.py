@@ -212,7 +212,7 @@ def run_case(name: str, case: Case, repeats: int) -> dict:
         "pg_over_fm": timing["pg"]["wall_ms"] / fm_equal["wall_ms"],
         "pg_over_fm_cpu": timing["pg"]["cpu_ms"] / fm_equal["cpu_ms"],
         # The same ratio in counted work per sample: what the wall ratio would be at equal FLOP rates.
-        "pg_over_fm_flops": units["stage_pg"] * 4 * PG_STEPS / units["fm"],
+        "pg_over_fm_flops": flops.work_flops(units, "pg", 1, n_steps=PG_STEPS) / flops.work_flops(units, "fm", 1),
         "pg_temp_bytes": pg_temp,
         "flops_per_sample": units,
         "matmul_gflop_per_s": {"best": attainable["best"] / 1e9, **{k: v / 1e9 for k, v in attainable["by_shape"].items()}},

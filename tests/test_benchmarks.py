@@ -20,7 +20,6 @@ def _check(results, names):
         assert r["pg_over_fm_flops"] > 4 * suite.PG_STEPS  # 4 × 15 stages, each (three solves) more work than an FM step
 
 
-
 def test_quick_suite_on_the_2d_model(capsys, tmp_path):
     out = tmp_path / "results.json"
     results = suite.main(["--quick", "--only", "mlp2d", "--out", str(out)])

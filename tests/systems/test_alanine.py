@@ -443,6 +443,8 @@ def test_generate_classical_short_run_resumes(tmp_path):
     stats = alanine_data.classical_statistics(arrays)
     assert stats["n"] == 4 and -150 < stats["mean_potential_kj_mol"] < 50
     assert stats["n_blocks"] == 4 and stats["mean_potential_kj_mol_se"] > 0
+    given_phi = alanine_data.classical_statistics(arrays, phi=alanine_data.phi_psi(arrays["positions"])[0])
+    assert {k: v for k, v in given_phi.items() if k != "reference"} == {k: v for k, v in stats.items() if k != "reference"}
 
 
 def test_generate_xtb_short_run_resumes(tmp_path, frames):

@@ -94,7 +94,7 @@ def ad2_classical_md(
     bounds = {"train": (0, n_frames - n_val - n_test), "val": (n_frames - n_val - n_test, n_frames - n_test), "test": (n_frames - n_test, n_frames)}
     splits = {name: {k: v[a:b] for k, v in arrays.items()} for name, (a, b) in bounds.items()}
     phi = alanine_data.phi_psi(arrays["positions"])[0]
-    statistics = alanine_data.classical_statistics(arrays, temperature)
+    statistics = alanine_data.classical_statistics(arrays, temperature, phi=phi)
     meta = {
         "description": "AD2 classical (ff99SB-ILDN + OBC, 300 K): one unbiased Langevin MD run, split in time (train, val, test)",
         "generator": {**ChunkLog.existing(workdir / "md").manifest["params"], **status},

@@ -288,7 +288,7 @@ def phi_positive_entries(phi: np.ndarray) -> int:
     return entries
 
 
-def classical_statistics(arrays: Mapping[str, np.ndarray], temperature: float = 300.0, n_blocks: int = 20) -> dict:
+def classical_statistics(arrays: Mapping[str, np.ndarray], temperature: float = 300.0, n_blocks: int = 20, *, phi: np.ndarray | None = None) -> dict:
     """Mean and sd of the potential energy (kJ/mol), the φ > 0 fraction and the entries into
     that state of one run in time order, beside the reference runs.
 
@@ -297,10 +297,11 @@ def classical_statistics(arrays: Mapping[str, np.ndarray], temperature: float = 
     from ``n_blocks`` contiguous blocks in time (:func:`zoo.data.mcmc.block_mean_and_error`);
     the φ > 0 fraction's is only as good as the number of entries is large (a block with no
     visit says little about the next). ``sem_potential_kj_mol_uncorrelated`` ignores the
-    correlation of neighbouring frames, a lower bound kept for comparison.
+    correlation of neighbouring frames, a lower bound kept for comparison. ``phi`` is the
+    run's φ series if the caller has it already (:func:`phi_psi` of the positions otherwise).
     """
     e = np.asarray(arrays["energies"], np.float64) * kbt_kj_per_mol(temperature)
-    phi = phi_psi(arrays["positions"])[0]
+    phi = phi_psi(arrays["positions"])[0] if phi is None else np.asarray(phi)
     n_blocks = min(n_blocks, len(e))  # a short run: one frame a block
     mean_e, se_e = block_mean_and_error(e, n_blocks)
     fraction, se_fraction = block_mean_and_error((phi > 0).astype(np.float64), n_blocks)
