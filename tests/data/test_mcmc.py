@@ -74,6 +74,21 @@ def test_block_error_of_an_ar1_mean_matches_the_exact_variance():
     np.testing.assert_allclose(results[:, 0], x.mean(axis=1))
 
 
+def test_block_error_over_independent_runs_matches_the_exact_variance():
+    """Four independent AR(1) runs of n/4 each, blocked within each run: the error of their
+    grand mean is that of one series of n, and no block straddles two runs (a run with a
+    constant offset against the others widens the error as the spread of four runs does)."""
+    phi, n_runs, n = 0.9, 4, 20_000
+    x = ar1(phi, n_chains=200 * n_runs, n=n // n_runs, seed=4).reshape(200, n_runs, n // n_runs)
+    exact_se = math.sqrt((1 + phi) / (1 - phi) / n)
+    results = np.array([block_mean_and_error(runs, n_blocks=5) for runs in x])
+    assert np.sqrt(np.mean(results[:, 1] ** 2)) == pytest.approx(exact_se, rel=0.12)
+    np.testing.assert_allclose(results[:, 0], x.reshape(200, -1).mean(axis=1))
+    offset = np.array([0.0, 0.0, 0.0, 1.0])[:, None]
+    _, se = block_mean_and_error(np.zeros((n_runs, 100)) + offset, n_blocks=5)
+    assert se == pytest.approx(np.repeat([0.0, 0.0, 0.0, 1.0], 5).std(ddof=1) / math.sqrt(20))
+
+
 def test_gelman_rubin_detects_disagreeing_chains():
     rng = np.random.default_rng(0)
     iid = rng.standard_normal((8, 2000))
@@ -93,7 +108,9 @@ def test_estimators_reject_bad_input():
     with pytest.raises(ValueError, match="n_blocks"):
         block_mean_and_error(np.zeros(10), n_blocks=1)
     with pytest.raises(ValueError, match="one series"):
-        block_mean_and_error(np.zeros((2, 10)))
+        block_mean_and_error(np.zeros((2, 2, 10)))
+    with pytest.raises(ValueError, match="n_blocks"):
+        block_mean_and_error(np.zeros((2, 10)), n_blocks=11)
 
 
 def test_settings_validation():

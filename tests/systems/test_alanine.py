@@ -477,7 +477,8 @@ def test_phi_positive_entries_counts_transitions_not_wraps_or_recrossings():
 
 
 def test_generate_data_tool_runs_the_classical_md_generator(tmp_path):
-    """tools/generate-data --gin=data_ad2_classical: partial, resumed, then a data set split in time."""
+    """tools/generate-data --gin=data_ad2_classical: two seeds' runs, partial in one process,
+    resumed side by side in two, then a data set with each run split in time."""
     pytest.importorskip("openmm")
     from zoo.cli import generate_data
 
@@ -489,20 +490,27 @@ def test_generate_data_tool_runs_the_classical_md_generator(tmp_path):
         f"--gin_param=ad2_classical_md.output_dir = '{tmp_path / 'set'}'",
     ]
     args = ["--gin=data_ad2_classical", f"--workdir={tmp_path / 'work'}", "--no_progress", *tiny]
-    assert generate_data.main([*args, "--max_chunks=1"]) == 0
-    assert not (tmp_path / "set").exists() and alanine_data.progress(tmp_path / "work" / "md")["frames"] == 5
+    assert generate_data.main([*args, "--max_chunks=1", "--gin_param=ad2_classical_md.n_workers = 1"]) == 0
+    assert not (tmp_path / "set").exists()
+    assert [alanine_data.progress(tmp_path / "work" / f"md_seed{s}")["frames"] for s in (1, 2)] == [5, 5]
     assert generate_data.main(args) == 0
     manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
     info = manifest["ad2"]
-    assert {k: v["n"] for k, v in info["splits"].items()} == {"train": 7, "val": 1, "test": 2}
+    assert {k: v["n"] for k, v in info["splits"].items()} == {"train": 14, "val": 2, "test": 4}
     assert set(info["phi_positive_entries"]) == {"all", "train", "val", "test"}
-    assert info["statistics"]["n"] == 10 and info["generator"]["frames"] == 10
-    # split in time: train holds the run's first frames, test its last
+    assert info["statistics"]["n"] == 20 and info["statistics"]["n_runs"] == 2
+    assert info["generator"]["frames"] == 20 and info["generator"]["seeds"] == [1, 2] and info["simulated_ns"] == pytest.approx(2e-4)
+    # each run split in time: train holds both runs' first frames, test their last
     train = alanine_data.read_arrays(tmp_path / "set", "train")
-    assert list(train["source_index"]) == list(range(7))
-    assert list(alanine_data.read_arrays(tmp_path / "set", "test")["source_index"]) == [8, 9]
+    assert list(train["source_index"]) == [*range(7), *range(10, 17)]
+    assert list(alanine_data.read_arrays(tmp_path / "set", "test")["source_index"]) == [8, 9, 18, 19]
+    # the seeds' runs differ, and each is its seed's run whichever process made it
+    seed1 = alanine_data.collect(tmp_path / "work" / "md_seed1")["positions"]
+    assert not np.allclose(seed1, alanine_data.collect(tmp_path / "work" / "md_seed2")["positions"])
+    np.testing.assert_allclose(alanine_data.centre(seed1[:7]).reshape(7, -1), train["positions"][:7].reshape(7, -1), atol=1e-6)
     ds = stored_dataset(alanine.AlanineDipeptideClassical(), path=str(tmp_path / "set"))
-    assert ds.train.positions.shape == (7, 66) and ds.train.forces is not None
+    assert ds.train.positions.shape == (14, 66) and ds.train.forces is not None
+    assert "All 2 runs" in (tmp_path / "set" / "README.md").read_text()
     for name in ("README.md", "operative_config.gin", "plots/ramachandran.png", "plots/energy_histogram.png"):
         assert (tmp_path / "set" / name).is_file(), name
 

@@ -275,23 +275,27 @@ def integrated_autocorr_time(x, c: float = 5.0) -> tuple[float, int]:
 
 
 def block_mean_and_error(x, n_blocks: int = 20) -> tuple[float, float]:
-    r"""Mean of one correlated series (T,) and its standard error from contiguous blocks.
+    r"""Mean of a correlated series (T,) and its standard error from contiguous blocks.
 
     The series is cut into ``n_blocks`` equal blocks (the last T mod n_blocks values sit in
-    none) and the error is $\mathrm{sd}(\bar x_b)/\sqrt{n_\mathrm{blocks}}$ over the ``n_blocks`` block means. It
+    none) and the error is $\mathrm{sd}(\bar x_b)/\sqrt{B}$ over the $B$ = ``n_blocks`` block means. It
     is right when a block is much longer than the integrated autocorrelation time, so that
     block means are nearly independent; for a rare event, also when each block sees several
     entries into and exits from the state (else it understates, and the count of entries
     says more). Unlike the naive $\mathrm{sd}(x)/\sqrt{T}$ it needs no estimate of τ.
+
+    ``x`` of shape (R, T) is R independent runs of equal length: each is cut into
+    ``n_blocks`` blocks (no block straddles two runs), $B = R \cdot$ ``n_blocks``.
     """
     x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 1:
-        raise ValueError(f"block_mean_and_error takes one series (T,), got shape {x.shape}")
-    if n_blocks < 2 or len(x) < n_blocks:
-        raise ValueError(f"need n_blocks >= 2 blocks of at least one value each, got n_blocks={n_blocks} for {len(x)} values")
-    size = len(x) // n_blocks
-    means = x[: size * n_blocks].reshape(n_blocks, size).mean(axis=1)
-    return float(x.mean()), float(means.std(ddof=1) / math.sqrt(n_blocks))
+    if x.ndim not in (1, 2):
+        raise ValueError(f"block_mean_and_error takes one series (T,) or equal runs (R, T), got shape {x.shape}")
+    runs = x.reshape(-1, x.shape[-1])
+    if n_blocks < 1 or runs.shape[0] * n_blocks < 2 or runs.shape[1] < n_blocks:
+        raise ValueError(f"need at least two blocks of at least one value each, got n_blocks={n_blocks} for runs of shape {x.shape}")
+    size = runs.shape[1] // n_blocks
+    means = runs[:, : size * n_blocks].reshape(-1, size).mean(axis=1)
+    return float(x.mean()), float(means.std(ddof=1) / math.sqrt(len(means)))
 
 
 def gelman_rubin(x) -> float:

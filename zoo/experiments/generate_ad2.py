@@ -4,18 +4,23 @@
 resumable generators of :mod:`zoo.systems.alanine.data` and, once every chunk is done, write the data
 set (manifest, splits with forces, diagnostics, plots, README):
 
-- :func:`ad2_classical_md` — one unbiased OpenMM Langevin run at 300 K split in time
-  (train, then val, then test: blocks far apart in time are closer to independent than
-  shuffled neighbouring frames), with the φ > 0 fraction and the number of entries into
-  that state per split, beside the long reference runs' statistics;
+- :func:`ad2_classical_md` — unbiased OpenMM Langevin runs at 300 K, one per seed side by
+  side, each split in time (train, then val, then test: blocks far apart in time are closer
+  to independent than shuffled neighbouring frames), with the φ > 0 fraction and the number
+  of entries into that state per split, beside the long reference runs' statistics;
 - :func:`ad2_xtb_relaxed` — classical states (from a stored classical set, split by split)
   relaxed by short GFN2-xTB Langevin runs.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
+import os
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 import gin
 from zoo.experiments import config
@@ -49,9 +54,10 @@ def ad2_classical_md(
     *,
     output_dir=None,
     n_frames: int = 500_000,
+    seeds: tuple[int, ...] = (1,),
+    n_workers: int | None = None,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
-    seed: int = 1,
     temperature: float = 300.0,
     friction_per_ps: float = 1.0,
     timestep_fs: float = 2.0,
@@ -64,19 +70,26 @@ def ad2_classical_md(
     progress: bool = True,
     plots: bool = True,
 ) -> dict | None:
-    """Unbiased classical MD into ``workdir/md`` (resumable); the data set when the run is complete.
+    """Unbiased classical MD, one run of ``n_frames`` per seed into ``workdir/md_seed<seed>``
+    (resumable); the data set when every run is complete.
 
-    Returns None while chunks remain (after ``max_chunks``). Frames are split in time:
-    the first ``1 - val_fraction - test_fraction`` go to train, then val, then test.
+    The runs go side by side in ``n_workers`` processes (default: one per seed, at most one
+    per core; OpenMM's Reference platform uses one core). Returns None while chunks remain
+    (``max_chunks`` bounds each run's chunks in this call). Every run is split in time: its
+    first ``1 - val_fraction - test_fraction`` go to train, then val, then test, and each
+    split holds its part of every run in seed order (``source_index``: the frame in its run
+    plus ``n_frames`` times the run's place in ``seeds``).
     """
     workdir = Path(workdir)
-    output_dir = _prepare(workdir, output_dir, resume, ("md",))
+    seeds = tuple(int(s) for s in seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    caches = {seed: workdir / f"md_seed{seed}" for seed in seeds}
+    output_dir = _prepare(workdir, output_dir, resume, tuple(p.name for p in caches.values()))
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in (0, 1) and sum below 1")
-    status = alanine_data.generate_classical(
-        workdir / "md",
+    md = dict(
         n_frames=n_frames,
-        seed=seed,
         temperature=temperature,
         friction_per_ps=friction_per_ps,
         timestep_fs=timestep_fs,
@@ -87,26 +100,53 @@ def ad2_classical_md(
         max_chunks=max_chunks,
         log=print if progress else None,
     )
-    if status["frames"] < n_frames:
+    jobs = [(caches[seed], {**md, "seed": seed}) for seed in seeds]
+    n_workers = min(len(seeds), os.cpu_count() or 1) if n_workers is None else n_workers
+    if n_workers > 1 and len(jobs) > 1:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(min(n_workers, len(jobs)), mp_context=context) as pool:
+            status = list(pool.map(_run_classical, jobs))
+    else:
+        status = [_run_classical(job) for job in jobs]
+    if any(s["frames"] < n_frames for s in status):
         return None
-    arrays = alanine_data.collect(workdir / "md")
+    runs = [alanine_data.collect(caches[seed]) for seed in seeds]
     n_test, n_val = round(test_fraction * n_frames), round(val_fraction * n_frames)
     bounds = {"train": (0, n_frames - n_val - n_test), "val": (n_frames - n_val - n_test, n_frames - n_test), "test": (n_frames - n_test, n_frames)}
-    splits = {name: {k: v[a:b] for k, v in arrays.items()} for name, (a, b) in bounds.items()}
-    phi = alanine_data.phi_psi(arrays["positions"])[0]
-    statistics = alanine_data.classical_statistics(arrays, temperature, phi=phi)
+    for i, arrays in enumerate(runs):
+        arrays["source_index"] = arrays["source_index"] + i * n_frames
+    splits = {name: {k: np.concatenate([run[k][a:b] for run in runs]) for k in runs[0]} for name, (a, b) in bounds.items()}
+    phi = [alanine_data.phi_psi(run["positions"])[0] for run in runs]
+    everything = {k: np.concatenate([run[k] for run in runs]) for k in ("energies", "positions")}
+    statistics = alanine_data.classical_statistics(everything, temperature, phi=np.concatenate(phi), n_runs=len(runs))
     meta = {
-        "description": "AD2 classical (ff99SB-ILDN + OBC, 300 K): one unbiased Langevin MD run, split in time (train, val, test)",
-        "generator": {**ChunkLog.existing(workdir / "md").manifest["params"], **status},
+        "description": (
+            f"AD2 classical (ff99SB-ILDN + OBC, 300 K): {len(runs)} unbiased Langevin MD run{'s' if len(runs) > 1 else ''}"
+            " (seeds " + ", ".join(map(str, seeds)) + "), each split in time (train, val, test)"
+        ),
+        "generator": {
+            **{k: v for k, v in ChunkLog.existing(caches[seeds[0]]).manifest["params"].items() if k != "seed"},
+            "seeds": list(seeds),
+            "frames": sum(s["frames"] for s in status),
+            "chunks": sum(s["chunks"] for s in status),
+            "failed": sum(s["failed"] for s in status),
+            "seconds": sum(s["seconds"] for s in status),
+        },
         "statistics": statistics,
         "phi_positive_entries": {
             "all": statistics["phi_positive_entries"],
-            **{name: alanine_data.phi_positive_entries(phi[a:b]) for name, (a, b) in bounds.items()},
+            **{name: sum(alanine_data.phi_positive_entries(p[a:b]) for p in phi) for name, (a, b) in bounds.items()},
         },
-        "simulated_ns": n_frames * save_every_ps / 1000,
+        "simulated_ns": len(runs) * n_frames * save_every_ps / 1000,
     }
     entry = alanine_data.write_dataset(output_dir, splits, meta)
     return _finish(output_dir, entry, plots)
+
+
+def _run_classical(job) -> dict:
+    """One seed's MD (:func:`zoo.systems.alanine.data.generate_classical`), in a worker process or here."""
+    cache_dir, kwargs = job
+    return alanine_data.generate_classical(cache_dir, **kwargs)
 
 
 @gin.configurable
@@ -169,10 +209,11 @@ def describe(entry: dict) -> str:
         ref = stats["reference"]
         lines += [
             "",
-            f"Whole run: ⟨E⟩ = {stats['mean_potential_kj_mol']:.2f}{_error(stats, 'mean_potential_kj_mol_se')} kJ/mol "
+            ("Whole run" if stats.get("n_runs", 1) == 1 else f"All {stats['n_runs']} runs")
+            + f": ⟨E⟩ = {stats['mean_potential_kj_mol']:.2f}{_error(stats, 'mean_potential_kj_mol_se')} kJ/mol "
             f"(sd {stats['sd_potential_kj_mol']:.2f}), φ > 0 fraction {stats['phi_positive_fraction']:.4f}"
             f"{_error(stats, 'phi_positive_fraction_se')}, {entries.get('all', '?')} entries"
-            + (f" (errors from {stats['n_blocks']} blocks in time)" if "n_blocks" in stats else "")
+            + (f" (errors from {stats['n_blocks']} blocks in time{' within the runs' if stats.get('n_runs', 1) > 1 else ''})" if "n_blocks" in stats else "")
             + "; "
             f"the long reference runs: ⟨E⟩ = {ref['mean_potential_kj_mol'][0]} / {ref['mean_potential_kj_mol'][1]} kJ/mol "
             f"(sd {ref['sd_potential_kj_mol'][0]} / {ref['sd_potential_kj_mol'][1]}), φ > 0 fraction "

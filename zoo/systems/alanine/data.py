@@ -288,33 +288,42 @@ def phi_positive_entries(phi: np.ndarray) -> int:
     return entries
 
 
-def classical_statistics(arrays: Mapping[str, np.ndarray], temperature: float = 300.0, n_blocks: int = 20, *, phi: np.ndarray | None = None) -> dict:
+def classical_statistics(
+    arrays: Mapping[str, np.ndarray], temperature: float = 300.0, n_blocks: int = 20, *, phi: np.ndarray | None = None, n_runs: int = 1
+) -> dict:
     """Mean and sd of the potential energy (kJ/mol), the φ > 0 fraction and the entries into
-    that state of one run in time order, beside the reference runs.
+    that state of MD in time order, beside the reference runs.
 
     ``arrays`` has ``energies`` (u in k_BT) and ``positions`` (n, 22, 3) or (n, 66) nm,
-    e.g. :func:`collect` of a :func:`generate_classical` cache. The errors (``*_se``) come
-    from ``n_blocks`` contiguous blocks in time (:func:`zoo.data.mcmc.block_mean_and_error`);
-    the φ > 0 fraction's is only as good as the number of entries is large (a block with no
-    visit says little about the next). ``sem_potential_kj_mol_uncorrelated`` ignores the
+    e.g. :func:`collect` of a :func:`generate_classical` cache, or ``n_runs`` independent
+    runs of equal length one after the other. The errors (``*_se``) come from ``n_blocks``
+    contiguous blocks in time, ``n_blocks // n_runs`` within each run
+    (:func:`zoo.data.mcmc.block_mean_and_error`); the φ > 0 fraction's is only as good as the
+    number of entries is large (a block with no visit says little about the next). Entries
+    are counted within each run. ``sem_potential_kj_mol_uncorrelated`` ignores the
     correlation of neighbouring frames, a lower bound kept for comparison. ``phi`` is the
-    run's φ series if the caller has it already (:func:`phi_psi` of the positions otherwise).
+    φ series if the caller has it already (:func:`phi_psi` of the positions otherwise).
     """
     e = np.asarray(arrays["energies"], np.float64) * kbt_kj_per_mol(temperature)
     phi = phi_psi(arrays["positions"])[0] if phi is None else np.asarray(phi)
-    n_blocks = min(n_blocks, len(e))  # a short run: one frame a block
-    mean_e, se_e = block_mean_and_error(e, n_blocks)
-    fraction, se_fraction = block_mean_and_error((phi > 0).astype(np.float64), n_blocks)
+    if n_runs < 1 or len(e) % n_runs:
+        raise ValueError(f"{len(e)} frames cannot be {n_runs} runs of equal length")
+    run_length = len(e) // n_runs
+    # A short run: one frame a block; several runs: at least one block each.
+    blocks_per_run = max(1, min(n_blocks // n_runs, run_length))
+    mean_e, se_e = block_mean_and_error(e.reshape(n_runs, run_length), blocks_per_run)
+    fraction, se_fraction = block_mean_and_error((phi > 0).astype(np.float64).reshape(n_runs, run_length), blocks_per_run)
     return {
         "n": int(len(e)),
+        "n_runs": n_runs,
         "mean_potential_kj_mol": mean_e,
         "mean_potential_kj_mol_se": se_e,
         "sem_potential_kj_mol_uncorrelated": float(e.std(ddof=1) / math.sqrt(len(e))),
         "sd_potential_kj_mol": float(e.std(ddof=1)),
         "phi_positive_fraction": fraction,
         "phi_positive_fraction_se": se_fraction,
-        "phi_positive_entries": phi_positive_entries(phi),
-        "n_blocks": n_blocks,
+        "phi_positive_entries": sum(phi_positive_entries(run) for run in phi.reshape(n_runs, run_length)),
+        "n_blocks": blocks_per_run * n_runs,
         "reference": CLASSICAL_REFERENCE,
     }
 
