@@ -44,7 +44,7 @@ def test_compare_tool_writes_table_curves_and_views(tmp_path):
     assert "| start: gmm_fm |" in table and "starts from gmm_fm" in table
     summary = json.loads((workdir / "results.json").read_text())
     results = summary["results"]
-    assert summary["pretrained"] == "gmm_fm" and list(results) == ["start: gmm_fm", "FM only", "hybrid FM -> PG"]
+    assert summary["pretrained"] == "gmm_fm" and summary["complete"] and list(results) == ["start: gmm_fm", "FM only", "hybrid FM -> PG"]
     assert results["start: gmm_fm"][0]["steps"] == 0
     # The evaluation bindings of training runs apply to the comparison's evaluations too.
     assert [(m["divergence"], m["n_samples_q"], m["n_samples_p"]) for ms in results.values() for m in ms] == [("hutchinson", 64, 64)] * 3
@@ -144,3 +144,22 @@ def test_a_resumed_comparison_must_start_where_it_started(tmp_path):
         _claim_start(tmp_path, {"pretrained": "gmm_fm", "flow": "cd" * 32}, resume=True)
     _claim_start(tmp_path, {"pretrained": None, "flow": None}, resume=False)  # starting over records the new start
     assert json.loads((tmp_path / "start.json").read_text())["pretrained"] is None
+
+
+def test_the_table_so_far_names_the_runs_it_lacks(tmp_path):
+    """After each run the comparison writes its table: a recipe with some seeds done says how
+    many, one with none has no row yet, and results.json says the comparison is incomplete."""
+    from zoo.experiments.compare import _write_summary
+
+    run = {"nll": 2.0, "ess_q": 0.5, "ess_p": 0.4, "steps": 10, "n_samples_q": 64, "n_samples_p": 32}
+    results = {"FM only": [run], "PG only": []}
+    table = _write_summary(tmp_path, results, {"FM only": [[]], "PG only": []}, time_budget_s=5.0, seeds=(0, 1), pretrained=None)
+    assert "| FM only (1 of 2 seeds so far) | 2 ± 0 |" in table and "PG only" not in table
+    assert "from 64 model samples" in table and (tmp_path / "table.md").read_text() == table
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["complete"] is False and summary["results"] == results
+    results["FM only"].append({**run, "nll": 4.0})
+    results["PG only"] += [run, run]
+    table = _write_summary(tmp_path, results, {}, time_budget_s=5.0, seeds=(0, 1), pretrained=None)
+    assert "| FM only | 3 ± 1.4 |" in table and "| PG only | 2 ± 0 |" in table
+    assert json.loads((tmp_path / "results.json").read_text())["complete"] is True

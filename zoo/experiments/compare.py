@@ -31,7 +31,7 @@ from zoo.flows.cnf import fingerprint
 from zoo.losses.fm import FlowMatching
 from zoo.metrics import fm_loss_on
 from zoo.pretrained import resolve_checkpoint
-from zoo.storage import read_json, write_json
+from zoo.storage import read_json, write_atomic, write_json
 from zoo.train import RunExistsError, RunSettings, claim_run_dir, fit, read_log
 
 
@@ -241,13 +241,23 @@ def compare(
             results[recipe.name].append(metrics)
             curves[recipe.name].append(curve)
             print(f"{recipe.name} seed {seed}: " + ", ".join(f"{k}={metrics[k]:.4g}" for k in ("kl", "nll", "ess_q", "ess_p") if k in metrics) + f" ({offset_step} steps)")
-    table = summarise(results, time_budget_s=time_budget_s, seeds=seeds, pretrained=pretrained)
-    (workdir / "table.md").write_text(table)
-    summary = {"budget_s": time_budget_s, "seeds": list(seeds), "pretrained": None if pretrained is None else str(pretrained), "results": results, "curves": curves}
-    (workdir / "results.json").write_text(json.dumps(summary, indent=1))
+            # The table so far after every run: a comparison stopped hours in still shows what it measured.
+            table = _write_summary(workdir, results, curves, time_budget_s=time_budget_s, seeds=seeds, pretrained=pretrained)
+    if not recipes:
+        table = _write_summary(workdir, results, curves, time_budget_s=time_budget_s, seeds=seeds, pretrained=pretrained)
     _curve_plots(curves, workdir, system_name=type(system).__name__, budget_s=time_budget_s, seeds=seeds)
     print(table)
     return results
+
+
+def _write_summary(workdir: Path, results: dict, curves: dict, *, time_budget_s: float, seeds, pretrained) -> str:
+    """``table.md`` and ``results.json`` of the runs done so far (``complete``: every recipe has every seed)."""
+    table = summarise(results, time_budget_s=time_budget_s, seeds=seeds, pretrained=pretrained)
+    write_atomic(workdir / "table.md", lambda f: f.write(table.encode()))
+    complete = all(len(ms) == len(seeds) for ms in results.values())
+    summary = {"budget_s": time_budget_s, "seeds": list(seeds), "pretrained": None if pretrained is None else str(pretrained), "complete": complete, "results": results, "curves": curves}
+    write_atomic(workdir / "results.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+    return table
 
 
 #: What a comparison's runs start from (``pretrained`` and the start's flow fingerprint, or
@@ -285,14 +295,18 @@ def summarise(results: dict[str, list[dict]], *, time_budget_s: float, seeds, pr
         "|---|" + "---|" * len(keys),
     ]
     for name, ms in results.items():
+        if not ms:
+            continue
         cells = []
         for k in keys:
             v = np.array([m[k] for m in ms], dtype=float)
             cells.append(f"{v.mean():.4g} ± {v.std(ddof=1) if len(v) > 1 else 0:.2g}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    first = next(iter(results.values()))[0]
-    divergence = f" (log densities with the {first['divergence']} divergence)" if "divergence" in first else ""
-    lines += ["", f"ESS-q from {first['n_samples_q']} model samples, ESS-p/NLL/KL from {first['n_samples_p']} test samples per run{divergence}."]
+        done = "" if len(ms) == len(seeds) else f" ({len(ms)} of {len(seeds)} seeds so far)"
+        lines.append(f"| {name}{done} | " + " | ".join(cells) + " |")
+    first = next((ms[0] for ms in results.values() if ms), None)
+    if first is not None:
+        divergence = f" (log densities with the {first['divergence']} divergence)" if "divergence" in first else ""
+        lines += ["", f"ESS-q from {first['n_samples_q']} model samples, ESS-p/NLL/KL from {first['n_samples_p']} test samples per run{divergence}."]
     return "\n".join(lines) + "\n"
 
 
