@@ -292,3 +292,33 @@ def test_chunk_log_keeps_order_settings_and_refuses_what_it_cannot_continue(tmp_
     assert fresh.n_chunks == 0 and not list(tmp_path.glob("chunk_*.npz"))
     with pytest.raises(RunStateError, match="no chunked run"):
         ChunkLog.existing(tmp_path / "elsewhere")
+
+
+def test_a_chunk_log_has_one_writer_process(tmp_path):
+    """A run another process writes is refused to a second writer, by name, before anything is
+    removed (resume=False would delete the other's chunks); it can still be read, and once the
+    writer is gone (or has closed it) the run continues."""
+    import subprocess
+    import sys
+
+    from zoo.storage import ChunkLog, RunStateError
+
+    log = ChunkLog(tmp_path, {"seed": 1})
+    log.append({"a": np.arange(2)}, seconds=1.0)
+    log.close()
+    holder = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / ChunkLog.WRITER_LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        for resume in (True, False):
+            with pytest.raises(RunStateError, match="another process is writing"):
+                ChunkLog(tmp_path, {"seed": 1}, resume=resume)
+        assert ChunkLog.existing(tmp_path).n_chunks == 1 and (tmp_path / "chunk_00000.npz").is_file()
+    finally:
+        proc.kill()
+        proc.wait()
+    again = ChunkLog(tmp_path, {"seed": 1})
+    assert again.n_chunks == 1
+    ChunkLog(tmp_path, {"seed": 1}).close()  # re-entrant within a process; close gives it up
+    again.append({"a": np.arange(1)}, seconds=0.0)
+    assert ChunkLog.existing(tmp_path).n_chunks == 2

@@ -359,7 +359,7 @@ def test_a_second_process_cannot_train_in_a_run_another_holds(tmp_path):
     import subprocess
     import sys
 
-    from zoo import train
+    from zoo import storage, train
 
     holder = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"
     proc = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / train.RUN_LOCK)], stdout=subprocess.PIPE, text=True)
@@ -373,9 +373,9 @@ def test_a_second_process_cannot_train_in_a_run_another_holds(tmp_path):
     _, data, flow = gmm_setup()
     settings = RunSettings(n_steps=2, batch_size=32, progress=False, log_every=1)
     fit(flow, data, FlowMatching(), optax.adam(1e-2), settings, workdir=tmp_path)  # the holder is gone
-    assert tmp_path.resolve() not in train._HELD_RUNS
+    assert tmp_path.resolve() not in storage.HELD_FOLDERS
     train.claim_run_dir(tmp_path / "checkpoint", resume=True, overwrite=False)
     train.claim_run_dir(tmp_path / "checkpoint", resume=True, overwrite=False)  # re-entrant
     fit(flow, data, FlowMatching(), optax.adam(1e-2), settings.replace(n_steps=3), workdir=tmp_path, resume=True)
-    assert tmp_path.resolve() in train._HELD_RUNS  # claimed before fit: kept
-    train._release_run_folders(keep=())
+    assert tmp_path.resolve() in storage.HELD_FOLDERS  # claimed before fit: kept
+    storage.release_folder(tmp_path)

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -364,6 +366,39 @@ class ChunkStore:
         _save_chunk(_chunk_file(self.path, index), arrays)
 
 
+#: Folders this process holds as their one writer (:func:`hold_folder`), with the descriptors of their locks.
+HELD_FOLDERS: dict[Path, int] = {}
+
+
+def hold_folder(folder, lock_name: str, busy: Callable[[Path], Exception]) -> Path:
+    """Make this process the one writer of ``folder`` (re-entrant within the process).
+
+    A second process writing the same folder (a forgotten background job, a resume started
+    twice) would interleave its files with the first one's: it gets ``busy(folder)`` raised
+    instead. The lock is the kernel's (``flock`` on ``folder/lock_name``), so a killed process
+    leaves none behind; it lasts until :func:`release_folder` or the end of the process.
+    """
+    folder = Path(folder).resolve()
+    if folder in HELD_FOLDERS:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / lock_name, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise busy(folder) from None
+    HELD_FOLDERS[folder] = fd
+    return folder
+
+
+def release_folder(folder) -> None:
+    """Give up ``folder`` if this process holds it (:func:`hold_folder`)."""
+    fd = HELD_FOLDERS.pop(Path(folder).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 class RunStateError(ZooError, ValueError):
     """The stored chunks of a sequential run cannot be continued: unreadable, or from other settings."""
 
@@ -377,14 +412,22 @@ class ChunkLog:
     next chunk starts from. The manifest is rewritten atomically after each chunk file is in
     place, so a run killed at any moment continues from its last listed chunk. Opening a
     directory that holds a run with other ``params`` is refused with the settings that differ;
-    ``resume=False`` starts that directory over.
+    ``resume=False`` starts that directory over. The process that opens a run to write it holds
+    it until :meth:`close` or its end (:func:`hold_folder`): another process opening it to
+    write meanwhile is refused; :meth:`existing` opens a run to read it.
     """
 
     MANIFEST = "progress.json"
+    #: The lock that makes one process the writer of a run's chunks (:func:`hold_folder`).
+    WRITER_LOCK = ".writer.lock"
 
-    def __init__(self, directory, params: dict, *, resume: bool = True):
+    def __init__(self, directory, params: dict, *, resume: bool = True, write: bool = True):
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if write:
+            # Before anything is read or removed: a second process would append (or start
+            # over) beside the first one's chunks.
+            busy = f"another process is writing {self.dir} (it holds {self.WRITER_LOCK} there): let it finish or stop it first"
+            hold_folder(self.dir, self.WRITER_LOCK, lambda _: RunStateError(busy))
         self.manifest_path = self.dir / self.MANIFEST
         params = json.loads(json.dumps(params, default=_json_value))  # tuples, numpy scalars as JSON has them
         if resume and self.manifest_path.exists():
@@ -417,7 +460,11 @@ class ChunkLog:
             raise RunStateError(f"{directory} holds no chunked run (no {cls.MANIFEST})") from None
         except (OSError, ValueError, KeyError) as err:
             raise RunStateError(f"cannot read {path} ({err})") from err
-        return cls(directory, params)
+        return cls(directory, params, write=False)
+
+    def close(self) -> None:
+        """Stop being the run's writer, so that another process may continue it."""
+        release_folder(self.dir)
 
     def _save_manifest(self) -> None:
         _write_json_atomic(self.manifest_path, self.manifest)

@@ -9,11 +9,9 @@ resumed from its checkpoint at step N therefore continues exactly as an uninterr
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import functools
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -26,7 +24,7 @@ import numpy as np
 import optax
 
 from zoo import checkpoint as ckpt
-from zoo import parallel
+from zoo import parallel, storage
 from zoo.data import Batch, Dataset
 from zoo.errors import ConfigError, ZooError, did_you_mean
 from zoo.optim import parameter_average_of, with_clipping, with_parameter_average
@@ -184,33 +182,14 @@ class RunExistsError(ZooError, FileExistsError):
 #: The lock file a training process holds in its run folder (beside ``checkpoint/``).
 RUN_LOCK = ".run.lock"
 
-#: Run folders this process holds, with the descriptors of their locks.
-_HELD_RUNS: dict[Path, int] = {}
-
 
 def _hold_run_folder(checkpoint_dir: Path) -> None:
-    """Lock the run folder of ``checkpoint_dir`` for this process (re-entrant within it).
+    """Lock the run folder of ``checkpoint_dir`` for this process (:func:`zoo.storage.hold_folder`)."""
 
-    A second process on the same run (a forgotten background job, a resume started twice)
-    would write checkpoints and log records beside the first one's: it is refused instead.
-    The lock is the kernel's (``flock``), so a killed process leaves none behind.
-    """
-    folder = Path(checkpoint_dir).resolve().parent
-    if folder in _HELD_RUNS:
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RunExistsError(f"another process is training in {folder} (it holds {folder / RUN_LOCK}): let it finish or stop it first") from None
-    _HELD_RUNS[folder] = fd
+    def busy(folder):
+        return RunExistsError(f"another process is training in {folder} (it holds {folder / RUN_LOCK}): let it finish or stop it first")
 
-
-def _release_run_folders(keep) -> None:
-    for folder in set(_HELD_RUNS) - set(keep):
-        os.close(_HELD_RUNS.pop(folder))  # closing the descriptor releases the lock
+    storage.hold_folder(Path(checkpoint_dir).resolve().parent, RUN_LOCK, busy)
 
 
 def claim_run_dir(checkpoint_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -334,11 +313,12 @@ def _releasing_run_folders(train):
 
     @functools.wraps(train)
     def run(*args, **kwargs):
-        held = set(_HELD_RUNS)
+        held = set(storage.HELD_FOLDERS)
         try:
             return train(*args, **kwargs)
         finally:
-            _release_run_folders(keep=held)
+            for folder in set(storage.HELD_FOLDERS) - held:
+                storage.release_folder(folder)
 
     return run
 

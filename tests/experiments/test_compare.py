@@ -163,3 +163,12 @@ def test_the_table_so_far_names_the_runs_it_lacks(tmp_path):
     table = _write_summary(tmp_path, results, {}, time_budget_s=5.0, seeds=(0, 1), pretrained=None)
     assert "| FM only | 3 ± 1.4 |" in table and "| PG only | 2 ± 0 |" in table
     assert json.loads((tmp_path / "results.json").read_text())["complete"] is True
+
+
+def test_a_comparison_without_seeds_is_refused(tmp_path):
+    from zoo.errors import ConfigError
+    from zoo.experiments.compare import compare
+
+    with pytest.raises(ConfigError, match="compare.seeds is empty"):
+        compare(tmp_path, recipes=[], seeds=(), time_budget_s=1.0)
+    assert not list(tmp_path.iterdir())

@@ -447,6 +447,25 @@ def test_generate_classical_short_run_resumes(tmp_path):
     assert {k: v for k, v in given_phi.items() if k != "reference"} == {k: v for k, v in stats.items() if k != "reference"}
 
 
+def test_classical_statistics_of_several_runs_blocks_and_counts_within_each():
+    """Two runs back to back: entries into φ > 0 are counted within each run (the second run
+    starting where the first one's last frame is not is no entry), and the block error is that
+    of blocks that never straddle the runs."""
+    from zoo.data.mcmc import block_mean_and_error
+
+    phi = np.array([-2.0, -2.0, -2.0, -2.0, 1.0, 1.0, 1.0, 1.0])
+    energies = np.arange(8.0)
+    one = alanine_data.classical_statistics({"energies": energies}, phi=phi, n_blocks=4)
+    two = alanine_data.classical_statistics({"energies": energies}, phi=phi, n_blocks=4, n_runs=2)
+    assert one["phi_positive_entries"] == 1 and two["phi_positive_entries"] == 0
+    assert two["n_runs"] == 2 and two["n_blocks"] == 4 and two["phi_positive_fraction"] == 0.5
+    e_kj = energies * kbt_kj_per_mol(300.0)
+    assert two["mean_potential_kj_mol_se"] == pytest.approx(block_mean_and_error(e_kj.reshape(2, 4), 2)[1])
+    assert two["phi_positive_fraction_se"] == pytest.approx(np.std([0, 0, 1, 1], ddof=1) / 2)
+    with pytest.raises(ValueError, match="3 runs of equal length"):
+        alanine_data.classical_statistics({"energies": energies}, phi=phi, n_runs=3)
+
+
 def test_generate_xtb_short_run_resumes(tmp_path, frames):
     pytest.importorskip("tblite")
     kw = dict(n_states=2, chunk_states=1, time_fs=4.0, timestep_fs=1.0, n_workers=0, log=None)
@@ -493,20 +512,24 @@ def test_generate_data_tool_runs_the_classical_md_generator(tmp_path):
     assert generate_data.main([*args, "--max_chunks=1", "--gin_param=ad2_classical_md.n_workers = 1"]) == 0
     assert not (tmp_path / "set").exists()
     assert [alanine_data.progress(tmp_path / "work" / f"md_seed{s}")["frames"] for s in (1, 2)] == [5, 5]
-    assert generate_data.main(args) == 0
+    assert generate_data.main([*args, "--gin_param=ad2_classical_md.n_workers = 2"]) == 0
     manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
     info = manifest["ad2"]
     assert {k: v["n"] for k, v in info["splits"].items()} == {"train": 14, "val": 2, "test": 4}
     assert set(info["phi_positive_entries"]) == {"all", "train", "val", "test"}
     assert info["statistics"]["n"] == 20 and info["statistics"]["n_runs"] == 2
-    assert info["generator"]["frames"] == 20 and info["generator"]["seeds"] == [1, 2] and info["simulated_ns"] == pytest.approx(2e-4)
+    assert info["generator"]["frames"] == 20 and info["generator"]["n_frames_per_run"] == 10 and info["generator"]["seeds"] == [1, 2]
+    assert info["simulated_ns"] == pytest.approx(2e-4)
     # each run split in time: train holds both runs' first frames, test their last
     train = alanine_data.read_arrays(tmp_path / "set", "train")
     assert list(train["source_index"]) == [*range(7), *range(10, 17)]
     assert list(alanine_data.read_arrays(tmp_path / "set", "test")["source_index"]) == [8, 9, 18, 19]
-    # the seeds' runs differ, and each is its seed's run whichever process made it
+    # the seeds' runs differ, and each is its seed's run whichever process made which chunk
     seed1 = alanine_data.collect(tmp_path / "work" / "md_seed1")["positions"]
     assert not np.allclose(seed1, alanine_data.collect(tmp_path / "work" / "md_seed2")["positions"])
+    kw = dict(n_frames=10, chunk_frames=5, equilibration_ps=0.1, save_every_ps=0.01, log=None)
+    alanine_data.generate_classical(tmp_path / "alone", seed=1, **kw)
+    np.testing.assert_array_equal(alanine_data.collect(tmp_path / "alone")["positions"], seed1)
     np.testing.assert_allclose(alanine_data.centre(seed1[:7]).reshape(7, -1), train["positions"][:7].reshape(7, -1), atol=1e-6)
     ds = stored_dataset(alanine.AlanineDipeptideClassical(), path=str(tmp_path / "set"))
     assert ds.train.positions.shape == (14, 66) and ds.train.forces is not None
@@ -534,7 +557,7 @@ def test_generate_data_tool_runs_the_xtb_generator(tmp_path):
     ]
     assert generate_data.main([*args, "--max_chunks=1"]) == 0  # one state per split: train incomplete
     assert not (tmp_path / "set").exists()
-    assert generate_data.main(args) == 0
+    assert generate_data.main([*args, "--gin_param=ad2_classical_md.n_workers = 2"]) == 0
     manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
     assert {k: v["n"] for k, v in manifest["ad2"]["splits"].items()} == {"train": 2, "val": 1, "test": 1}
     assert manifest["system"]["name"] == "AlanineDipeptideXTB"

@@ -154,6 +154,8 @@ def compare(
     """
     if "seed" in settings:
         raise config.ConfigError("compare runs every seed of compare.seeds: bind compare.seeds instead of compare.seed")
+    if not seeds:
+        raise config.ConfigError("compare.seeds is empty: give the seeds every recipe runs with, e.g. compare.seeds = (0, 1, 2)")
     run = RunSettings.of("compare", settings, COMPARE_DEFAULTS)
     if run.n_steps is not None or run.n_epochs is not None:
         raise config.ConfigError("compare trains every run for compare.time_budget_s seconds: unbind compare.n_steps and compare.n_epochs")
@@ -191,6 +193,8 @@ def compare(
             results[start_name].append({**metrics, "seed": seed, "train_time_s": 0.0, "steps": 0})
     results.update({r.name: [] for r in recipes})
     curves: dict[str, list[list[dict]]] = {r.name: [] for r in recipes}
+    about = dict(time_budget_s=time_budget_s, seeds=seeds, pretrained=pretrained)
+    table = _write_summary(workdir, results, curves, **about)
     # One optimiser object per stage, reused across seeds, so jit caches are reused too.
     optimizers = {(r.name, i): optax.adam(s.learning_rate) for r in recipes for i, s in enumerate(r.stages)}
     first_points: dict[int, dict] = {}  # the step-0 tracked metrics per seed (a pretrained start's serve every recipe)
@@ -242,9 +246,7 @@ def compare(
             curves[recipe.name].append(curve)
             print(f"{recipe.name} seed {seed}: " + ", ".join(f"{k}={metrics[k]:.4g}" for k in ("kl", "nll", "ess_q", "ess_p") if k in metrics) + f" ({offset_step} steps)")
             # The table so far after every run: a comparison stopped hours in still shows what it measured.
-            table = _write_summary(workdir, results, curves, time_budget_s=time_budget_s, seeds=seeds, pretrained=pretrained)
-    if not recipes:
-        table = _write_summary(workdir, results, curves, time_budget_s=time_budget_s, seeds=seeds, pretrained=pretrained)
+            table = _write_summary(workdir, results, curves, **about)
     _curve_plots(curves, workdir, system_name=type(system).__name__, budget_s=time_budget_s, seeds=seeds)
     print(table)
     return results

@@ -74,20 +74,24 @@ def ad2_classical_md(
     (resumable); the data set when every run is complete.
 
     The runs go side by side in ``n_workers`` processes (default: one per seed, at most one
-    per core; OpenMM's Reference platform uses one core). Returns None while chunks remain
-    (``max_chunks`` bounds each run's chunks in this call). Every run is split in time: its
-    first ``1 - val_fraction - test_fraction`` go to train, then val, then test, and each
-    split holds its part of every run in seed order (``source_index``: the frame in its run
-    plus ``n_frames`` times the run's place in ``seeds``).
+    per usable core; OpenMM's Reference platform uses one core), a chunk of each run per
+    round, so that a failing run or an interrupt stops the whole within a chunk. Returns
+    None while chunks remain (``max_chunks`` bounds the rounds of this call). Every run is
+    split in time: its first ``1 - val_fraction - test_fraction`` go to train, then val, then
+    test, and each split holds its part of every run in seed order (``source_index``: the
+    frame in its run plus ``n_frames`` times the run's place in ``seeds``). A cache of the
+    single run this generator made before it took seeds (``workdir/md``) is continued as its
+    seed's run.
     """
     workdir = Path(workdir)
     seeds = tuple(int(s) for s in seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
-    caches = {seed: workdir / f"md_seed{seed}" for seed in seeds}
-    output_dir = _prepare(workdir, output_dir, resume, tuple(p.name for p in caches.values()))
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in (0, 1) and sum below 1")
+    caches = {seed: workdir / f"md_seed{seed}" for seed in seeds}
+    _adopt_single_run_cache(workdir, caches)
+    output_dir = _prepare(workdir, output_dir, resume, tuple(p.name for p in caches.values()))
     md = dict(
         n_frames=n_frames,
         temperature=temperature,
@@ -97,18 +101,30 @@ def ad2_classical_md(
         equilibration_ps=equilibration_ps,
         chunk_frames=chunk_frames,
         platform=platform,
-        max_chunks=max_chunks,
+        max_chunks=1,
         log=print if progress else None,
     )
     jobs = [(caches[seed], {**md, "seed": seed}) for seed in seeds]
-    n_workers = min(len(seeds), os.cpu_count() or 1) if n_workers is None else n_workers
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n_workers = min(len(seeds), usable) if n_workers is None else n_workers
+    pool = None
     if n_workers > 1 and len(jobs) > 1:
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(min(n_workers, len(jobs)), mp_context=context) as pool:
-            status = list(pool.map(_run_classical, jobs))
-    else:
-        status = [_run_classical(job) for job in jobs]
-    if any(s["frames"] < n_frames for s in status):
+        pool = concurrent.futures.ProcessPoolExecutor(min(n_workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"))
+    try:
+        status = [None] * len(jobs)
+        rounds = 0
+        while max_chunks is None or rounds < max_chunks:
+            todo = [i for i, s in enumerate(status) if s is None or s["frames"] < n_frames]
+            if not todo:
+                break
+            chunks = pool.map(_run_classical, [jobs[i] for i in todo]) if pool is not None else map(_run_classical, [jobs[i] for i in todo])
+            for i, s in zip(todo, chunks):
+                status[i] = s
+            rounds += 1
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    if any(s is None or s["frames"] < n_frames for s in status):
         return None
     runs = [alanine_data.collect(caches[seed]) for seed in seeds]
     n_test, n_val = round(test_fraction * n_frames), round(val_fraction * n_frames)
@@ -117,16 +133,17 @@ def ad2_classical_md(
         arrays["source_index"] = arrays["source_index"] + i * n_frames
     splits = {name: {k: np.concatenate([run[k][a:b] for run in runs]) for k in runs[0]} for name, (a, b) in bounds.items()}
     phi = [alanine_data.phi_psi(run["positions"])[0] for run in runs]
-    everything = {k: np.concatenate([run[k] for run in runs]) for k in ("energies", "positions")}
-    statistics = alanine_data.classical_statistics(everything, temperature, phi=np.concatenate(phi), n_runs=len(runs))
+    energies = {"energies": np.concatenate([run["energies"] for run in runs])}
+    statistics = alanine_data.classical_statistics(energies, temperature, phi=np.concatenate(phi), n_runs=len(runs))
     meta = {
         "description": (
             f"AD2 classical (ff99SB-ILDN + OBC, 300 K): {len(runs)} unbiased Langevin MD run{'s' if len(runs) > 1 else ''}"
             " (seeds " + ", ".join(map(str, seeds)) + "), each split in time (train, val, test)"
         ),
         "generator": {
-            **{k: v for k, v in ChunkLog.existing(caches[seeds[0]]).manifest["params"].items() if k != "seed"},
+            **{k: v for k, v in ChunkLog.existing(caches[seeds[0]]).manifest["params"].items() if k not in ("seed", "n_frames")},
             "seeds": list(seeds),
+            "n_frames_per_run": n_frames,
             "frames": sum(s["frames"] for s in status),
             "chunks": sum(s["chunks"] for s in status),
             "failed": sum(s["failed"] for s in status),
@@ -141,6 +158,18 @@ def ad2_classical_md(
     }
     entry = alanine_data.write_dataset(output_dir, splits, meta)
     return _finish(output_dir, entry, plots)
+
+
+def _adopt_single_run_cache(workdir: Path, caches: dict[int, Path]) -> None:
+    """Move a cache of the generator's former single run (``workdir/md``) to its seed's folder."""
+    single = workdir / "md"
+    if not (single / ChunkLog.MANIFEST).is_file():
+        return
+    seed = ChunkLog.existing(single).manifest["params"].get("seed")
+    target = caches.get(seed)
+    if target is not None and not target.exists():
+        single.rename(target)
+        print(f"continuing the run of seed {seed} in {single} as {target}")
 
 
 def _run_classical(job) -> dict:

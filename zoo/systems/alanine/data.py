@@ -203,50 +203,54 @@ def generate_classical(
     kbt = kbt_kj_per_mol(temperature)
     kj, kj_nm = unit.kilojoule_per_mole, unit.kilojoule_per_mole / unit.nanometer
 
-    topology, system = openmm_system(str(alanine.PDB_PATH), tuple(params["forcefield"]))
-    done_here = 0
-    while cache.n_chunks < n_chunks and (max_chunks is None or done_here < max_chunks):
-        k = cache.n_chunks
-        integrator = openmm.LangevinMiddleIntegrator(
-            temperature * unit.kelvin, friction_per_ps / unit.picosecond, timestep_fs * unit.femtosecond
-        )
-        # 0 would mean "pick a random seed"; keep every chunk reproducible and distinct.
-        integrator.setRandomNumberSeed(1 + seed * 100_003 + k)
-        context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName(platform))
-        t0 = time.perf_counter()
-        if k == 0:
-            context.setPositions(openmm.app.PDBFile(str(alanine.PDB_PATH)).positions)
-            openmm.LocalEnergyMinimizer.minimize(context)
-            context.setVelocitiesToTemperature(temperature * unit.kelvin, 1 + seed)
-            integrator.step(round(equilibration_ps * 1000 / timestep_fs))
-        else:
-            last = cache.load(k - 1)
-            context.setPositions(last["final_positions"])
-            context.setVelocities(last["final_velocities"])
-        n = min(chunk_frames, n_frames - k * chunk_frames)
-        pos = np.empty((n, alanine.N_ATOMS, 3))
-        frc = np.empty_like(pos)
-        ene = np.empty(n)
-        for i in range(n):
-            integrator.step(steps_per_frame)
-            state = context.getState(getPositions=True, getEnergy=True, getForces=True)
-            pos[i] = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-            frc[i] = state.getForces(asNumpy=True).value_in_unit(kj_nm) / kbt
-            ene[i] = state.getPotentialEnergy().value_in_unit(kj) / kbt
-        state = context.getState(getPositions=True, getVelocities=True)
-        arrays = {
-            "positions": pos.astype(np.float32),
-            "forces": frc.astype(np.float32),
-            "energies": ene.astype(np.float32),
-            "source_index": np.arange(k * chunk_frames, k * chunk_frames + n),
-            "final_positions": state.getPositions(asNumpy=True).value_in_unit(unit.nanometer),
-            "final_velocities": state.getVelocities(asNumpy=True).value_in_unit(unit.nanometer / unit.picosecond),
-        }
-        seconds = time.perf_counter() - t0
-        cache.append(arrays, seconds=seconds)
-        done_here += 1
-        if log:
-            log(f"classical chunk {k + 1}/{n_chunks}: {n} frames in {seconds:.1f} s ({cache.dir})")
+    # Given up when this call ends, so that another process (a worker of ad2_classical_md) may continue the run.
+    try:
+        topology, system = openmm_system(str(alanine.PDB_PATH), tuple(params["forcefield"]))
+        done_here = 0
+        while cache.n_chunks < n_chunks and (max_chunks is None or done_here < max_chunks):
+            k = cache.n_chunks
+            integrator = openmm.LangevinMiddleIntegrator(
+                temperature * unit.kelvin, friction_per_ps / unit.picosecond, timestep_fs * unit.femtosecond
+            )
+            # 0 would mean "pick a random seed"; keep every chunk reproducible and distinct.
+            integrator.setRandomNumberSeed(1 + seed * 100_003 + k)
+            context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName(platform))
+            t0 = time.perf_counter()
+            if k == 0:
+                context.setPositions(openmm.app.PDBFile(str(alanine.PDB_PATH)).positions)
+                openmm.LocalEnergyMinimizer.minimize(context)
+                context.setVelocitiesToTemperature(temperature * unit.kelvin, 1 + seed)
+                integrator.step(round(equilibration_ps * 1000 / timestep_fs))
+            else:
+                last = cache.load(k - 1)
+                context.setPositions(last["final_positions"])
+                context.setVelocities(last["final_velocities"])
+            n = min(chunk_frames, n_frames - k * chunk_frames)
+            pos = np.empty((n, alanine.N_ATOMS, 3))
+            frc = np.empty_like(pos)
+            ene = np.empty(n)
+            for i in range(n):
+                integrator.step(steps_per_frame)
+                state = context.getState(getPositions=True, getEnergy=True, getForces=True)
+                pos[i] = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+                frc[i] = state.getForces(asNumpy=True).value_in_unit(kj_nm) / kbt
+                ene[i] = state.getPotentialEnergy().value_in_unit(kj) / kbt
+            state = context.getState(getPositions=True, getVelocities=True)
+            arrays = {
+                "positions": pos.astype(np.float32),
+                "forces": frc.astype(np.float32),
+                "energies": ene.astype(np.float32),
+                "source_index": np.arange(k * chunk_frames, k * chunk_frames + n),
+                "final_positions": state.getPositions(asNumpy=True).value_in_unit(unit.nanometer),
+                "final_velocities": state.getVelocities(asNumpy=True).value_in_unit(unit.nanometer / unit.picosecond),
+            }
+            seconds = time.perf_counter() - t0
+            cache.append(arrays, seconds=seconds)
+            done_here += 1
+            if log:
+                log(f"classical chunk {k + 1}/{n_chunks}: {n} frames in {seconds:.1f} s ({cache.dir})")
+    finally:
+        cache.close()
     return progress(cache.dir)
 
 
@@ -296,9 +300,9 @@ def classical_statistics(
 
     ``arrays`` has ``energies`` (u in k_BT) and ``positions`` (n, 22, 3) or (n, 66) nm,
     e.g. :func:`collect` of a :func:`generate_classical` cache, or ``n_runs`` independent
-    runs of equal length one after the other. The errors (``*_se``) come from ``n_blocks``
-    contiguous blocks in time, ``n_blocks // n_runs`` within each run
-    (:func:`zoo.data.mcmc.block_mean_and_error`); the φ > 0 fraction's is only as good as the
+    runs of equal length one after the other. The errors (``*_se``) come from contiguous
+    blocks in time, ``n_blocks // n_runs`` within each run (at least one, at most a frame
+    each; the returned ``n_blocks`` is the number used) (:func:`zoo.data.mcmc.block_mean_and_error`); the φ > 0 fraction's is only as good as the
     number of entries is large (a block with no visit says little about the next). Entries
     are counted within each run. ``sem_potential_kj_mol_uncorrelated`` ignores the
     correlation of neighbouring frames, a lower bound kept for comparison. ``phi`` is the
