@@ -380,7 +380,9 @@ def hold_folder(folder, lock_name: str, busy: Callable[[Path], Exception]) -> Pa
     """
     folder = Path(folder).resolve()
     if folder in HELD_FOLDERS:
-        return folder
+        if (folder / lock_name).exists():
+            return folder
+        os.close(HELD_FOLDERS.pop(folder))  # the folder was removed since: its lock went with it
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / lock_name, os.O_RDWR | os.O_CREAT, 0o644)
     try:

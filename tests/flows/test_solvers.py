@@ -70,7 +70,8 @@ def test_an_adaptive_solve_takes_the_steps_its_tolerance_needs(field):
     reference = CNF(field, StandardNormal(3), solver=FixedStep("rk4", n_steps=400)).log_prob_single(x)
     for tol in (1e-3, 1e-7):
         flow = CNF(field, StandardNormal(3), solver=AdaptiveStep("tsit5", rtol=tol, atol=tol))
-        assert abs(float(flow.log_prob_single(x) - reference)) < 50 * tol
+        # float32: below ~1e-6 relative, rounding over the steps, not the tolerance, sets the error
+        assert abs(float(flow.log_prob_single(x) - reference)) < 50 * tol + 1e-5
 
 
 def test_settings_combine_as_documented(field):
