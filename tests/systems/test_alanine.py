@@ -538,6 +538,44 @@ def test_generate_data_tool_runs_the_classical_md_generator(tmp_path):
         assert (tmp_path / "set" / name).is_file(), name
 
 
+def test_md_runs_side_by_side_do_not_wait_for_each_other(monkeypatch):
+    """Each run's next chunk starts when its last one returns: a fast run does all its chunks
+    while a slow one does its first; max_chunks bounds each run; a failing run's error stops all."""
+    import concurrent.futures
+    import threading
+    import time
+
+    from zoo.experiments import generate_ad2
+
+    events, lock = [], threading.Lock()
+    frames = {"slow": 0, "fast": 0}
+
+    def fake_chunk(job):
+        name, chunk_s = job
+        if name == "broken":
+            raise RuntimeError("NaN energy in chunk 3")
+        time.sleep(chunk_s)
+        with lock:
+            frames[name] += 10
+            events.append(name)
+            return {"frames": frames[name]}
+
+    monkeypatch.setattr(generate_ad2, "_run_classical", fake_chunk)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        status = generate_ad2._run_chunks([("slow", 1.0), ("fast", 0.05)], 40, None, pool)
+    assert status == [{"frames": 40}, {"frames": 40}]
+    assert events[:4] == ["fast"] * 4  # rounds would have interleaved them: fast, slow, fast, slow, ...
+    frames.update(slow=0, fast=0)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        status = generate_ad2._run_chunks([("slow", 0.01), ("fast", 0.01)], 40, 2, pool)
+    assert status == [{"frames": 20}, {"frames": 20}]
+    frames.update(slow=0, fast=0)
+    status = generate_ad2._run_chunks([("slow", 0.0), ("fast", 0.0)], 20, None, None)  # one process: the runs take turns
+    assert status == [{"frames": 20}, {"frames": 20}]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool, pytest.raises(RuntimeError, match="chunk 3"):
+        generate_ad2._run_chunks([("fast", 0.01), ("broken", 0.0)], 40, None, pool)
+
+
 def test_generate_data_tool_runs_the_xtb_generator(tmp_path):
     pytest.importorskip("tblite")
     from zoo.cli import generate_data

@@ -74,9 +74,9 @@ def ad2_classical_md(
     (resumable); the data set when every run is complete.
 
     The runs go side by side in ``n_workers`` processes (default: one per seed, at most one
-    per usable core; OpenMM's Reference platform uses one core), a chunk of each run per
-    round, so that a failing run or an interrupt stops the whole within a chunk. Returns
-    None while chunks remain (``max_chunks`` bounds the rounds of this call). Every run is
+    per usable core; OpenMM's Reference platform uses one core), each run a chunk at a time,
+    so that a failing run or an interrupt stops the whole within a chunk. Returns None while
+    chunks remain (``max_chunks`` bounds the chunks of each run in this call). Every run is
     split in time: its first ``1 - val_fraction - test_fraction`` go to train, then val, then
     test, and each split holds its part of every run in seed order (``source_index``: the
     frame in its run plus ``n_frames`` times the run's place in ``seeds``). A cache of the
@@ -111,16 +111,7 @@ def ad2_classical_md(
     if n_workers > 1 and len(jobs) > 1:
         pool = concurrent.futures.ProcessPoolExecutor(min(n_workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"))
     try:
-        status = [None] * len(jobs)
-        rounds = 0
-        while max_chunks is None or rounds < max_chunks:
-            todo = [i for i, s in enumerate(status) if s is None or s["frames"] < n_frames]
-            if not todo:
-                break
-            chunks = pool.map(_run_classical, [jobs[i] for i in todo]) if pool is not None else map(_run_classical, [jobs[i] for i in todo])
-            for i, s in zip(todo, chunks):
-                status[i] = s
-            rounds += 1
+        status = _run_chunks(jobs, n_frames, max_chunks, pool)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -158,6 +149,40 @@ def ad2_classical_md(
     }
     entry = alanine_data.write_dataset(output_dir, splits, meta)
     return _finish(output_dir, entry, plots)
+
+
+def _run_chunks(jobs, n_frames: int, max_chunks: int | None, pool) -> list[dict | None]:
+    """Every run's chunks, at most ``max_chunks`` each; the runs' progress.
+
+    In a pool each run's next chunk is submitted as soon as its last one returns, so a
+    faster run never waits for a slower one; one chunk at a time per run, so an error or an
+    interrupt stops everything within a chunk. Without a pool the runs take turns.
+    """
+    status: list[dict | None] = [None] * len(jobs)
+    done = [0] * len(jobs)
+
+    def wanted(i: int) -> bool:
+        unfinished = status[i] is None or status[i]["frames"] < n_frames
+        return unfinished and (max_chunks is None or done[i] < max_chunks)
+
+    def record(i: int, result: dict) -> None:
+        status[i] = result
+        done[i] += 1
+
+    if pool is None:
+        while todo := [i for i in range(len(jobs)) if wanted(i)]:
+            for i in todo:
+                record(i, _run_classical(jobs[i]))
+        return status
+    running = {pool.submit(_run_classical, jobs[i]): i for i in range(len(jobs)) if wanted(i)}
+    while running:
+        finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in finished:
+            i = running.pop(future)
+            record(i, future.result())
+            if wanted(i):
+                running[pool.submit(_run_classical, jobs[i])] = i
+    return status
 
 
 def _adopt_single_run_cache(workdir: Path, caches: dict[int, Path]) -> None:

@@ -190,8 +190,13 @@ _OPENMM_CONTEXTS: dict = {}
 _OPENMM_LOCK = threading.Lock()
 
 
+@functools.lru_cache(maxsize=8)
 def openmm_system(pdb_path: str, forcefield: tuple[str, ...]):
-    """(topology, System) for a PDB file: no cutoff, no constraints (the alanine dipeptide benchmark convention; implicit solvent comes from the force-field files)."""
+    """(topology, System) for a PDB file: no cutoff, no constraints (the alanine dipeptide benchmark convention; implicit solvent comes from the force-field files).
+
+    Built once per process (a quarter of a second each time; the MD makes a Context per
+    chunk from it): the System is shared, so callers must not modify it.
+    """
     import openmm.app as app
 
     pdb = app.PDBFile(str(pdb_path))
