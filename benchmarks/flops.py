@@ -86,10 +86,10 @@ def unit_flops(flow, *, t: float = 0.5, pg_divergence: str = "hutchinson") -> di
 
 
 def work_flops(units: dict[str, float], work: str, batch: int, n_steps: int = 20) -> float:
-    """FLOPs of one benchmarked call: ``fm``/``fm_at_pg_batch``/``eqot`` steps (the EQ-OT pairing
+    """FLOPs of one benchmarked call: ``fm``/``fm_at_pg_batch``/``eqot``/``eqot_ahead`` steps (the EQ-OT pairing
     is not floating-point work of the field and is not counted), ``sample_hutchinson``,
     ``sample_exact`` and ``pg`` (RK4 with ``n_steps``); NaN for work without a count."""
-    if work in ("fm", "fm_at_pg_batch", "eqot"):
+    if work in ("fm", "fm_at_pg_batch", "eqot", "eqot_ahead"):
         return units["fm"] * batch
     if work.startswith("sample_"):
         return units["stage_" + work.removeprefix("sample_")] * 4 * n_steps * batch

@@ -41,10 +41,15 @@ def as_event_batch(arr, event_shape: tuple[int, ...], what: str = "positions") -
 
 
 class Batch(eqx.Module):
-    """A mini-batch of target samples: ``x`` (b, dim) and optionally ``forces`` (b, dim)."""
+    """A mini-batch of target samples: ``x`` (b, dim) and optionally ``forces`` (b, dim).
+
+    ``noise`` (b, dim), when set, is base noise already drawn and paired with ``x`` row by row
+    ahead of the training step (:meth:`zoo.losses.base.AbstractLoss.prepare`).
+    """
 
     x: Array
     forces: Array | None = None
+    noise: Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,21 @@ class AbstractLoss(eqx.Module):
 
     needs_forces: ClassVar[bool] = False
 
+    @property
+    def prepares_ahead(self) -> bool:
+        """Whether :meth:`prepare` does work worth running ahead of the step."""
+        return False
+
+    def prepare(self, base, batch: Batch, key: PRNGKeyArray) -> Batch:
+        """The part of the loss that needs neither the parameters nor their gradients.
+
+        ``loss(model, prepare(model.base, batch, key), key)`` equals ``loss(model, batch, key)``;
+        the training loop runs it for the next step while the current one trains
+        (:class:`~zoo.train.RunSettings` ``prepare_ahead``). By default there is nothing to do.
+        """
+        del base, key
+        return batch
+
     @abc.abstractmethod
     def __call__(self, model, batch: Batch, key: PRNGKeyArray) -> tuple[Scalar, dict[str, Array]]:
         ...

@@ -65,13 +65,24 @@ class FlowMatching(AbstractLoss):
         """The noise x0 paired with the data x1 by this loss's coupling (``base``: the flow's base)."""
         return self.coupling(x0, x1, key, base=base)
 
+    @property
+    def prepares_ahead(self) -> bool:
+        # Drawing independent noise is nothing to run ahead; an OT pairing is.
+        return not isinstance(self.coupling, IndependentCoupling)
+
+    def prepare(self, base, batch: Batch, key: PRNGKeyArray) -> Batch:
+        """The batch with its noise drawn from ``base`` and paired with the data by the coupling."""
+        noise_key, pair_key, _ = jax.random.split(key, 3)
+        x0 = base.sample(noise_key, batch.x.shape[0]).astype(batch.x.dtype)
+        x0, x1 = self.pair(x0, batch.x, pair_key, base=base)
+        return Batch(x=x1, forces=batch.forces, noise=x0)
+
     def __call__(self, model, batch: Batch, key: PRNGKeyArray):
-        x1 = batch.x
-        noise_key, pair_key, fm_key = jax.random.split(key, 3)
-        x0 = model.base.sample(noise_key, x1.shape[0]).astype(x1.dtype)
-        x0, x1 = self.pair(x0, x1, pair_key, base=model.base)
+        if batch.noise is None:
+            batch = self.prepare(model.base, batch, key)
+        fm_key = jax.random.split(key, 3)[2]
         loss = fm_regression(
-            model, x0, x1, fm_key, sigma_min=self.sigma_min, sigma=self.sigma, chunk_size=self.chunk_size
+            model, batch.noise, batch.x, fm_key, sigma_min=self.sigma_min, sigma=self.sigma, chunk_size=self.chunk_size
         )
         return loss, {"fm_loss": loss}
 
