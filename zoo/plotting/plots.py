@@ -80,7 +80,9 @@ def metric_vs_time(curves: dict[str, list[list[dict]]], key: str, path: Path, *,
     mean over seeds (at each evaluation index, over the seeds that reached it; time and
     value averaged) is the thick line.
     """
-    fig, ax = subplots(figsize=(7.5, 4.6))
+    many = sum(len(r) for r in curves.values()) > 6
+    # Many lines: the legend goes beside the axes, where it hides none of them.
+    fig, ax = subplots(figsize=(11.0 if many else 7.5, 4.6))
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = "os^Dv<>p"
     for color, (name, runs) in zip(colors * 4, curves.items()):
@@ -102,7 +104,10 @@ def metric_vs_time(curves: dict[str, list[list[dict]]], key: str, path: Path, *,
     if log:
         ax.set_yscale("log")
     ax.set_title(title)
-    ax.legend(fontsize="small", ncol=2 if sum(len(r) for r in curves.values()) > 6 else 1)
+    if many:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize="small")
     return save(fig, path)
 
 
