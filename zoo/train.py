@@ -237,14 +237,7 @@ def micro_batch_keys(key: jax.Array, accumulation: int) -> jax.Array:
 def make_prepare(loss_fn, accumulation: int):
     """``loss_fn.prepare`` compiled over a step's micro-batches (leading axis), with the step's keys;
     reused like :func:`make_step`."""
-    cache_key = (loss_fn, accumulation)
-    try:
-        hash(cache_key)
-    except TypeError:
-        return _build_prepare(loss_fn, accumulation)
-    if cache_key not in _PREPARE_CACHE:
-        _PREPARE_CACHE[cache_key] = _build_prepare(loss_fn, accumulation)
-    return _PREPARE_CACHE[cache_key]
+    return _built_once(_PREPARE_CACHE, (loss_fn, accumulation), _build_prepare)
 
 
 def _build_prepare(loss_fn, accumulation: int):
@@ -271,14 +264,18 @@ def make_step(loss_fn, optimizer: optax.GradientTransformation, accumulation: in
     Reuse matters when one process trains many runs (``tools/compare``): a new step
     function would compile again for every run.
     """
-    key = (loss_fn, optimizer, accumulation)
+    return _built_once(_STEP_CACHE, (loss_fn, optimizer, accumulation), _build_step)
+
+
+def _built_once(cache: dict, args: tuple, build):
+    """``build(*args)``, kept in ``cache`` for equal hashable ``args`` (a loss holding arrays is not)."""
     try:
-        hash(key)
-    except TypeError:  # e.g. a loss holding arrays
-        return _build_step(loss_fn, optimizer, accumulation)
-    if key not in _STEP_CACHE:
-        _STEP_CACHE[key] = _build_step(loss_fn, optimizer, accumulation)
-    return _STEP_CACHE[key]
+        hash(args)
+    except TypeError:
+        return build(*args)
+    if args not in cache:
+        cache[args] = build(*args)
+    return cache[args]
 
 
 def _build_step(loss_fn, optimizer: optax.GradientTransformation, accumulation: int):
