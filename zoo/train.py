@@ -483,6 +483,7 @@ def fit(
                 break
             if time_budget_s is not None and (start is not None or trained_s > 0) and train_clock() >= time_budget_s:
                 break
+            t0 = time.perf_counter()  # the first step's compilation includes its batch's preparation
             if ahead is None:
                 batch = batch_for(state.step)
             else:
@@ -491,7 +492,6 @@ def fit(
                 batch = pending[1].result()
                 following = state.step + 1
                 pending = (following, ahead.submit(batch_for, following)) if n_steps is None or following < n_steps else None
-            t0 = time.perf_counter()
             model, opt_state, stats = step_fn(state.model, state.opt_state, batch, step_key(state.key, state.step))
             stats = _to_python(jax.device_get(stats))
             state = TrainState(step=state.step + 1, model=model, opt_state=opt_state, key=state.key)
