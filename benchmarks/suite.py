@@ -134,13 +134,17 @@ def build(case: Case):
     return system, flow, x.reshape(n, -1), forces.reshape(n, -1)
 
 
-def _step_call(loss, flow, x, forces, batch: int):
-    """A compiled training step on a fixed batch, and its compile seconds."""
+def _step_inputs(loss, flow, x, forces, batch: int):
+    """The training step for ``loss`` (Adam, no accumulation), its optimiser state, one micro-batch and a key."""
     optimizer = optax.adam(1e-4)
     opt_state = optimizer.init(eqx.filter(flow, eqx.is_inexact_array))
-    step = make_step(loss, optimizer, 1)
     micro = Batch(x=jnp.asarray(x[None, :batch]), forces=jnp.asarray(forces[None, :batch]))
-    key = jax.random.PRNGKey(2)
+    return make_step(loss, optimizer, 1), opt_state, micro, jax.random.PRNGKey(2)
+
+
+def _step_call(loss, flow, x, forces, batch: int):
+    """A compiled training step on a fixed batch, and its compile seconds."""
+    step, opt_state, micro, key = _step_inputs(loss, flow, x, forces, batch)
     t0 = time.perf_counter()
     compiled = step.lower(flow, opt_state, micro, key).compile()
     compile_s = time.perf_counter() - t0
@@ -152,11 +156,8 @@ def _step_call(loss, flow, x, forces, batch: int):
 def _step_prepared_ahead_call(loss, flow, x, forces, batch: int):
     """The training loop's steady state with ``prepare_ahead``: a step on a batch paired ahead
     while a second thread pairs the next batch (zoo.train.fit); compile seconds of both."""
-    optimizer = optax.adam(1e-4)
-    opt_state = optimizer.init(eqx.filter(flow, eqx.is_inexact_array))
-    step, prepare = make_step(loss, optimizer, 1), make_prepare(loss, 1)
-    micro = Batch(x=jnp.asarray(x[None, :batch]), forces=jnp.asarray(forces[None, :batch]))
-    key = jax.random.PRNGKey(2)
+    step, opt_state, micro, key = _step_inputs(loss, flow, x, forces, batch)
+    prepare = make_prepare(loss, 1)
     t0 = time.perf_counter()
     prepare_compiled = prepare.lower(flow.base, micro, key).compile()
     prepared = prepare_compiled(flow.base, micro, key)

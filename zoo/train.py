@@ -444,7 +444,7 @@ def fit(
     # One worker thread prepares step s + 1 while step s trains (JAX and the pairing's compiled
     # host code release the GIL); it is the only caller of the sampler.
     ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zoo-prepare") if prepare_fn is not None else None
-    pending: tuple[int, concurrent.futures.Future] | None = None
+    pending: concurrent.futures.Future | None = None  # the batch of step state.step, once the loop runs
     records: list[dict] = []
 
     def save(s: TrainState):
@@ -487,11 +487,9 @@ def fit(
             if ahead is None:
                 batch = batch_for(state.step)
             else:
-                if pending is None or pending[0] != state.step:
-                    pending = (state.step, ahead.submit(batch_for, state.step))
-                batch = pending[1].result()
-                following = state.step + 1
-                pending = (following, ahead.submit(batch_for, following)) if n_steps is None or following < n_steps else None
+                batch = (pending or ahead.submit(batch_for, state.step)).result()
+                following = state.step + 1  # every step advances by one, skipped ones included
+                pending = ahead.submit(batch_for, following) if n_steps is None or following < n_steps else None
             model, opt_state, stats = step_fn(state.model, state.opt_state, batch, step_key(state.key, state.step))
             stats = _to_python(jax.device_get(stats))
             state = TrainState(step=state.step + 1, model=model, opt_state=opt_state, key=state.key)
