@@ -51,6 +51,22 @@ def test_round_trip_is_exact(dw_store):
     assert manifest["splits"]["test"]["arrays"]["positions"]["sha256"] == hashlib.sha256(test_pos.astype("<f4").tobytes()).hexdigest()
 
 
+def test_integer_arrays_stay_exact_and_float_arrays_stay_float32(tmp_path):
+    """Frame indices past 2**24 (a 4-seed, 5 M-frame MD set) would round in float32."""
+    index = np.array([0, 2**24 + 1, 5 * 10**6 * 4 - 1])
+    storage.write_array(tmp_path / "index", index)
+    back = storage.read_array(tmp_path / "index")
+    assert back.dtype == np.int64 and back.tolist() == index.tolist()
+    storage.write_array(tmp_path / "energies", np.array([1.5, -2.25], np.float64))
+    assert storage.read_array(tmp_path / "energies").dtype == np.float32
+    # Positions are float32 whatever the caller's type.
+    dw = DoubleWell()
+    positions = np.arange(3 * 8).reshape(3, 4, 2)
+    storage.write_dataset(tmp_path / "ints", {"train": (positions, None), "val": (positions, None), "test": (positions, None)}, system=dw)
+    p, _ = load_dataset(tmp_path / "ints", "test")
+    assert p.dtype == np.float32 and np.array_equal(p, positions)
+
+
 def test_stored_dataset_gives_flat_splits_and_subsets(dw_store):
     dw, splits, path, _ = dw_store
     data = stored_dataset(dw, path=str(path))

@@ -95,16 +95,23 @@ def _kvstore(path: Path) -> dict:
     return {"driver": "file", "path": str(Path(path).resolve())}
 
 
+def stored_dtype(a: np.ndarray) -> str:
+    """The type :func:`write_array` stores ``a`` as: int64 for integers (frame indices stay
+    exact past 2**24), float32 for everything else."""
+    return "<i8" if np.issubdtype(np.asarray(a).dtype, np.integer) else "<f4"
+
+
 def write_array(path, a: np.ndarray) -> None:
-    """Write a float32 array as a zarr array at ``path`` (replacing any existing one)."""
+    """Write an array as a zarr array at ``path`` (replacing any existing one), typed by :func:`stored_dtype`."""
     import tensorstore as ts
 
-    a = np.ascontiguousarray(a, dtype="<f4")
+    dtype = stored_dtype(a)
+    a = np.ascontiguousarray(a, dtype=dtype)
     chunks = [max(1, min(a.shape[0], _CHUNK_ROWS)), *a.shape[1:]]
     spec = {
         "driver": "zarr",
         "kvstore": _kvstore(path),
-        "metadata": {"dtype": "<f4", "shape": list(a.shape), "chunks": chunks, "compressor": _COMPRESSOR, "order": "C"},
+        "metadata": {"dtype": dtype, "shape": list(a.shape), "chunks": chunks, "compressor": _COMPRESSOR, "order": "C"},
         "create": True,
         "delete_existing": True,
     }
@@ -165,7 +172,7 @@ def write_dataset(directory, splits: dict, *, system, extra: dict | None = None)
                 arr = as_event_batch(arr, shape, f"{name} {what}")
                 if not np.isfinite(arr).all():
                     raise DatasetError(f"{name} {what} contain NaN or inf; refusing to store them")
-                write_array(tmp / name / what, arr)
+                write_array(tmp / name / what, np.asarray(arr, np.float32))
                 entry["arrays"][what] = {"path": f"{name}/{what}", "shape": list(arr.shape), "sha256": array_sha256(arr)}
             entry["count"] = int(np.shape(positions)[0])
             manifest["splits"][name] = entry

@@ -4,7 +4,7 @@ Stored format: the project's data-set directory (:mod:`zoo.storage`, ``manifest.
 zarr arrays ``<split>/positions`` and ``<split>/forces`` of shape (n, 22, 3) float32, each
 checked against its sha256), read by ``zoo.data.stored_dataset`` (gin: ``@stored_dataset``) like every other set.
 The AD2 sets add, per split, ``<split>/energies`` (n,) u in k_BT and
-``<split>/source_index`` (n,) (frame of the source run, stored as float32), listed with
+``<split>/source_index`` (n,) (frame of the source run, int64; float32 in sets written before), listed with
 their sha256 under the manifest's ``extra_arrays``, and an ``ad2`` entry (units,
 provenance, per-split sizes, φ > 0 fractions, energy statistics).
 
@@ -84,7 +84,7 @@ def write_dataset(path, splits: Mapping[str, Mapping[str, np.ndarray]], meta: Ma
         prepared[name] = (pos, np.asarray(arrays["forces"], np.float32).reshape(n, n_atoms, 3))
         extras[name] = {
             "energies": np.asarray(arrays["energies"], np.float32).reshape(n),
-            "source_index": np.asarray(arrays.get("source_index", np.arange(n)), np.float32).reshape(n),
+            "source_index": np.asarray(arrays.get("source_index", np.arange(n)), np.int64).reshape(n),
         }
         phi = phi_psi(pos)[0]
         info["splits"][name] = {
@@ -98,7 +98,7 @@ def write_dataset(path, splits: Mapping[str, Mapping[str, np.ndarray]], meta: Ma
     for name, arrays in extras.items():
         for field, arr in arrays.items():
             storage.write_array(path / name / field, arr)
-            listed[f"{name}/{field}"] = {"shape": list(arr.shape), "sha256": storage.array_sha256(arr)}
+            listed[f"{name}/{field}"] = {"shape": list(arr.shape), "sha256": storage.array_sha256(arr, storage.stored_dtype(arr))}
     storage.update_manifest(path, ad2=info, extra_arrays=listed)
     return info
 
@@ -119,7 +119,7 @@ def read_arrays(path, split: str) -> dict[str, np.ndarray]:
         if entry is None:
             continue
         arr = storage.read_array(path / split / field)
-        if storage.array_sha256(arr) != entry["sha256"]:
+        if storage.array_sha256(arr, storage.stored_dtype(arr)) != entry["sha256"]:
             raise storage.DatasetError(f"array {path / split / field} does not match its sha256 in the manifest")
         out[field] = arr.astype(np.int64) if field == "source_index" else arr
     return out
