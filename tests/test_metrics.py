@@ -103,6 +103,47 @@ def test_evaluate_flow_counts_failed_energies():
     assert f"n_nonfinite_q={broken}" in format_metrics(metrics)
 
 
+def test_top_weight_share_against_direct_sums():
+    """The k largest weights' share of Σw, with the weights written out; bounds and edge cases."""
+    from zoo.metrics import top_weight_share
+
+    rng = np.random.default_rng(3)
+    log_w = rng.normal(0.0, 2.0, size=500) + 700.0  # exp overflows float64 without log space
+    w = np.exp(log_w - 700.0)
+    for k in (1, 5, 500):
+        assert top_weight_share(log_w, k) == pytest.approx(np.sort(w)[-k:].sum() / w.sum(), rel=1e-12)
+    assert top_weight_share(np.zeros(8)) == pytest.approx(1 / 8)
+    # A model sample without a usable weight counts as weight 0; a target sample the model
+    # gives zero density (log w = +inf) carries all the weight; nothing usable: share 0.
+    assert top_weight_share(np.array([0.0, 0.0, np.nan, -np.inf])) == pytest.approx(0.5)
+    assert top_weight_share(np.array([0.0, np.inf, 1.0])) == 1.0
+    assert top_weight_share(np.array([np.nan, -np.inf])) == 0.0
+    with pytest.raises(ValueError, match="k="):
+        top_weight_share(np.zeros(3), k=4)
+
+
+def test_evaluation_reports_and_plots_where_the_weights_sit(tmp_path):
+    """evaluation() records the top weight shares, equal to the shares of its own log weights, and draws log_weights.png."""
+    import jax
+
+    from zoo.data import exact_samples
+    from zoo.experiments.runs import evaluation
+    from zoo.fields import MLPField
+    from zoo.flows import CNF, StandardNormal
+    from zoo.metrics import evaluate_flow, top_weight_share
+    from zoo.systems import GaussianMixture2D
+
+    system = GaussianMixture2D()
+    data = exact_samples(system, n_train=64, n_val=64, n_test=64)
+    flow = CNF(MLPField(2, width=8, depth=1, key=jax.random.PRNGKey(0)), StandardNormal(2), n_steps=2)
+    metrics = evaluation(flow, system, data, tmp_path, n_samples=128, n_target=64, progress=False)
+    _, arrays = evaluate_flow(flow, system, data, key=jax.random.PRNGKey(1234), n_samples=128, n_target=64)
+    assert metrics["top_weight_share_q"] == pytest.approx(top_weight_share(arrays["log_w_model"]), rel=1e-6)
+    assert metrics["top_weight_share_p"] == pytest.approx(top_weight_share(arrays["log_w_target"]), rel=1e-6)
+    assert 1 / 128 <= metrics["top_weight_share_q"] <= 1 and 1 / 64 <= metrics["top_weight_share_p"] <= 1
+    assert (tmp_path / "log_weights.png").stat().st_size > 10_000
+
+
 def test_metric_files_store_nonfinite_numbers_as_strict_json(tmp_path):
     import json
 

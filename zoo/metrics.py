@@ -8,7 +8,9 @@ With log weights $\log w = -u(x) - \log q_θ(x)$ (Z cancels in every ratio):
   normalising constant;
 - exact KL(p‖q) $= \mathbb E_p[\log p - \log q]$ where log Z is known;
 - path length $\int_0^1 \|v_θ(t, x(t))\|dt$ averaged over model trajectories;
-- standard errors of NLL, ESS-q and ESS-p by the delta method (``*_se``).
+- standard errors of NLL, ESS-q and ESS-p by the delta method (``*_se``);
+- the largest weight's share of all weight, of model and of target samples: whether one
+  sample decides an ESS.
 
 Non-finite model log weights (an exploded sample, an energy engine that failed) get
 weight zero and are counted; a target sample the model gives zero density drives ESS-p
@@ -101,6 +103,26 @@ def ess_p_se(log_w) -> float:
         return 0.0
     w, inv_w = np.exp(log_w - log_w.max()), np.exp(log_w.min() - log_w)  # each scaled to ≤ 1
     return ess_p(log_w) * _relative_se([(w, -1.0), (inv_w, -1.0)])
+
+
+def top_weight_share(log_w, k: int = 1) -> float:
+    """The share of the total importance weight carried by the ``k`` largest weights, in [k/n, 1].
+
+    Of model samples, how far the Kish ESS rests on a few samples; of target samples
+    (w = p/q), whether a few states the model all but misses decide ESS-p, whose
+    Σw they dominate. Non-finite log weights count as weight 0 (model side) and make the
+    share 1 where one is +inf. 0 when no weight is positive.
+    """
+    log_w = np.asarray(log_w, dtype=np.float64)
+    if not 1 <= k <= log_w.shape[0]:
+        raise ValueError(f"top_weight_share takes 1 <= k <= n = {log_w.shape[0]}, got k={k}")
+    if np.any(log_w == np.inf):
+        return 1.0
+    log_w = np.where(np.isfinite(log_w), log_w, -np.inf)
+    if np.all(log_w == -np.inf):
+        return 0.0
+    top = np.sort(log_w)[-k:]
+    return float(np.exp(logsumexp(top) - logsumexp(log_w)))
 
 
 def nll_se(log_q) -> float:
@@ -341,6 +363,10 @@ def evaluate_flow(
         "nll_se": nll_se(density["log_q"]),
         "ess_q_se": ess_q_se(log_w_q),
         "ess_p_se": ess_p_se(log_w_p),
+        # The largest single weight's share of all weight: near 1/n for a good sampler, near 1
+        # when one sample decides the ESS (on the target side: a state the model all but misses).
+        "top_weight_share_q": top_weight_share(log_w_q),
+        "top_weight_share_p": top_weight_share(log_w_p),
         "path_length": float(np.mean(model["path_length"][np.isfinite(model["path_length"])])),
         "fm_loss": fm_loss_on(flow, dataset.split(split).positions, fm_loss or FlowMatching(), fm_key),
         "n_samples_q": int(n_samples),
@@ -366,6 +392,7 @@ def evaluate_flow(
         "x_target": target,
         "log_q_target": density["log_q"],
         "u_target": u_target,
+        "log_w_target": log_w_p,
     }
     return metrics, arrays
 

@@ -121,8 +121,39 @@ def pair_distance_histogram(arrays: dict, workdir: Path, *, prefix: str = "", n_
     return save(fig, Path(workdir) / f"{prefix}pair_distances.png")
 
 
+def log_weights(arrays: dict, path: Path, *, n_marked: int = 10) -> Path:
+    """Where the weights sit: log(n·w/Σw) against the energy, of target and of model samples.
+
+    On target samples (w = p/q) the points far above 0 are states the model gives too
+    little density, and they decide ESS-p; on model samples those far above 0 decide ESS-q.
+    The ``n_marked`` largest weights of each side are marked with their share of all weight.
+    """
+    fig, axes = subplots(1, 2, figsize=(11, 4), sharey=True)
+    sides = (("target samples (w = p/q)", arrays["u_target"], arrays["log_w_target"]),
+             ("model samples", arrays["u_model"], arrays["log_w_model"]))  # fmt: skip
+    for ax, (title, u, log_w) in zip(axes, sides):
+        u, log_w = np.asarray(u, np.float64), np.asarray(log_w, np.float64)
+        finite = np.isfinite(u) & np.isfinite(log_w)
+        ax.set_xlabel("energy u / k_BT")
+        if finite.sum() == 0:
+            ax.set_title(f"{title}: no finite weight")
+            continue
+        u, log_w = u[finite], log_w[finite]
+        relative = log_w - (np.logaddexp.reduce(log_w) - math.log(log_w.size))
+        top = np.argsort(relative)[-min(n_marked, relative.size) :]
+        share = float(np.exp(np.logaddexp.reduce(log_w[top]) - np.logaddexp.reduce(log_w)))
+        ax.scatter(u, relative, s=4, alpha=0.4, lw=0, label=f"{relative.size} samples")
+        ax.scatter(u[top], relative[top], s=14, color="tab:red", label=f"the {top.size} largest: {share:.0%} of all weight")
+        ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+        ax.set_title(title)
+        ax.legend(loc="lower left", fontsize=8)
+    axes[0].set_ylabel("log(n·w / Σw)   (0: an average weight)")
+    return save(fig, Path(path))
+
+
 def write_views(flow, system, arrays: dict, workdir: Path, *, prefix: str = "") -> None:
-    """Every figure of an evaluation: the 2-D density, the energy histograms, and the system's own views.
+    """Every figure of an evaluation: the 2-D density, the energy histograms, where the weights
+    sit, and the system's own views.
 
     Alanine dipeptide gets Ramachandran maps and bond lengths, other particle systems the
     pair-distance histogram.
@@ -133,6 +164,7 @@ def write_views(flow, system, arrays: dict, workdir: Path, *, prefix: str = "") 
     plots.energy_histogram(
         arrays["u_target"], arrays["u_model"], arrays["log_w_model"], workdir / f"{prefix}energy_histogram.png", title=type(system).__name__
     )
+    log_weights(arrays, workdir / f"{prefix}log_weights.png")
     if isinstance(system, (AlanineDipeptideClassical, AlanineDipeptideXTB)):
         molecule_views(arrays, workdir, prefix=prefix)
     elif isinstance(system, AbstractParticleSystem):
