@@ -153,9 +153,10 @@ def _step_call(loss, flow, x, forces, batch: int):
     return (lambda: timed(compiled, flow, opt_state, micro, key)), compile_s, temp
 
 
-def _step_prepared_ahead_call(loss, flow, x, forces, batch: int):
+def _step_prepared_ahead_call(loss, flow, x, forces, batch: int, ahead: concurrent.futures.Executor):
     """The training loop's steady state with ``prepare_ahead``: a step on a batch paired ahead
-    while a second thread pairs the next batch (zoo.train.fit); compile seconds of both."""
+    while ``ahead`` (one worker thread) pairs the next batch (zoo.train.fit); compile seconds
+    of both, and of the first batch's pairing, as fit's first step logs them."""
     step, opt_state, micro, key = _step_inputs(loss, flow, x, forces, batch)
     prepare = make_prepare(loss, 1)
     t0 = time.perf_counter()
@@ -163,7 +164,6 @@ def _step_prepared_ahead_call(loss, flow, x, forces, batch: int):
     prepared = prepare_compiled(flow.base, micro, key)
     step_compiled = step.lower(flow, opt_state, prepared, key).compile()
     compile_s = time.perf_counter() - t0
-    ahead = concurrent.futures.ThreadPoolExecutor(1)
 
     def both():
         following = ahead.submit(lambda: jax.block_until_ready(prepare_compiled(flow.base, micro, key)))
@@ -190,6 +190,8 @@ def run_case(name: str, case: Case, repeats: int) -> dict:
     pg_flow = flow.with_settings(solver=FixedStep("rk4", n_steps=PG_STEPS), divergence=case.pg_divergence)
     calls, compile_s, repeats_by = {}, {}, {}
     expensive = max(2, repeats // 2)
+    # The prepared-ahead row's worker thread, shut down once the rows are timed.
+    ahead = concurrent.futures.ThreadPoolExecutor(1)
 
     calls["fm"], compile_s["fm"], _ = _step_call(FlowMatching(), flow, x, forces, case.fm_batch)
     repeats_by["fm"] = repeats
@@ -198,7 +200,9 @@ def run_case(name: str, case: Case, repeats: int) -> dict:
         repeats_by["fm_at_pg_batch"] = repeats
     if case.eqot:
         calls["eqot"], compile_s["eqot"], _ = _step_call(EquivariantOTFlowMatching(sigma=0.01), flow, x, forces, case.fm_batch)
-        calls["eqot_ahead"], compile_s["eqot_ahead"] = _step_prepared_ahead_call(EquivariantOTFlowMatching(sigma=0.01), flow, x, forces, case.fm_batch)
+        calls["eqot_ahead"], compile_s["eqot_ahead"] = _step_prepared_ahead_call(
+            EquivariantOTFlowMatching(sigma=0.01), flow, x, forces, case.fm_batch, ahead
+        )
         repeats_by["eqot"] = repeats_by["eqot_ahead"] = repeats
     calls["pg"], compile_s["pg"], pg_temp = _step_call(PathGradientForwardKL(), pg_flow, x, forces, case.pg_batch)
     repeats_by["pg"] = expensive
@@ -211,7 +215,10 @@ def run_case(name: str, case: Case, repeats: int) -> dict:
         calls[work], compile_s[work] = _sample_call(sampler, batch)
         repeats_by[work] = expensive
 
-    timing = run_interleaved(calls, repeats_by, warmup=1)
+    try:
+        timing = run_interleaved(calls, repeats_by, warmup=1)
+    finally:
+        ahead.shutdown()
     for work, entry in timing.items():
         # Sampling: the first call compiled and ran once; the compile estimate subtracts a run.
         entry["compile_s"] = compile_s[work] - (entry["wall_ms"] / 1e3 if work.startswith("sample") else 0.0)
