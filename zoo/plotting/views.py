@@ -128,13 +128,15 @@ def log_weights(arrays: dict, path: Path, *, n_marked: int = 10) -> Path:
     little density, and they decide ESS-p; on model samples those far above 0 decide ESS-q.
     The ``n_marked`` largest weights of each side are marked with their share of all weight.
     """
-    fig, axes = subplots(1, 2, figsize=(11, 4), sharey=True)
+    # Own y ranges: one model sample far out in energy would otherwise flatten the target side.
+    fig, axes = subplots(1, 2, figsize=(11, 4))
     sides = (("target samples (w = p/q)", arrays["u_target"], arrays["log_w_target"]),
              ("model samples", arrays["u_model"], arrays["log_w_model"]))  # fmt: skip
     for ax, (title, u, log_w) in zip(axes, sides):
         u, log_w = np.asarray(u, np.float64), np.asarray(log_w, np.float64)
         finite = np.isfinite(u) & np.isfinite(log_w)
         ax.set_xlabel("energy u / k_BT")
+        ax.set_ylabel("log(n·w / Σw)   (0: an average weight)")
         if finite.sum() == 0:
             ax.set_title(f"{title}: no finite weight")
             continue
@@ -147,7 +149,6 @@ def log_weights(arrays: dict, path: Path, *, n_marked: int = 10) -> Path:
         ax.axhline(0.0, color="grey", lw=0.8, ls="--")
         ax.set_title(title)
         ax.legend(loc="lower left", fontsize=8)
-    axes[0].set_ylabel("log(n·w / Σw)   (0: an average weight)")
     return save(fig, Path(path))
 
 
