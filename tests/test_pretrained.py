@@ -609,7 +609,11 @@ def _disagreements(flow, system, dataset, rec: dict, n: int = 512) -> list[str]:
       variation). The band is there because both are ratios of sums of weights whose
       bootstrap SE is too small when a few weights dominate, as they do for poor models;
       a relative band on the weight variance, not on ESS itself, stays meaningful from
-      ESS ≈ 1 down to ESS ≪ 1.
+      ESS ≈ 1 down to ESS ≪ 1. When the record rests on more samples than the n here, a
+      higher fresh ESS is no disagreement: n samples rarely hold the few states whose
+      weights dominate the record's sums (dw4_eqotfm: ESS-p 0.07 from 10 000 test samples,
+      where one carries 90 % of the weight, ~0.9 from the first 512), so only a fresh ESS
+      below the record is tested there.
     """
     from zoo.flows.cnf import sample_and_log_prob_chunked
     from zoo.metrics import ess_p, ess_q, evaluate_flow
@@ -637,7 +641,8 @@ def _disagreements(flow, system, dataset, rec: dict, n: int = 512) -> list[str]:
         se = _bootstrap_se(stat, log_w) * math.sqrt(1 + n / n_rec)
         new, old = metrics[name], rec[name]
         cv2_ratio = (1 / new - 1) / (1 / old - 1) if 0 < new < 1 and 0 < old < 1 else math.inf
-        if not (abs(new - old) < 4 * se or 1 / 1.3 <= cv2_ratio <= 1.3):
+        fewer_samples_may_miss_the_heaviest = n < n_rec and new > old
+        if not (fewer_samples_may_miss_the_heaviest or abs(new - old) < 4 * se or 1 / 1.3 <= cv2_ratio <= 1.3):
             bad.append(f"{name}: {new:.4f} vs recorded {old:.4f} (4 SE = {4 * se:.4f}, (1/ESS-1) ratio {cv2_ratio:.2f})")
     return bad
 
