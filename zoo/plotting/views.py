@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from matplotlib.colors import LogNorm
 
-from zoo.metrics import pair_distances
+from zoo.metrics import pair_distances, top_weight_share
 from zoo.plotting import plots
 from zoo.plotting.plots import density_hist, save, subplots
 from zoo.systems import AbstractParticleSystem, AlanineDipeptideClassical, AlanineDipeptideXTB, alanine
@@ -143,7 +143,7 @@ def log_weights(arrays: dict, path: Path, *, n_marked: int = 10) -> Path:
         u, log_w = u[finite], log_w[finite]
         relative = log_w - (np.logaddexp.reduce(log_w) - math.log(log_w.size))
         top = np.argsort(relative)[-min(n_marked, relative.size) :]
-        share = float(np.exp(np.logaddexp.reduce(log_w[top]) - np.logaddexp.reduce(log_w)))
+        share = top_weight_share(log_w, top.size)
         ax.scatter(u, relative, s=4, alpha=0.4, lw=0, label=f"{relative.size} samples")
         ax.scatter(u[top], relative[top], s=14, color="tab:red", label=f"the {top.size} largest: {share:.0%} of all weight")
         ax.axhline(0.0, color="grey", lw=0.8, ls="--")
