@@ -7,6 +7,7 @@ wall time (CPU time is the steadier measure of work when other processes compete
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -14,6 +15,14 @@ import time
 
 import equinox as eqx
 import jax
+
+
+def write_result(result: dict, path: str, *, indent: int = 2) -> None:
+    """``result`` as JSON at ``path`` (its folder made if missing), and a line saying so."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=indent)
+    print(f"\nwrote {path}")
 
 
 def compile_call(fn, *args):

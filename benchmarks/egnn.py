@@ -25,7 +25,6 @@ the 1-minute load average; compare variants within one run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -35,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from benchmarks._timing import compile_call, run_interleaved, timed
+from benchmarks._timing import compile_call, run_interleaved, timed, write_result
 from zoo import resources
 from zoo.data import Batch, load_dataset
 from zoo.fields import EGNNField
@@ -190,10 +189,7 @@ def main(argv=None) -> dict:
         print(f"\nEQ-OT FM step / FM step (wall): {eqot['eqot_over_fm']:.2f}×")
 
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"\nwrote {args.out}")
+        write_result(result, args.out)
     return result
 
 

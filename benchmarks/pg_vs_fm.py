@@ -28,7 +28,6 @@ adjoint) at 15 and 30 RK4 steps. Its JSON goes to ``benchmarks/pg_vs_fm_lj13.jso
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -38,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from benchmarks._timing import run_interleaved
+from benchmarks._timing import run_interleaved, write_result
 from zoo.data import Batch, stored_dataset
 from zoo.fields import EGNNField, MLPField
 from zoo.flows import CNF, MeanFreeNormal, StandardNormal
@@ -233,10 +232,7 @@ def main(argv=None) -> dict:
         print(f"| {adjoint} | {cells} | {spread} |")
 
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"\nwrote {args.out}")
+        write_result(result, args.out)
     return result
 
 

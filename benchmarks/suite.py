@@ -42,7 +42,7 @@ import numpy as np
 import optax
 
 from benchmarks import flops
-from benchmarks._timing import machine, run_interleaved, timed
+from benchmarks._timing import machine, run_interleaved, timed, write_result
 from zoo.data import Batch
 from zoo.experiments import config
 from zoo.flows import FixedStep
@@ -381,9 +381,7 @@ def main(argv=None) -> dict:
     text = table(results, info)
     print("\n" + text)
     if out:
-        with open(out, "w") as f:
-            json.dump({"machine": info, "results": results, "table": text}, f, indent=1)
-        print(f"wrote {out}")
+        write_result({"machine": info, "results": results, "table": text}, out, indent=1)
     return results
 
 

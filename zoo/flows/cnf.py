@@ -374,6 +374,24 @@ def _verify(flow: CNF, what: str, label: str, chunk_index: int, entries, batched
                 )
 
 
+def _chunk_loop(sizes, desc: str, progress: bool, store, compute) -> dict[str, np.ndarray]:
+    """``compute(c)`` for every chunk c (its result dict), or the result ``store`` holds for it;
+    each fresh result is saved to ``store`` as soon as it exists. ``sizes`` are the chunks'
+    sample counts for the progress bar. Returns each array concatenated over the chunks."""
+    out: dict[str, list] = {}
+    with _progress(sum(sizes), desc, progress) as bar:
+        for c, size in enumerate(sizes):
+            result = None if store is None else store.load(c)
+            if result is None:
+                result = compute(c)
+                if store is not None:
+                    store.save(c, result)
+            for name, value in result.items():
+                out.setdefault(name, []).append(value)
+            bar.update(size)
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
 def sample_and_log_prob_chunked(
     flow: CNF,
     key: PRNGKeyArray,
@@ -403,30 +421,22 @@ def sample_and_log_prob_chunked(
     chunk = min(chunk_size, n)
     n_chunks = math.ceil(n / chunk)
     keys = jax.random.split(key, n_chunks)
-    out = {"x": [], "log_q": [], "path_length": []}
-    with _progress(n, "sampling", progress) as bar:
-        for c, k in enumerate(keys):
-            stored = None if store is None else store.load(c)
-            if stored is not None:
-                for name in out:
-                    out[name].append(stored[name])
-                bar.update(min(chunk, n - c * chunk))
-                continue
-            z, eps = _compiled(flow, "draw_base", k, chunk)
-            x, log_q, length = _compiled(flow, "push_forward", *_spread((z, eps), chunk))
-            result = {"x": np.asarray(x), "log_q": np.asarray(log_q), "path_length": np.asarray(length)}
 
-            def one(i, z=z, eps=eps):
-                xi, lq, pl = _compiled(flow, "push_forward_single", z[i], None if eps is None else eps[i])
-                return {"x": xi, "log_q": lq, "path_length": pl}
+    def compute(c):
+        z, eps = _compiled(flow, "draw_base", keys[c], chunk)
+        x, log_q, length = _compiled(flow, "push_forward", *_spread((z, eps), chunk))
+        result = {"x": np.asarray(x), "log_q": np.asarray(log_q), "path_length": np.asarray(length)}
 
-            _verify(flow, "sampling", label, c, _checked_entries(chunk, verify, c), result, one)
-            if store is not None:
-                store.save(c, result)
-            for name, value in result.items():
-                out[name].append(value)
-            bar.update(min(chunk, n - c * chunk))  # the last chunk is drawn whole and cut to n
-    return {name: np.concatenate(parts)[:n] for name, parts in out.items()}
+        def one(i):
+            xi, lq, pl = _compiled(flow, "push_forward_single", z[i], None if eps is None else eps[i])
+            return {"x": xi, "log_q": lq, "path_length": pl}
+
+        _verify(flow, "sampling", label, c, _checked_entries(chunk, verify, c), result, one)
+        return result
+
+    # The last chunk is drawn whole and cut to n.
+    out = _chunk_loop([min(chunk, n - c * chunk) for c in range(n_chunks)], "sampling", progress, store, compute)
+    return {name: value[:n] for name, value in out.items()}
 
 
 def log_prob_chunked(
@@ -455,32 +465,21 @@ def log_prob_chunked(
     if flow.needs_key and key is None:
         raise ValueError("this CNF uses the Hutchinson divergence: log densities need a PRNG key")
     keys = jax.random.split(key, n_chunks) if key is not None else [None] * n_chunks
-    log_q, lengths = [], []
-    with _progress(n, "log density", progress) as bar:
-        for c, k in enumerate(keys):
-            part = x[c * chunk : (c + 1) * chunk]
-            valid = part.shape[0]
-            stored = None if store is None else store.load(c)
-            if stored is not None:
-                log_q.append(stored["log_q"])
-                lengths.append(stored["path_length"])
-                bar.update(valid)
-                continue
-            if valid < chunk:
-                part = np.concatenate([part, np.repeat(part[:1], chunk - valid, axis=0)])
-            eps = _compiled(flow, "noise_or_none", k, chunk, part.dtype)
-            lq, pl = _compiled(flow, "log_prob_and_path_length_with_noise", *_spread((part, eps), chunk))
-            result = {"log_q": np.asarray(lq), "path_length": np.asarray(pl)}
 
-            def one(i, part=part, eps=eps):
-                lq_i, pl_i = _compiled(flow, "log_prob_and_path_length_single", part[i], None if eps is None else eps[i])
-                return {"log_q": lq_i, "path_length": pl_i}
+    def compute(c):
+        part = x[c * chunk : (c + 1) * chunk]
+        valid = part.shape[0]
+        if valid < chunk:
+            part = np.concatenate([part, np.repeat(part[:1], chunk - valid, axis=0)])
+        eps = _compiled(flow, "noise_or_none", keys[c], chunk, part.dtype)
+        lq, pl = _compiled(flow, "log_prob_and_path_length_with_noise", *_spread((part, eps), chunk))
+        result = {"log_q": np.asarray(lq), "path_length": np.asarray(pl)}
 
-            _verify(flow, "log density", label, c, _checked_entries(valid, verify, c), result, one)
-            result = {name: value[:valid] for name, value in result.items()}
-            if store is not None:
-                store.save(c, result)
-            log_q.append(result["log_q"])
-            lengths.append(result["path_length"])
-            bar.update(valid)
-    return {"log_q": np.concatenate(log_q), "path_length": np.concatenate(lengths)}
+        def one(i):
+            lq_i, pl_i = _compiled(flow, "log_prob_and_path_length_single", part[i], None if eps is None else eps[i])
+            return {"log_q": lq_i, "path_length": pl_i}
+
+        _verify(flow, "log density", label, c, _checked_entries(valid, verify, c), result, one)
+        return {name: value[:valid] for name, value in result.items()}
+
+    return _chunk_loop([min(chunk, n - c * chunk) for c in range(n_chunks)], "log density", progress, store, compute)
