@@ -20,7 +20,7 @@ pair-level matrix work). Parameters and their initialisation follow the referenc
 One implementation with an explicit batch axis serves two entry points: ``__call__`` (one
 sample, autodiff in either mode; the CNF's exact divergence takes forward mode, and the
 first layer, whose pairs see x only through r²_ij, has a forward-mode rule that maps all D
-basis tangents through one per-pair sensitivity: 1.6× faster for LJ13 3 layers) and
+basis tangents through one per-pair sensitivity instead of pushing each through φ_e) and
 ``batched`` (training: the pair messages get a hand-written reverse pass that reuses the
 forward sigmoids). Flow-matching losses evaluate ``batched`` chunk by chunk with the
 gradient accumulated in the same pass (:mod:`zoo.losses.chunked`), which keeps a chunk's
@@ -417,9 +417,7 @@ class EGNNField(AbstractVectorField):
     def solve_chunk_size(self, batch_size: int) -> int:
         """Samples per chunk in the path-gradient solves (a divisor of ``batch_size``): at most
         about 20000 layer·pair rows n_layers·b·N². A solver stage keeps every layer's pair tensors
-        for its reverse passes, so the working set grows with depth as well as with b·N². Measured
-        at RK4-15 (``path_gradient`` with and without chunks): AD2 (5 layers, N = 22) batch 50 in
-        chunks of 5 cut the augmented solve from 10.6 to 6.6 s; LJ55 (3 layers) batch 8 in
-        chunks of 2 from 4.0 to 3.3 s, while chunks of 1 doubled it; LJ13 gains nothing. On a
-        GPU the whole batch."""
+        for its reverse passes, so the working set grows with depth as well as with b·N²; chunks
+        much smaller than the bound lose more to per-chunk overhead than they gain in cache
+        (``path_gradient`` with and without chunks is the measurement). On a GPU the whole batch."""
         return cache_sized_chunk(batch_size, 20000 // (len(self.layers) * self.n_particles**2))

@@ -46,9 +46,9 @@ class ExactTrace(AbstractDivergence):
     particle bases: (N-1)·d rows for N particles in d dimensions, not N·d).
 
     ``chunk``: how many basis-vector JVPs are evaluated together (None: the whole basis at
-    once); smaller chunks bound the memory of the tangent tensors. On a 2-core CPU chunks
-    of 3 were faster than all at once on one thread with the other core busy, and slower
-    with both cores free: smaller operations parallelise worse.
+    once); smaller chunks bound the memory of the tangent tensors (b · chunk copies of the
+    field's intermediates for a batch of b) at the price of a sequential loop over them, so
+    they are for memory, not speed.
     """
 
     name: ClassVar[str] = "exact"
