@@ -329,3 +329,12 @@ def test_free_energy_difference_and_its_error_against_a_two_state_model():
     values, ses = zip(*(draw(2000) for _ in range(300)))
     assert np.std(values, ddof=1) == pytest.approx(np.mean(ses), rel=0.15)
     assert free_energy_difference(np.zeros(5))[0] == math.inf and math.isnan(free_energy_difference(np.zeros(5))[1])
+
+
+def test_with_error_never_prints_a_nonzero_value_as_zero():
+    from zoo.metrics import with_error
+
+    assert with_error({"ess_p": 1.674e-08, "ess_p_se": 1.4e-08}, "ess_p", ".3f") == "1.7e-08 ± 1.4e-08"
+    assert with_error({"ess_q": 0.5512, "ess_q_se": 0.0167}, "ess_q", ".3f") == "0.551 ± 0.017"
+    assert with_error({"ess_p": 0.0}, "ess_p", ".3f") == "0.000"
+    assert with_error({}, "nll") == "-"

@@ -399,11 +399,18 @@ def evaluate_flow(
 
 # ---------------------------------------------------------------------- printing
 def with_error(metrics: dict, key: str, fmt: str = ".4g") -> str:
-    """``metrics[key]`` formatted, followed by ``± metrics[key + '_se']`` where there is one; '-' if absent."""
+    """``metrics[key]`` formatted, followed by ``± metrics[key + '_se']`` where there is one; '-' if absent.
+
+    A nonzero value that ``fmt`` would print as zero (an ESS-p of 2e-8 at ``.3f``) is printed
+    with two significant digits instead: "0.000" would read as an exact zero.
+    """
     if key not in metrics:
         return "-"
-    se = metrics.get(f"{key}_se")
-    return format(metrics[key], fmt) + (f" ± {se:.2g}" if se is not None else "")
+    value, se = metrics[key], metrics.get(f"{key}_se")
+    text = format(value, fmt)
+    if value != 0 and float(text) == 0:
+        text = format(value, ".2g")
+    return text + (f" ± {se:.2g}" if se is not None else "")
 
 
 def format_metrics(metrics: dict) -> str:
