@@ -374,13 +374,13 @@ def _verify(flow: CNF, what: str, label: str, chunk_index: int, entries, batched
                 )
 
 
-def _chunk_loop(sizes, desc: str, progress: bool, store, compute) -> dict[str, np.ndarray]:
-    """``compute(c)`` for every chunk c (its result dict), or the result ``store`` holds for it;
-    each fresh result is saved to ``store`` as soon as it exists. ``sizes`` are the chunks'
-    sample counts for the progress bar. Returns each array concatenated over the chunks."""
+def _chunk_loop(n: int, chunk: int, desc: str, progress: bool, store, compute) -> dict[str, np.ndarray]:
+    """``compute(c)`` for every chunk c of n samples in chunks of ``chunk`` (its result dict), or
+    the result ``store`` holds for it; each fresh result is saved to ``store`` as soon as it
+    exists. Returns each array concatenated over the chunks."""
     out: dict[str, list] = {}
-    with _progress(sum(sizes), desc, progress) as bar:
-        for c, size in enumerate(sizes):
+    with _progress(n, desc, progress) as bar:
+        for c in range(math.ceil(n / chunk)):
             result = None if store is None else store.load(c)
             if result is None:
                 result = compute(c)
@@ -388,7 +388,7 @@ def _chunk_loop(sizes, desc: str, progress: bool, store, compute) -> dict[str, n
                     store.save(c, result)
             for name, value in result.items():
                 out.setdefault(name, []).append(value)
-            bar.update(size)
+            bar.update(min(chunk, n - c * chunk))
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
@@ -435,7 +435,7 @@ def sample_and_log_prob_chunked(
         return result
 
     # The last chunk is drawn whole and cut to n.
-    out = _chunk_loop([min(chunk, n - c * chunk) for c in range(n_chunks)], "sampling", progress, store, compute)
+    out = _chunk_loop(n, chunk, "sampling", progress, store, compute)
     return {name: value[:n] for name, value in out.items()}
 
 
@@ -482,4 +482,4 @@ def log_prob_chunked(
         _verify(flow, "log density", label, c, _checked_entries(valid, verify, c), result, one)
         return {name: value[:valid] for name, value in result.items()}
 
-    return _chunk_loop([min(chunk, n - c * chunk) for c in range(n_chunks)], "log density", progress, store, compute)
+    return _chunk_loop(n, chunk, "log density", progress, store, compute)
