@@ -539,16 +539,19 @@ def test_reevaluated_metrics_replace_only_the_metrics(tmp_path, toy):
     assert after.metrics == {**new, "n_samples_p": 1024}
     assert after.extra["evaluation"] == {"divergence": "exact"}
     assert (after.sha256, after.locations, after.recipe) == (before.sha256, before.locations, before.recipe)
-    # A recipe's closing metrics clause is rewritten from the new evaluation; the rest stays.
+    # The recipe says how the model was trained and is never rewritten, even where it mentions
+    # metrics; the new evaluation's settings replace the old ones wholesale (no adaptive
+    # tolerances left beside a fixed-step solver).
     entries = pretrained._read_index_file(reg)
     entries[0]["recipe"] = "FM, 10 steps; metrics: exact divergence, RK4-20, 256 model / 256 test samples"
+    entries[0]["evaluation"] = {"divergence": "exact", "solver": "dopri5", "solver_rtol": 1e-5, "solver_atol": 1e-5}
     pretrained.write_index(entries, reg)
     evaluation = {"divergence": "exact", "solver": "rk4", "n_solver_steps": 40, "n_samples_p": 10000, "n_samples_q": 10000}
     (run / "metrics.json").write_text(json.dumps({**new, **evaluation, "checkpoint": "toy"}))
-    recipe = pretrained.replace_metrics("toy", run / "metrics.json", model_index=reg).recipe
-    assert recipe == "FM, 10 steps; metrics: exact divergence, RK4-40, 10000 model / 10000 test samples, delta-method standard errors"
-    adaptive = {"solver": "dopri5", "solver_rtol": 1e-5, "solver_atol": 1e-5, "divergence": "exact", "n_samples_q": 5, "n_samples_p": 6}
-    assert pretrained.metrics_clause(adaptive) == "metrics: exact divergence, Dopri5 rtol = atol = 1e-5, 5 model / 6 test samples, delta-method standard errors"
+    after = pretrained.replace_metrics("toy", run / "metrics.json", model_index=reg)
+    assert after.recipe == "FM, 10 steps; metrics: exact divergence, RK4-20, 256 model / 256 test samples"
+    assert after.extra["evaluation"] == {"divergence": "exact", "solver": "rk4", "n_solver_steps": 40}
+    assert (after.metrics["n_samples_q"], after.metrics["n_samples_p"]) == (10000, 10000)
     # An evaluation of another checkpoint is refused, naming both.
     (run / "metrics.json").write_text(json.dumps({**new, "n_samples_p": 1024, "checkpoint": "runs/x/checkpoint"}))
     with pytest.raises(pretrained.ModelIndexError, match="'runs/x/checkpoint', not of the released 'toy'"):
@@ -567,6 +570,14 @@ def test_cli_list_models_and_download(tmp_path, toy, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["name", "system", "recipe", "NLL", "ESS-q", "ESS-p", "path", "len", "evaluated", "with", "size"]
     assert "toy" in out and "Toy" in out and "1.000" in out and "0.500" in out
+    zoo_cli.main(["show", "toy"])
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0] == "toy (Toy, gin/gmm_fm.gin)" and shown[1] == "  recipe: none; a test fixture"
+    assert "  ESS-q:       0.5" in shown and any(line.startswith("  evaluated with: ") and line.endswith("n=10/10") for line in shown)
+    assert f"  location: {archive}" in shown
+    with pytest.raises(SystemExit):
+        zoo_cli.main(["show", "tyo"])
+    assert "no pretrained model named 'tyo'" in capsys.readouterr().err
     download.main(["toy"])
     assert Path(capsys.readouterr().out.strip()).parent.parent == tmp_path / "cache" / "models"
     with pytest.raises(SystemExit):

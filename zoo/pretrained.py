@@ -58,7 +58,7 @@ from typing import Any
 
 from zoo import checkpoint as ckpt
 from zoo.errors import ConfigError, did_you_mean
-from zoo.flows.cnf import DESCRIPTION_SETTINGS, describe_in_words
+from zoo.flows.cnf import DESCRIPTION_SETTINGS
 from zoo.resources import ROOT as REPO_ROOT
 from zoo.resources import resolve_gin_file
 from zoo.storage import read_json, write_atomic
@@ -629,7 +629,8 @@ def _human_size(n: int) -> str:
 HEADER = """\
 # Pretrained models of the zoo (read by zoo/pretrained.py; `tools/zoo list --models`).
 # Entries are written by `tools/release-model`: sha256 and size_bytes are those of the
-# packed checkpoint (.tar); metrics are the training run's final evaluation (metrics.json).
+# packed checkpoint (.tar); recipe says how it was trained; metrics, with evaluation (how they
+# were measured), are the archive's latest evaluation (metrics.json; release-model --reevaluated).
 # locations are tried in order: a path relative to the repository root, or any URL or
 # kvstore spec table tensorstore reads (file://, http(s)://, gs://, s3://).
 """
@@ -870,18 +871,13 @@ def _evaluation_table(raw: Mapping[str, Any]) -> dict:
     return {k: raw[k] for k in DESCRIPTION_SETTINGS if k in raw}
 
 
-def metrics_clause(evaluation: Mapping[str, Any]) -> str:
-    """How an evaluation's metrics were computed, in words: divergence, solver, sample counts."""
-    counts = f"{evaluation.get('n_samples_q', '?')} model / {evaluation.get('n_samples_p', '?')} test samples"
-    return f"metrics: {describe_in_words(evaluation)}, {counts}, delta-method standard errors"
-
-
 def replace_metrics(name: str, metrics_file, *, model_index=None) -> ModelInfo:
     """Replace a released model's metrics by a new evaluation of the same archive.
 
     ``metrics_file`` must be the ``metrics.json`` of ``tools/evaluate NAME`` (it records
-    the model name it evaluated); the archive and sha256 stay as they are, and so does
-    the recipe, except its closing "metrics: ..." clause, rewritten by :func:`metrics_clause`.
+    the model name it evaluated). The archive, sha256 and recipe stay as they are: the
+    recipe says how the model was trained, the entry's ``evaluation`` table and sample
+    counts say how its metrics were measured.
     """
     metrics_file = Path(metrics_file)
     raw = read_json(metrics_file)
@@ -897,14 +893,11 @@ def replace_metrics(name: str, metrics_file, *, model_index=None) -> ModelInfo:
         raise _unknown(name, [n for n in names if n])
     entry = dict(entries[names.index(name)])
     entry["metrics"] = _index_metrics(raw, metrics_file)
+    # The previous evaluation's settings go with its metrics, even those the new one does not name.
+    entry.pop("evaluation", None)
     evaluation = _evaluation_table(raw)
     if evaluation:
         entry["evaluation"] = evaluation
-    # A recipe that ends by saying how its metrics were computed is told the new way.
-    recipe = str(entry.get("recipe", ""))
-    clause = re.search(r";\s*metrics:[^;]*$", recipe)
-    if clause:
-        entry["recipe"] = recipe[: clause.start()] + "; " + metrics_clause(raw)
     entries[names.index(name)] = entry
     write_index(entries, path)
     return _check_entry(entry, name)

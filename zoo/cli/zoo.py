@@ -1,8 +1,10 @@
-"""tools/zoo: the gin registry's names by kind (``zoo list``) and the released models (``zoo list --models``)."""
+"""tools/zoo: the gin registry's names by kind (``zoo list``), the released models (``zoo list --models``)
+and one released model in full (``zoo show NAME``)."""
 
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from zoo.cli import common
 from zoo.flows.cnf import describe_in_words
@@ -16,8 +18,13 @@ def main(argv=None) -> None:
     lst = sub.add_parser("list", help="list registered components grouped by kind")
     lst.add_argument("--kind", help="only this kind (system, field, flow, loss, ...)")
     lst.add_argument("--models", action="store_true", help="list the pretrained models (assets/models.toml) instead")
+    show = sub.add_parser("show", help="one pretrained model in full: recipe, metrics, how they were measured, locations")
+    show.add_argument("name", help="a model name from `zoo list --models`")
     args = p.parse_args(argv)
 
+    if args.command == "show":
+        _show_model(args.name)
+        return
     if args.command == "list" and args.models:
         _list_models()
         return
@@ -53,14 +60,37 @@ def _list_models() -> None:
         m = info.metrics
         recipe = info.summary if len(info.summary) <= 60 else info.summary[:59] + "…"
         size = pretrained._human_size(info.size_bytes)
-        counts = f"{describe_in_words(info.extra.get('evaluation', {}))}, n={m.get('n_samples_q', '?')}/{m.get('n_samples_p', '?')}"
+        counts = _evaluated_with(info)
         rows.append((info.name, info.system, recipe, with_error(m, "nll", ".3f"), with_error(m, "ess_q", ".3f"), with_error(m, "ess_p", ".3f"), with_error(m, "path_length", ".3f"), counts, size))
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     right = {3, 4, 5, 6, 8}
     for row in (header, *rows):
         print("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
-    print(f"\n{len(rows)} model(s) in {pretrained.index_path()}; metrics from each run's final evaluation.")
+    print(f"\n{len(rows)} model(s) in {pretrained.index_path()}; metrics from each archive's latest evaluation; `tools/zoo show NAME` for the whole recipe.")
     print("`tools/download NAME` fetches one into the cache; tools/evaluate, tools/sample and finetune.pretrained take NAME for a checkpoint path.")
+
+
+def _evaluated_with(info) -> str:
+    m = info.metrics
+    return f"{describe_in_words(info.extra.get('evaluation', {}))}, n={m.get('n_samples_q', '?')}/{m.get('n_samples_p', '?')}"
+
+
+def _show_model(name: str) -> None:
+    """Everything the index says about one model, the recipe wrapped for a terminal."""
+    from zoo import pretrained
+
+    info = pretrained.model_info(name)
+    m = info.metrics
+    print(f"{info.name} ({info.system}, gin/{info.gin.removeprefix('gin/')})")
+    print(textwrap.fill(info.recipe, width=100, initial_indent="  recipe: ", subsequent_indent="    ", break_on_hyphens=False, break_long_words=False))
+    for key, label in (("nll", "NLL"), ("ess_q", "ESS-q"), ("ess_p", "ESS-p"), ("path_length", "path length")):
+        if key in m:
+            print(f"  {label + ':':<13}{with_error(m, key, '.4g')}")
+    errors = " (± delta-method standard errors)" if any(k.endswith("_se") for k in m) else ""
+    print(f"  evaluated with: {_evaluated_with(info)}{errors}")
+    print(f"  archive: {pretrained._human_size(info.size_bytes)}, sha256 {info.sha256}")
+    for location in info.locations:
+        print(f"  location: {location}")
 
 
 if __name__ == "__main__":
