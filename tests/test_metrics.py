@@ -338,3 +338,44 @@ def test_with_error_never_prints_a_nonzero_value_as_zero():
     assert with_error({"ess_q": 0.5512, "ess_q_se": 0.0167}, "ess_q", ".3f") == "0.551 ± 0.017"
     assert with_error({"ess_p": 0.0}, "ess_p", ".3f") == "0.000"
     assert with_error({}, "nll") == "-"
+
+
+def test_top_weight_check_reports_the_solver_error_of_the_largest_weights():
+    """The reported error is the largest |log q − fine solve| over the k highest-weight samples
+    of each side (the fine solve here: RK4 with 400 steps, not the check's Dopri5); a solver
+    that gets the field wrong is flagged; check_top=0 skips the check, Hutchinson flows refuse it."""
+    import jax
+
+    from zoo.data import exact_samples
+    from zoo.fields import MLPField
+    from zoo.flows import CNF, StandardNormal
+    from zoo.flows.cnf import log_prob_chunked
+    from zoo.metrics import TOP_LOG_Q_TOLERANCE, evaluate_flow, format_metrics, top_weight_log_q_error
+    from zoo.systems import GaussianMixture2D
+
+    system = GaussianMixture2D()
+    data = exact_samples(system, n_train=64, n_val=64, n_test=64)
+    field = MLPField(2, width=16, depth=2, key=jax.random.PRNGKey(3))
+    field = jax.tree.map(lambda a: 3.0 * a if eqx.is_inexact_array(a) else a, field)  # a field RK4-1 gets wrong
+    coarse = CNF(field, StandardNormal(2), n_steps=1)
+    kwargs = dict(key=jax.random.PRNGKey(1), n_samples=64, n_target=64)
+    metrics, arrays = evaluate_flow(coarse, system, data, check_top=5, **kwargs)
+    assert metrics["n_top_checked"] == 5
+    fine = CNF(field, StandardNormal(2), n_steps=400)
+    errors = {}
+    for side, x, log_q, log_w in (
+        ("q", arrays["x_model"], arrays["log_q_model"], arrays["log_w_model"]),
+        ("p", arrays["x_target"], arrays["log_q_target"], arrays["log_w_target"]),
+    ):
+        error = np.abs(log_prob_chunked(fine, x, chunk_size=64)["log_q"] - log_q)
+        errors[side] = error
+        assert metrics[f"top_log_q_error_{side}"] == pytest.approx(error[np.argsort(log_w)[-5:]].max(), abs=2e-3), side
+    # On the model side the largest error of all lies outside the top weights: the check looked at those only.
+    assert errors["q"].max() > metrics["top_log_q_error_q"] + 0.01
+    assert max(metrics["top_log_q_error_q"], metrics["top_log_q_error_p"]) > TOP_LOG_Q_TOLERANCE
+    assert "highest-weight samples' log q moves" in format_metrics(metrics)
+    calm = {**metrics, "top_log_q_error_q": 0.01, "top_log_q_error_p": float("nan")}
+    assert "highest-weight" not in format_metrics(calm)
+    assert "n_top_checked" not in evaluate_flow(coarse, system, data, check_top=0, **kwargs)[0]
+    with pytest.raises(ValueError, match="deterministic divergence"):
+        top_weight_log_q_error(CNF(field, StandardNormal(2), divergence="hutchinson"), arrays["x_model"], arrays["log_q_model"], arrays["log_w_model"])

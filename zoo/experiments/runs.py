@@ -51,13 +51,16 @@ def evaluation(
     solver_atol: float | None = None,
     metrics_file: str | None = None,
     provenance: dict | None = None,
+    check_top: int = 8,
 ) -> dict:
     """Compute the metrics of ``flow`` and write ``{prefix}metrics.json`` and the plots in ``workdir``.
 
     ``divergence``, ``solver``, ``n_solver_steps``, ``solver_rtol`` and ``solver_atol`` (the
     keys the metrics record them in, :meth:`~zoo.flows.CNF.describe`) override the flow's
     settings for the evaluation only (e.g. fine-tune with Hutchinson, evaluate with the
-    exact divergence).
+    exact divergence). ``check_top``: how many of the highest-weight model and target samples
+    are solved again with a tight adaptive solver (exact divergence only; 0: none), see
+    :func:`zoo.metrics.evaluate_flow`.
     ``provenance`` entries (e.g. the checkpoint evaluated) are stored with the metrics.
 
     The folder is checked for writing before any work; the metrics are printed and written
@@ -82,6 +85,7 @@ def evaluation(
         label=_label(provenance, workdir),
         # Finished chunks survive an interruption; the same call again continues from them.
         resume_dir=workdir / "evaluation_chunks",
+        check_top=check_top,
     )
     metrics.update(provenance or {})
     metrics_path = workdir / (metrics_file or f"{prefix}metrics.json")
