@@ -88,7 +88,10 @@ ENV_CACHE = "ZOO_CACHE"
 COMPLETE = "COMPLETE"
 CHECKPOINT = "checkpoint"
 REQUIRED_FIELDS = ("name", "system", "gin", "recipe", "metrics", "size_bytes", "sha256", "locations")
-METRIC_KEYS = ("nll", "ess_q", "ess_p", "nll_se", "ess_q_se", "ess_p_se", "path_length", "kl", "fm_loss", "n_samples_q", "n_samples_p")
+METRIC_KEYS = (
+    "nll", "ess_q", "ess_p", "nll_se", "ess_q_se", "ess_p_se", "path_length", "kl", "fm_loss", "n_samples_q", "n_samples_p",
+    "top_weight_share_q", "top_weight_share_p", "top_log_q_error_q", "top_log_q_error_p", "n_top_checked",
+)  # fmt: skip
 # Temporary files older than this are taken to belong to a dead download even when their
 # owner cannot be checked (another host sharing the cache).
 STALE_AFTER_S = 24 * 3600

@@ -88,6 +88,13 @@ def _show_model(name: str) -> None:
             print(f"  {label + ':':<13}{with_error(m, key, '.4g')}")
     errors = " (± delta-method standard errors)" if any(k.endswith("_se") for k in m) else ""
     print(f"  evaluated with: {_evaluated_with(info)}{errors}")
+    if "top_weight_share_q" in m:
+        print(f"  largest weight's share of all weight: {m['top_weight_share_q']:.2g} (model samples) / {m.get('top_weight_share_p', float('nan')):.2g} (test samples)")
+    if "top_log_q_error_q" in m:
+        print(
+            f"  log q of the {m.get('n_top_checked', '?')} highest weights, the evaluation's solver against Dopri5 1e-6: "
+            f"within {m['top_log_q_error_q']:.2g} (model) / {m.get('top_log_q_error_p', float('nan')):.2g} (test) nats"
+        )
     print(f"  archive: {pretrained._human_size(info.size_bytes)}, sha256 {info.sha256}")
     for location in info.locations:
         print(f"  location: {location}")
