@@ -39,13 +39,14 @@ def bond_lengths(x: np.ndarray, pairs: np.ndarray, n_atoms: int) -> np.ndarray:
 
 
 def ramachandran_panel(ax, phi: np.ndarray, psi: np.ndarray, *, title: str, weights: np.ndarray | None = None) -> None:
-    """A log-density (φ, ψ) histogram on [-π, π]² in one axes."""
+    """A log-density (φ, ψ) histogram on [-π, π]² in one axes, with its colour bar."""
     bins = np.linspace(-np.pi, np.pi, 61)
     h, _, _ = np.histogram2d(phi, psi, bins=bins, weights=weights, density=True)
-    ax.imshow(h.T, origin="lower", extent=(-np.pi, np.pi, -np.pi, np.pi), norm=LogNorm(vmin=1e-3, vmax=max(h.max(), 1e-2)), cmap="viridis")
+    image = ax.imshow(h.T, origin="lower", extent=(-np.pi, np.pi, -np.pi, np.pi), norm=LogNorm(vmin=1e-3, vmax=max(h.max(), 1e-2)), cmap="viridis")
+    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.03, label="density (rad⁻²)")
     ax.set_title(title)
-    ax.set_xlabel("φ")
-    ax.set_ylabel("ψ")
+    ax.set_xlabel("φ (rad)")
+    ax.set_ylabel("ψ (rad)")
 
 
 def ramachandran(phi_psi: dict, path: Path, *, weights: np.ndarray | None = None) -> Path:
