@@ -575,7 +575,7 @@ def test_cli_list_models_and_download(tmp_path, toy, monkeypatch, capsys):
     assert shown[0] == "toy (Toy, gin/gmm_fm.gin)" and shown[1] == "  recipe: none; a test fixture"
     assert "  ESS-q:       0.5" in shown and any(line.startswith("  evaluated with: ") and line.endswith("n=10/10") for line in shown)
     assert f"  location: {archive}" in shown
-    assert "  log q of the 8 highest weights, the evaluation's solver against Dopri5 1e-6: within 0.004 (model) / 1.2 (test) nats" in shown
+    assert "  log q of the 8 highest weights, the evaluation's solver against exact divergence, Dopri5 rtol = atol = 1e-6: within 0.004 (model) / 1.2 (test) nats" in shown
     with pytest.raises(SystemExit):
         zoo_cli.main(["show", "tyo"])
     assert "no pretrained model named 'tyo'" in capsys.readouterr().err

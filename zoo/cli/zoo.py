@@ -8,7 +8,7 @@ import textwrap
 
 from zoo.cli import common
 from zoo.flows.cnf import describe_in_words
-from zoo.metrics import with_error
+from zoo.metrics import REFERENCE_IN_WORDS, with_error
 
 
 @common.tool
@@ -92,7 +92,7 @@ def _show_model(name: str) -> None:
         print(f"  largest weight's share of all weight: {m['top_weight_share_q']:.2g} (model samples) / {m.get('top_weight_share_p', float('nan')):.2g} (test samples)")
     if "top_log_q_error_q" in m:
         print(
-            f"  log q of the {m.get('n_top_checked', '?')} highest weights, the evaluation's solver against Dopri5 1e-6: "
+            f"  log q of the {m.get('n_top_checked', '?')} highest weights, the evaluation's solver against {REFERENCE_IN_WORDS}: "
             f"within {m['top_log_q_error_q']:.2g} (model) / {m.get('top_log_q_error_p', float('nan')):.2g} (test) nats"
         )
     print(f"  archive: {pretrained._human_size(info.size_bytes)}, sha256 {info.sha256}")
