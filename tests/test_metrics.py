@@ -299,10 +299,44 @@ def test_divergence_check_measures_hutchinson_noise_on_the_same_samples(tmp_path
     assert rows[0]["data_log_q_minus_reference_max_abs"] == 0
     hutchinson = rows[1]
     assert hutchinson["data_log_q_minus_reference_max_abs"] > 1e-3 and hutchinson["n_compared_model"] == 128
-    # The mean difference against its spread: the largest difference bounds the standard deviation.
-    assert abs(hutchinson["data_log_q_minus_reference_mean"]) < 4 * hutchinson["data_log_q_minus_reference_max_abs"] / np.sqrt(128)
+    assert 1e-4 < hutchinson["data_log_q_minus_reference_sd"] <= hutchinson["data_log_q_minus_reference_max_abs"]
+    assert abs(hutchinson["data_log_q_minus_reference_mean"]) < 4 * hutchinson["data_log_q_minus_reference_sd"] / np.sqrt(128)
     assert hutchinson["ess_q"] <= rows[0]["ess_q"] + 2 * rows[0]["ess_q_se"]
     assert "hutchinson divergence" in capsys.readouterr().out
+
+
+def test_divergence_check_takes_named_estimators(tmp_path, monkeypatch, capsys):
+    """--estimators picks the rows: two orthogonal probes on the 2-D model span its space, so their
+    estimate is the exact trace (float32 rounding apart); an unknown name is refused by name."""
+    from zoo.cli import check_solver
+
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
+    check_solver.main(["gmm_fm", f"--workdir={tmp_path / 'check'}", "--divergence", "--n=32", "--estimators=exact,hutchinson-2-orthogonal"])
+    rows = json.loads((tmp_path / "check" / "divergence_check.json").read_text())["rows"]
+    assert [r["setting"].split(",")[0] for r in rows] == ["exact divergence", "hutchinson-2-orthogonal divergence"]
+    assert rows[1]["data_log_q_minus_reference_max_abs"] < 1e-3 and rows[1]["model_log_w_minus_reference_max_abs"] < 1e-3
+    with pytest.raises(SystemExit):
+        check_solver.main(["gmm_fm", f"--workdir={tmp_path / 'bad'}", "--divergence", "--estimators=exact,hutchinson-two"])
+    assert "unknown divergence 'hutchinson-two'" in capsys.readouterr().err
+
+
+def test_metrics_from_hutchinson_log_densities_say_their_ess_is_a_lower_bound():
+    from zoo.metrics import format_metrics
+
+    metrics = {"nll": 1.0, "ess_q": 0.01, "ess_p": 1e-6, "n_samples_q": 10, "n_samples_p": 10}
+    assert "lower bound" in format_metrics({**metrics, "divergence": "hutchinson-8-orthogonal"})
+    assert "hutchinson-8-orthogonal" in format_metrics({**metrics, "divergence": "hutchinson-8-orthogonal"})
+    assert "lower bound" not in format_metrics({**metrics, "divergence": "exact"})
+    assert "lower bound" not in format_metrics({"nll": 1.0, "divergence": "hutchinson"})
+
+
+def test_default_divergence_estimators_stay_below_the_support_dimension():
+    from zoo.experiments.runs import divergence_settings
+
+    names = lambda d: [s["divergence"] for s in divergence_settings(d)]  # noqa: E731
+    assert names(36) == ["exact", "hutchinson", "hutchinson-4-orthogonal", "hutchinson-9-orthogonal", "hutchinson-18-orthogonal"]
+    assert names(6) == ["exact", "hutchinson", "hutchinson-3-orthogonal", "hutchinson-4-orthogonal"]
+    assert names(2) == ["exact", "hutchinson"]
 
 
 def test_free_energy_difference_and_its_error_against_a_two_state_model():

@@ -463,7 +463,9 @@ def with_error(metrics: dict, key: str, fmt: str = ".4g") -> str:
 
 def format_metrics(metrics: dict) -> str:
     """The headline metrics on one line, with their standard errors and sample counts, and a
-    warning line when the highest weights' log q depends on the solver."""
+    warning line when the highest weights' log q depends on the solver, or when the ESS comes
+    from Hutchinson's estimate of log q (its noise enters every log weight and lowers the ESS;
+    the NLL stays unbiased)."""
     keys = [k for k in ("kl", "nll", "ess_q", "ess_p", "path_length", "fm_loss") if k in metrics]
     failed = [f"{k}={metrics[k]}" for k in ("n_nonfinite_q", "n_nonfinite_p") if metrics.get(k)]
     counts = f"n_q={metrics.get('n_samples_q')}, n_p={metrics.get('n_samples_p')}" + "".join(f", {f}" for f in failed)
@@ -474,5 +476,11 @@ def format_metrics(metrics: dict) -> str:
             f"\n  warning: the {metrics.get('n_top_checked')} highest-weight samples' log q moves by up to "
             f"{errors[0]:.2g} (model) / {errors[1]:.2g} (target) nats under {REFERENCE_IN_WORDS}: "
             "these ESS values depend on the solver; evaluate with more solver steps or tighter tolerances"
+        )
+    if str(metrics.get("divergence", "")).startswith("hutchinson") and any(k in metrics for k in ("ess_q", "ess_p")):
+        line += (
+            f"\n  note: log q from Hutchinson's estimate ({metrics['divergence']}): its noise lowers the ESS, which is a "
+            "lower bound, far below the exact one for particle systems (tools/check-solver --divergence measures how far); "
+            "the NLL is unbiased. evaluation.divergence = 'exact' gives the ESS"
         )
     return line

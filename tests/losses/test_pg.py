@@ -114,8 +114,9 @@ def test_grad_log_q_matches_autodiff_and_finite_differences(x64, key):
     np.testing.assert_allclose(z, jax.vmap(model.inverse)(x), atol=1e-12)
 
 
-def test_grad_log_q_hutchinson_matches_autodiff_with_the_same_noise(x64, key):
-    model = _flow(n_steps=30, divergence="hutchinson")
+@pytest.mark.parametrize("divergence", ["hutchinson", "hutchinson-3"])
+def test_grad_log_q_hutchinson_matches_autodiff_with_the_same_noise(x64, key, divergence):
+    model = _flow(n_steps=30, divergence=divergence)
     x = 1.5 * jax.random.normal(key, (6, 2))
     eps = model.hutchinson_noise(jax.random.PRNGKey(11), 6, x.dtype)
     terms = eqx.filter_jit(path_gradient)(model, x, jnp.zeros_like(x), eps=eps)
@@ -344,6 +345,18 @@ def test_egnn_batched_augmented_solve_matches_per_sample_autodiff(x64, options):
     # The continuous adjoint matches the discrete gradient up to the RK4-6 error only.
     np.testing.assert_allclose(grad, model.base.project(autodiff), rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(log_q, jax.vmap(model.log_prob_single)(x1, eps), rtol=1e-6)
+
+
+def test_multi_probe_noise_leaves_the_egnn_fast_path_for_the_per_sample_solve(x64):
+    """Several probes per sample take the per-sample augmented solve (the fast path takes one
+    probe each): its ∇ log q and log q are autodiff of the same multi-probe log q."""
+    model = CNF(_perturbed_egnn(), MeanFreeNormal(5, 3), n_steps=6, divergence="hutchinson-4-orthogonal")
+    x = model.base.sample(jax.random.PRNGKey(1), 4)
+    eps = model.hutchinson_noise(jax.random.PRNGKey(2), 4, x.dtype)
+    terms = eqx.filter_jit(path_gradient)(model, x, jnp.zeros_like(x), eps=eps)
+    autodiff = jax.vmap(jax.grad(model.log_prob_single))(x, eps)
+    np.testing.assert_allclose(terms.grad_log_q, model.base.project(autodiff), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(terms.log_q, jax.vmap(model.log_prob_single)(x, eps), rtol=1e-5, atol=1e-5)
 
 
 def test_egnn_backsolve_matches_direct():

@@ -1,5 +1,6 @@
 """tools/check-solver: how much a checkpoint's metrics depend on the ODE solver (adaptive reference vs
-fixed steps) or, with --divergence, on the divergence estimator (exact trace vs Hutchinson)."""
+fixed steps) or, with --divergence, on the divergence estimator (exact trace vs Hutchinson's with one or
+several probes)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from zoo.metrics import with_error
 def main(argv=None) -> None:
     p = common.parser(
         "Solve the same samples with Dopri5 (rtol = atol = 1e-8, float64) and RK4 with 20 and 40 steps "
-        "(with --divergence: the checkpoint's solver with the exact trace and with Hutchinson's estimate, in float32); "
+        "(with --divergence: the checkpoint's solver with the exact trace and with Hutchinson's estimate from one "
+        "Rademacher probe and from several orthogonal ones, in float32); "
         "writes solver_check.json (divergence_check.json) and prints the differences of log q and the metrics."
     )
     p.add_argument("checkpoint", help="a checkpoint folder or a pretrained model's name (tools/zoo list --models)")
@@ -24,6 +26,12 @@ def main(argv=None) -> None:
         help="compare divergence estimators instead of solvers: what Hutchinson's noise costs the metrics, "
         "and how long the exact trace takes (float32: the noise dwarfs its rounding)",
     )  # fmt: skip
+    p.add_argument(
+        "--estimators", default=None,
+        help="with --divergence: the estimators to compare, comma-separated, the first the reference "
+        "(default: exact,hutchinson and 4, d/4, d/2 orthogonal probes for a support of d dimensions, "
+        "e.g. exact,hutchinson,hutchinson-9-orthogonal,hutchinson-18-orthogonal for LJ13)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.workdir is None:
         common.fail("--workdir is required")
@@ -32,19 +40,32 @@ def main(argv=None) -> None:
 
     from zoo.experiments import runs as experiment
 
+    if args.estimators is not None and not args.divergence:
+        common.fail("--estimators compares divergence estimators: use it with --divergence")
     system, flow, _, dataset = common.load_checkpoint_for_output(args, args.workdir)
     if args.divergence:
-        rows = experiment.solver_agreement(flow, system, dataset, n=args.n, settings=experiment.DIVERGENCE_SETTINGS, float64=False)
+        if args.estimators is None:
+            settings = experiment.divergence_settings(flow.base.support_basis().shape[0])
+        else:
+            settings = tuple({"divergence": name.strip()} for name in args.estimators.split(",") if name.strip())
+            try:
+                for setting in settings:
+                    flow.as_described(setting)
+            except ValueError as e:
+                common.fail(f"--estimators: {e}")
+        rows = experiment.solver_agreement(flow, system, dataset, n=args.n, settings=settings, float64=False)
         print(f"{args.checkpoint}: {args.n} test and {args.n} model samples, float32")
     else:
         rows = experiment.solver_agreement(flow, system, dataset, n=args.n)
         print(f"{args.checkpoint}: {args.n} test and {args.n} model samples, float64")
-    print("| setting | data log q − ref (mean / max) | model log w − ref (mean / max) | NLL | ESS-q | ESS-p | s |")
+    print("| setting | data log q − ref (mean / sd / max) | model log w − ref (mean / sd / max) | NLL | ESS-q | ESS-p | s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['setting']} | {r['data_log_q_minus_reference_mean']:+.4f} / {r['data_log_q_minus_reference_max_abs']:.4f} "
-            f"| {r['model_log_w_minus_reference_mean']:+.4f} / {r['model_log_w_minus_reference_max_abs']:.4f} "
+            f"| {r['setting']} | {r['data_log_q_minus_reference_mean']:+.4f} / {r['data_log_q_minus_reference_sd']:.4f} / "
+            f"{r['data_log_q_minus_reference_max_abs']:.4f} "
+            f"| {r['model_log_w_minus_reference_mean']:+.4f} / {r['model_log_w_minus_reference_sd']:.4f} / "
+            f"{r['model_log_w_minus_reference_max_abs']:.4f} "
             f"| {with_error(r, 'nll')} | {with_error(r, 'ess_q')} | {with_error(r, 'ess_p')} | {r['seconds']} |"
         )
     for r in rows:  # strict JSON: a non-finite number becomes null (an ESS of no usable weight)

@@ -240,9 +240,13 @@ SOLVER_SETTINGS = (
     {"solver": "rk4", "n_solver_steps": 20},
     {"solver": "rk4", "n_solver_steps": 40},
 )
-#: The divergence estimators it compares for ``tools/check-solver --divergence`` (the flow's
-#: solver is kept): the exact trace, the reference, against Hutchinson's estimate.
-DIVERGENCE_SETTINGS = ({"divergence": "exact"}, {"divergence": "hutchinson"})
+def divergence_settings(support_dim: int) -> tuple[dict, ...]:
+    """The divergence estimators ``tools/check-solver --divergence`` compares by default (the
+    flow's solver is kept): the exact trace, the reference, against Hutchinson's estimate with
+    one Rademacher probe and with 4, d/4 and d/2 orthogonal probes on a support of dimension d
+    (those below d; d would be the exact trace again)."""
+    probes = sorted({k for k in (4, support_dim // 4, support_dim // 2) if 1 < k < support_dim})
+    return ({"divergence": "exact"}, {"divergence": "hutchinson"}, *({"divergence": f"hutchinson-{k}-orthogonal"} for k in probes))
 
 
 def solver_agreement(flow, system, dataset, *, n: int = 256, seed: int = 5, settings=SOLVER_SETTINGS, float64: bool = True) -> list[dict]:
@@ -252,8 +256,8 @@ def solver_agreement(flow, system, dataset, *, n: int = 256, seed: int = 5, sett
     out is the flow's own). For each setting: log q of the
     first ``n`` test samples, and model samples with their log weights drawn from the same
     base noise (same key, so the same samples whatever the divergence estimator). Reported
-    per setting: the mean and largest difference of the data log q and of the model log w
-    from the reference, and NLL, ESS-q, ESS-p with their standard errors, and seconds. In
+    per setting: the mean, spread (standard deviation) and largest difference of the data
+    log q and of the model log w from the reference, and NLL, ESS-q, ESS-p with their standard errors, and seconds. In
     float64 (switched on for this call) the reference's own rounding stays far below the
     differences measured.
     """
@@ -292,8 +296,10 @@ def solver_agreement(flow, system, dataset, *, n: int = 256, seed: int = 5, sett
                 "seconds": round(run["seconds"], 1),
                 "data_log_q_minus_reference_mean": float(np.mean(d_data)),
                 "data_log_q_minus_reference_max_abs": float(np.max(np.abs(d_data))),
+                "data_log_q_minus_reference_sd": float(np.std(d_data)),
                 "model_log_w_minus_reference_mean": float(np.mean(d_model)),
                 "model_log_w_minus_reference_max_abs": float(np.max(np.abs(d_model))),
+                "model_log_w_minus_reference_sd": float(np.std(d_model)),
                 "n_compared_model": int(d_model.size),
                 "nll": nll(run["log_q"]),
                 "nll_se": nll_se(run["log_q"]),

@@ -81,7 +81,7 @@ class CNF(eqx.Module):
         divergence: :class:`~zoo.flows.divergence.ExactTrace` (one forward-mode JVP per row of
             ``base.support_basis()``: (N-1)·d for N particles in d dimensions)
             or :class:`~zoo.flows.divergence.Hutchinson` (ε held fixed along a trajectory);
-            or ``'exact'``/``'hutchinson'``.
+            or a name: ``'exact'``, ``'hutchinson'``, ``'hutchinson-16-orthogonal'`` (16 orthogonal probes).
         n_steps, rtol, atol, max_steps: override the solver's own settings (``CNF.n_steps
             = 40`` on the command line); ``noise`` (Hutchinson's) and ``trace_chunk`` (the
             exact trace's chunk) likewise for the divergence. See
@@ -221,9 +221,10 @@ class CNF(eqx.Module):
 
     # ------------------------------------------------------------------ batched
     def hutchinson_noise(self, key: PRNGKeyArray, n: int, dtype=jnp.float32) -> Array:
-        """One noise vector per trajectory, on the base's support (Rademacher unless the divergence says otherwise)."""
+        """The noise of n trajectories on the base's support: (n, dim), or (n, probes, dim) for a
+        multi-probe Hutchinson estimate (one Rademacher vector each unless the divergence says otherwise)."""
         estimator = self.divergence if self.divergence.needs_noise else Hutchinson()
-        return self.base.project(estimator.draw_noise(key, n, self.dim, dtype))
+        return estimator.draw_noise(key, n, self.base, dtype)
 
     def noise_or_none(self, key: PRNGKeyArray | None, n: int, dtype) -> Array | None:
         """Hutchinson noise for n trajectories, or None for the exact divergence."""

@@ -140,9 +140,9 @@ def _map_chunks(fn, chunk_size: int, *arrays):
 
 
 def _batched_augmented_applies(model, eps) -> bool:
-    """The batched augmented solve needs Hutchinson noise, a field fast path and fixed steps
-    (one batched state would share an adaptive step-size sequence across samples)."""
-    return eps is not None and model.field.fused_batched and not model.solver.adaptive
+    """The batched augmented solve needs one Hutchinson probe per sample, a field fast path and
+    fixed steps (one batched state would share an adaptive step-size sequence across samples)."""
+    return eps is not None and eps.ndim == 2 and model.field.fused_batched and not model.solver.adaptive
 
 
 def grad_log_prob(model, x: Array, eps: Array | None = None) -> tuple[Array, Array, Array]:
@@ -225,7 +225,7 @@ def path_gradient(
     ``mean(terms.surrogate)`` has θ-gradient $g_{PG}$; ``terms.surrogate[i]`` alone has
     sample i's path gradient. Hutchinson noise (one ε per sample, fixed along its
     trajectories) is drawn from ``key`` with ``model.hutchinson_noise`` unless ``eps``
-    (n, dim) is given.
+    ((n, dim), or (n, probes, dim) for several probes) is given.
 
     The augmented and adjoint solves take ``chunk_size`` samples at a time (at most; a
     divisor of n); None asks the field (``field.solve_chunk_size(n)``), else one chunk.
