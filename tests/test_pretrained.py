@@ -558,6 +558,25 @@ def test_reevaluated_metrics_replace_only_the_metrics(tmp_path, toy):
         pretrained.replace_metrics("toy", run / "metrics.json", model_index=reg)
 
 
+def test_ess_from_hutchinson_log_densities_is_listed_as_a_lower_bound(tmp_path, toy, monkeypatch, capsys):
+    from zoo.cli import zoo as zoo_cli
+
+    archive, data, _, _ = toy
+    reg = write_index(tmp_path / "models.toml", data, [str(archive)])
+    entries = pretrained._read_index_file(reg)
+    entries[0]["evaluation"] = {"divergence": "hutchinson-8-orthogonal", "solver": "rk4", "n_solver_steps": 20}
+    pretrained.write_index(entries, reg)
+    monkeypatch.setenv("ZOO_MODELS", str(reg))
+    zoo_cli.main(["list", "--models"])
+    out = capsys.readouterr().out
+    assert "≥ 0.500" in out.splitlines()[1] and "hutchinson-8-orthogonal divergence, RK4-20" in out
+    assert any(line.startswith("≥: an ESS from Hutchinson log densities, a lower bound") for line in out.splitlines())
+    zoo_cli.main(["show", "toy"])
+    shown = capsys.readouterr().out.splitlines()
+    assert "  ESS-q:       ≥ 0.5" in shown and "  NLL:         1" in shown
+    assert any(line.startswith("  ≥: an ESS from Hutchinson") for line in shown)
+
+
 def test_cli_list_models_and_download(tmp_path, toy, monkeypatch, capsys):
     from zoo.cli import download
     from zoo.cli import zoo as zoo_cli
@@ -579,6 +598,7 @@ def test_cli_list_models_and_download(tmp_path, toy, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         zoo_cli.main(["show", "tyo"])
     assert "no pretrained model named 'tyo'" in capsys.readouterr().err
+    assert not any(line.startswith("  ≥") for line in shown)
     download.main(["toy"])
     assert Path(capsys.readouterr().out.strip()).parent.parent == tmp_path / "cache" / "models"
     with pytest.raises(SystemExit):

@@ -8,7 +8,7 @@ import textwrap
 
 from zoo.cli import common
 from zoo.flows.cnf import describe_in_words
-from zoo.metrics import REFERENCE_IN_WORDS, with_error
+from zoo.metrics import REFERENCE_IN_WORDS, ess_is_a_lower_bound, with_error
 
 
 @common.tool
@@ -61,13 +61,30 @@ def _list_models() -> None:
         recipe = info.summary if len(info.summary) <= 60 else info.summary[:59] + "…"
         size = pretrained._human_size(info.size_bytes)
         counts = _evaluated_with(info)
-        rows.append((info.name, info.system, recipe, with_error(m, "nll", ".3f"), with_error(m, "ess_q", ".3f"), with_error(m, "ess_p", ".3f"), with_error(m, "path_length", ".3f"), counts, size))
+        ess_q, ess_p = (_ess(info, key, ".3f") for key in ("ess_q", "ess_p"))
+        rows.append((info.name, info.system, recipe, with_error(m, "nll", ".3f"), ess_q, ess_p, with_error(m, "path_length", ".3f"), counts, size))
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     right = {3, 4, 5, 6, 8}
     for row in (header, *rows):
         print("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
     print(f"\n{len(rows)} model(s) in {pretrained.index_path()}; metrics from each archive's latest evaluation; `tools/zoo show NAME` for the whole recipe.")
+    if any(ess_is_a_lower_bound(info.extra.get("evaluation", {})) for info in models.values()):
+        print(f"≥: {LOWER_BOUND_IN_WORDS}.")
     print("`tools/download NAME` fetches one into the cache; tools/evaluate, tools/sample and finetune.pretrained take NAME for a checkpoint path.")
+
+
+#: What a "≥" before an ESS means.
+LOWER_BOUND_IN_WORDS = (
+    "an ESS from Hutchinson log densities, a lower bound that can lie far below the exact one "
+    "(tools/check-solver NAME --divergence measures how far)"
+)
+
+
+def _ess(info, key: str, fmt: str) -> str:
+    """An ESS as the index gives it, or "≥ value" (no error bar) where it is only a lower bound."""
+    if key in info.metrics and ess_is_a_lower_bound(info.extra.get("evaluation", {})):
+        return "≥ " + with_error({key: info.metrics[key]}, key, fmt)
+    return with_error(info.metrics, key, fmt)
 
 
 def _evaluated_with(info) -> str:
@@ -85,7 +102,9 @@ def _show_model(name: str) -> None:
     print(textwrap.fill(info.recipe, width=100, initial_indent="  recipe: ", subsequent_indent="    ", break_on_hyphens=False, break_long_words=False))
     for key, label in (("nll", "NLL"), ("ess_q", "ESS-q"), ("ess_p", "ESS-p"), ("path_length", "path length")):
         if key in m:
-            print(f"  {label + ':':<13}{with_error(m, key, '.4g')}")
+            print(f"  {label + ':':<13}{_ess(info, key, '.4g') if key.startswith('ess') else with_error(m, key, '.4g')}")
+    if ess_is_a_lower_bound(info.extra.get("evaluation", {})):
+        print(f"  ≥: {LOWER_BOUND_IN_WORDS}")
     errors = " (± delta-method standard errors)" if any(k.endswith("_se") for k in m) else ""
     print(f"  evaluated with: {_evaluated_with(info)}{errors}")
     if "top_weight_share_q" in m:
