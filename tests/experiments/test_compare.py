@@ -7,7 +7,7 @@ import jax
 import pytest
 
 
-def test_compare_tool_writes_table_curves_and_views(tmp_path):
+def test_compare_tool_writes_table_curves_and_views(tmp_path, monkeypatch):
     """tools/compare on the GMM from the released gmm_fm (--pretrained): two recipes at one tiny
     budget, table and JSON, curves, and each run's evaluation (under the evaluation bindings)
     and views; its checkpoints carry the config, so tools/evaluate can reload them. Every run
@@ -15,11 +15,20 @@ def test_compare_tool_writes_table_curves_and_views(tmp_path):
     stage's own eval_every sets its tracking cadence. (A fresh start: the resume test below.)"""
     from zoo import checkpoint
     from zoo.cli import compare, evaluate
+    from zoo.experiments import compare as compare_module
     from zoo.experiments import config
     from zoo.experiments.compare import _tracked
     from zoo.experiments.runs import configured_evaluation_flow
     from zoo.train import read_log
 
+    trained_with = []  # the divergence each stage's fit trains with, and the one the flow has after it
+    real_fit = compare_module.fit
+
+    def spy_fit(flow, *args, **kwargs):
+        trained_with.append(flow.divergence.name)
+        return real_fit(flow, *args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "fit", spy_fit)
     workdir = tmp_path / "cmp"
     compare.main(
         [
@@ -37,8 +46,11 @@ def test_compare_tool_writes_table_curves_and_views(tmp_path):
             "--gin_param=evaluation.divergence = 'hutchinson'",
             "--gin_param=exact_samples.n_train = 256",
             "--gin_param=CNF.n_steps = 4",
+            "--gin_param=pg_half/Stage.divergence = 'hutchinson-2-orthogonal'",
         ]
     )
+    # The PG stage trains with its own divergence; the next run starts from the flow's (exact) again.
+    assert trained_with == ["exact", "exact", "hutchinson-2-orthogonal"]
     table = (workdir / "table.md").read_text()
     assert "| FM only |" in table and "hutchinson divergence" in table
     assert "| start: gmm_fm |" in table and "starts from gmm_fm" in table
@@ -128,6 +140,8 @@ def test_a_stage_setting_that_is_no_count_is_refused():
     with pytest.raises(ValueError, match="Stage.clip_norm"):
         Stage(loss=None, learning_rate=1e-3, clip_norm=-1.0)
     assert Stage(loss=None, learning_rate=1e-3, accumulation=4, eval_every=3).run_overrides() == {"accumulation": 4, "eval_every": 3}
+    with pytest.raises(ValueError, match="Stage.divergence: unknown divergence 'hutchinson-many'"):
+        Stage(loss=None, learning_rate=1e-3, divergence="hutchinson-many")
 
 
 def test_a_resumed_comparison_must_start_where_it_started(tmp_path):

@@ -28,6 +28,7 @@ from zoo.experiments import config
 from zoo.experiments.registry import register
 from zoo.experiments.runs import configured_evaluation_flow, evaluation
 from zoo.flows.cnf import fingerprint
+from zoo.flows.divergence import divergence_from_settings
 from zoo.losses.fm import FlowMatching
 from zoo.metrics import fm_loss_on
 from zoo.pretrained import resolve_checkpoint
@@ -46,6 +47,11 @@ class Stage:
     and a weight average over the last ~1000 steps suits thousands of flow-matching steps
     but would hold a few hundred path-gradient steps near where they started
     (``ema_decay = 0``: no average).
+
+    ``divergence`` (a name, e.g. ``'hutchinson-12-orthogonal'``; None: the flow's own) is the
+    divergence estimator the stage trains with, e.g. to compare path gradients with one
+    Hutchinson probe against several at equal compute; the tracked and final metrics keep
+    ``evaluation.divergence``.
     """
 
     loss: object
@@ -56,6 +62,7 @@ class Stage:
     clip_norm: float | None = None
     eval_every: int | None = None
     ema_decay: float | None = None
+    divergence: str | None = None
 
     def __post_init__(self):
         # Checked as the run's settings will be, at once and under this stage's names.
@@ -63,6 +70,11 @@ class Stage:
         RunSettings.of("Stage", overrides)
         if overrides.get("eval_every") == 0:
             raise config.ConfigError("Stage.eval_every must be >= 1 or None (None: the comparison's), got 0")
+        if self.divergence is not None:
+            try:
+                divergence_from_settings(self.divergence)
+            except ValueError as err:
+                raise config.ConfigError(f"Stage.divergence: {err}") from None
 
     def run_overrides(self) -> dict:
         """The run settings this stage replaces (those it sets)."""
@@ -216,6 +228,9 @@ def compare(
                 stage_settings = run.replace(time_budget_s=stage.fraction * time_budget_s, seed=seed, **stage.run_overrides())
                 every = stage_settings.eval_every
                 stage_settings = stage_settings.replace(log_every=every, checkpoint_every=every)
+                own_divergence = flow.divergence
+                if stage.divergence is not None:
+                    flow = flow.with_settings(divergence=stage.divergence)
                 flow, _ = fit(
                     flow,
                     dataset,
@@ -229,6 +244,7 @@ def compare(
                     config=gin.config_str(),
                     metadata={"system": type(system).__name__, "zoo_version": __version__, "recipe": recipe.name},
                 )
+                flow = flow.with_settings(divergence=own_divergence)
                 records = read_log(run_dir)  # with the records of the processes this run resumes
                 for r in records:
                     if "eval" in r:
