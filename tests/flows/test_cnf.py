@@ -266,7 +266,7 @@ def test_hutchinson_names_round_trip_and_bad_ones_are_refused():
         assert flow.with_settings(divergence=name).divergence.name == name
         assert flow.with_settings(divergence=name).describe()["divergence"] == name
     assert flow.with_settings(divergence="hutchinson-4").as_described({"divergence": "hutchinson"}).divergence.probes == 1
-    for bad in ["hutchinson-0", "hutchinson-x", "hutchinson-2-2", "hutchinsons", "trace"]:
+    for bad in ["hutchinson-0", "hutchinson-x", "hutchinson-2-2", "hutchinson-1-3", "hutchinsons", "trace", "exact-4"]:
         with pytest.raises(ValueError, match="unknown divergence"):
             flow.with_settings(divergence=bad)
     with pytest.raises(ValueError, match="exceed the 2 dimensions"):

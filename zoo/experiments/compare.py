@@ -230,7 +230,7 @@ def compare(
                 stage_settings = stage_settings.replace(log_every=every, checkpoint_every=every)
                 own_divergence = flow.divergence
                 if stage.divergence is not None:
-                    flow = flow.with_settings(divergence=stage.divergence)
+                    flow = flow.with_settings(divergence=stage.divergence)  # for this stage only: restored below
                 flow, _ = fit(
                     flow,
                     dataset,
@@ -244,7 +244,8 @@ def compare(
                     config=gin.config_str(),
                     metadata={"system": type(system).__name__, "zoo_version": __version__, "recipe": recipe.name},
                 )
-                flow = flow.with_settings(divergence=own_divergence)
+                if stage.divergence is not None:
+                    flow = flow.with_settings(divergence=own_divergence)
                 records = read_log(run_dir)  # with the records of the processes this run resumes
                 for r in records:
                     if "eval" in r:

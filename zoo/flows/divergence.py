@@ -21,6 +21,12 @@ from zoo.flows.base import AbstractBase
 NOISES = ("rademacher", "gaussian", "orthogonal")
 
 
+def _sum_of_quadratic_forms(jvp_fn: Callable[[Vector], Vector], vectors: Array) -> Scalar:
+    """$\sum_j e_j^\top J e_j$ over the rows $e_j$ of ``vectors``, with ``jvp_fn`` = $e \mapsto J e$
+    of one linearization, all rows at once: the exact trace over a basis, Hutchinson's over probes."""
+    return jnp.sum(jax.vmap(jvp_fn)(vectors) * vectors)
+
+
 class AbstractDivergence(eqx.Module):
     """How ``∇·v`` is computed along a trajectory."""
 
@@ -70,7 +76,7 @@ class ExactTrace(AbstractDivergence):
         basis = jnp.asarray(base.support_basis(), dtype=x.dtype)
         velocity, jvp_fn = jax.linearize(v, x)
         if self.chunk is None or self.chunk >= basis.shape[0]:
-            return velocity, jnp.sum(jax.vmap(jvp_fn)(basis) * basis)
+            return velocity, _sum_of_quadratic_forms(jvp_fn, basis)
         diagonal_terms = jax.lax.map(lambda e: jnp.vdot(e, jvp_fn(e)), basis, batch_size=self.chunk)
         return velocity, jnp.sum(diagonal_terms)
 
@@ -115,7 +121,7 @@ class Hutchinson(AbstractDivergence):
             velocity, jvp = jax.jvp(v, (x,), (eps,))
             return velocity, jnp.vdot(eps, jvp)
         velocity, jvp_fn = jax.linearize(v, x)
-        return velocity, jnp.sum(jax.vmap(jvp_fn)(eps) * eps) / eps.shape[0]
+        return velocity, _sum_of_quadratic_forms(jvp_fn, eps) / eps.shape[0]
 
     def draw_noise(self, key, n, base, dtype):
         """(n, dim) for one probe, (n, probes, dim) for several."""
@@ -141,21 +147,22 @@ DIVERGENCES: dict[str, type[AbstractDivergence]] = {"exact": ExactTrace, "hutchi
 def parse_hutchinson_name(name: str) -> tuple[int, str | None]:
     """(probes, noise or None) from a Hutchinson name: ``'hutchinson'`` → (1, None),
     ``'hutchinson-16-orthogonal'`` → (16, 'orthogonal'), ``'hutchinson-gaussian'`` → (1, 'gaussian')."""
+    unknown = ValueError(
+        f"unknown divergence {name!r}; expected 'exact' or 'hutchinson[-PROBES][-NOISE]' with NOISE one of {NOISES}, "
+        "e.g. 'hutchinson', 'hutchinson-16-orthogonal'"
+    )
     head, *parts = name.split("-")
-    probes, noise = 1, None
-    for part in parts:
-        if part.isdigit() and int(part) >= 1 and probes == 1 and noise is None:
+    if head != "hutchinson":
+        raise unknown
+    probes, noise = None, None
+    for part in parts:  # at most one count, then at most one noise
+        if part.isdigit() and int(part) >= 1 and probes is None and noise is None:
             probes = int(part)
         elif part in NOISES and noise is None:
             noise = part
         else:
-            raise ValueError(
-                f"unknown divergence {name!r}; expected 'exact' or 'hutchinson[-PROBES][-NOISE]' with NOISE one of {NOISES}, "
-                "e.g. 'hutchinson', 'hutchinson-16-orthogonal'"
-            )
-    if head != "hutchinson":
-        raise ValueError(f"unknown divergence {name!r}; expected one of {tuple(DIVERGENCES)} (Hutchinson's with probes and noise, e.g. 'hutchinson-8')")
-    return probes, noise
+            raise unknown
+    return probes or 1, noise
 
 
 def divergence_from_settings(
