@@ -247,7 +247,7 @@ def ad2_xtb_relaxed(
     failed = sum(s["failed"] for s in status.values())
     if any(status[name]["frames"] + status[name]["failed"] < sizes[name] for name in sizes):
         return None
-    entry = alanine_data.build_xtb_small_set(workdir / "xtb", output_dir, meta={"classical_source": str(classical_dir), "failed_relaxations": failed})
+    entry = alanine_data.build_xtb_set(workdir / "xtb", output_dir, meta={"classical_source": str(classical_dir), "failed_relaxations": failed})
     return _finish(output_dir, entry, plots)
 
 

@@ -24,7 +24,8 @@ call stopped, different parameters raise ``RunStateError`` (a ``ValueError``):
   GFN2-xTB Langevin run (:func:`baoab_relax`), final frame with forces kept;
   :func:`generate_xtb_splits` runs it for train/val/test round-robin;
 - :func:`collect` gathers a cache into arrays, :func:`write_dataset` stores splits,
-  :func:`build_classical_small_set` / :func:`build_xtb_small_set` make the shipped sets.
+  :func:`build_classical_small_set` makes the shipped classical set, :func:`build_xtb_set` an
+  xTB set (the shipped one, or the cache's full one from `tools/generate-data`).
 """
 
 from __future__ import annotations
@@ -548,7 +549,7 @@ def _chunks_done(cache_dir: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# The shipped small sets
+# Writing the sets (the shipped small ones; the xTB writer also makes the full set)
 
 
 def build_classical_small_set(
@@ -602,8 +603,8 @@ def build_classical_small_set(
     return write_dataset(out_dir, splits, meta)
 
 
-def build_xtb_small_set(cache_root, out_dir=ASSET_DATA / "ad2_xtb", *, meta: Mapping | None = None) -> dict:
-    """Write the xTB small set from ``cache_root/{train,val,test}`` generator caches."""
+def build_xtb_set(cache_root, out_dir=ASSET_DATA / "ad2_xtb", *, meta: Mapping | None = None) -> dict:
+    """Write an xTB data set (the shipped small one, or the cache's full one) from ``cache_root/{train,val,test}`` generator caches."""
     cache_root = Path(cache_root)
     splits, params = {}, {}
     for name in SPLITS:
@@ -613,7 +614,7 @@ def build_xtb_small_set(cache_root, out_dir=ASSET_DATA / "ad2_xtb", *, meta: Map
         splits[name] = arrays
         params[name] = {**ChunkLog.existing(cache_root / name).manifest["params"], **progress(cache_root / name)}
     full = {
-        "description": "AD2 GFN2-xTB (tblite) small set: classical states relaxed by short xTB Langevin runs",
+        "description": "AD2 GFN2-xTB (tblite): classical states relaxed by short xTB Langevin runs",
         "generator": params,
         "units": {
             "positions": "nm, centred",
