@@ -320,6 +320,36 @@ def test_divergence_check_takes_named_estimators(tmp_path, monkeypatch, capsys):
     assert "unknown divergence 'hutchinson-two'" in capsys.readouterr().err
 
 
+def test_solver_check_refuses_solver_lists_it_cannot_run(tmp_path, monkeypatch, capsys):
+    """--solvers names the solvers to compare; a list without a second solver, a malformed name or a
+    solver list beside --divergence is refused before any solve, saying why."""
+    from zoo.cli import check_solver
+
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
+    for arguments, message in [
+        (["--solvers=rk4-20"], "at least one solver to compare"),
+        (["--solvers=dopri5-1e-6,rk4-ten"], "--solvers: solver name 'rk4-ten'"),
+        (["--divergence", "--solvers=rk4-10,rk4-20"], "leave out --divergence"),
+    ]:
+        with pytest.raises(SystemExit):
+            check_solver.main(["gmm_fm", f"--workdir={tmp_path / 'bad'}", *arguments])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "solver_check.json").exists()
+
+
+@pytest.mark.slow  # float64 switched on and off, as in the solver-agreement test above
+def test_solver_check_compares_the_named_solvers(tmp_path, monkeypatch):
+    """tools/check-solver --solvers=rk4-40,rk4-5: the rows are the named solvers, the first the reference,
+    and five steps are further from forty than nothing."""
+    from zoo.cli import check_solver
+
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
+    check_solver.main(["gmm_fm", f"--workdir={tmp_path / 'check'}", "--n=16", "--solvers=rk4-40,rk4-5"])
+    rows = json.loads((tmp_path / "check" / "solver_check.json").read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["exact divergence, RK4-40", "exact divergence, RK4-5"]
+    assert rows[0]["data_log_q_minus_reference_max_abs"] == 0 < rows[1]["data_log_q_minus_reference_max_abs"]
+
+
 def test_metrics_from_hutchinson_log_densities_say_their_ess_is_a_lower_bound():
     from zoo.metrics import format_metrics
 

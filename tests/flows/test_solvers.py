@@ -64,6 +64,34 @@ def test_a_description_rebuilds_the_flow_it_describes(field):
     assert flows[0].as_described({"n_solver_steps": 40}).describe() == {"divergence": "exact", "solver": "rk4", "n_solver_steps": 40}
 
 
+def test_a_short_solver_name_is_the_record_of_the_solver_it_names(field):
+    """``parse_solver_name`` (tools/check-solver --solvers) gives the describe() record of the
+    solver written out, so ``as_described`` builds that solver; malformed names are refused by name."""
+    from zoo.flows.solvers import parse_solver_name
+
+    start = CNF(field, StandardNormal(3), solver=FixedStep("rk4", n_steps=20))
+    for name, solver in [
+        ("rk4-10", FixedStep("rk4", n_steps=10)),
+        ("heun-7", FixedStep(diffrax.Heun(), n_steps=7)),
+        ("dopri5-1e-6", AdaptiveStep("dopri5", rtol=1e-6, atol=1e-6)),
+        (" tsit5-0.001", AdaptiveStep("tsit5", rtol=1e-3, atol=1e-3)),
+    ]:
+        assert parse_solver_name(name) == solver.describe()
+        assert start.as_described(parse_solver_name(name)).solver == solver
+    for bad, message in [
+        ("rk4", "METHOD-STEPS"),
+        ("rk4-", "METHOD-STEPS"),
+        ("rk4-0", "positive whole number of steps"),
+        ("rk4-1e-6", "positive whole number of steps"),
+        ("dopri5-0", "positive tolerance"),
+        ("dopri5-inf", "positive tolerance"),
+        ("dopri5-tight", "positive tolerance"),
+        ("rk45-20", "unknown method 'rk45'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_solver_name(bad)
+
+
 def test_an_adaptive_solve_takes_the_steps_its_tolerance_needs(field):
     """Tighter tolerances take more steps (counted by the solve itself) and agree with fine fixed steps."""
     x = jax.random.normal(jax.random.PRNGKey(4), (3,))

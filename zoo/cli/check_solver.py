@@ -14,7 +14,7 @@ from zoo.metrics import with_error
 @common.tool
 def main(argv=None) -> None:
     p = common.parser(
-        "Solve the same samples with Dopri5 (rtol = atol = 1e-8, float64) and RK4 with 20 and 40 steps "
+        "Solve the same samples with Dopri5 (rtol = atol = 1e-8, float64) and RK4 with 20 and 40 steps, or the solvers of --solvers "
         "(with --divergence: the checkpoint's solver with the exact trace and with Hutchinson's estimate from one "
         "Rademacher probe and from several orthogonal ones, in float32); "
         "writes solver_check.json (divergence_check.json) and prints the differences of log q and the metrics."
@@ -32,6 +32,12 @@ def main(argv=None) -> None:
         "(default: exact,hutchinson and 4, d/4, d/2 orthogonal probes for a support of d dimensions, "
         "e.g. exact,hutchinson,hutchinson-9-orthogonal,hutchinson-18-orthogonal for LJ13)",
     )  # fmt: skip
+    p.add_argument(
+        "--solvers", default=None,
+        help="without --divergence: the solvers to compare, comma-separated, the first the reference, each "
+        "METHOD-STEPS or METHOD-TOLERANCE (default: dopri5-1e-8,rk4-20,rk4-40; e.g. dopri5-1e-6,rk4-10,rk4-20 "
+        "where a tight reference with the exact trace costs too much)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.workdir is None:
         common.fail("--workdir is required")
@@ -42,6 +48,18 @@ def main(argv=None) -> None:
 
     if args.estimators is not None and not args.divergence:
         common.fail("--estimators compares divergence estimators: use it with --divergence")
+    if args.solvers is not None and args.divergence:
+        common.fail("--solvers compares ODE solvers with the divergence fixed: leave out --divergence (or use --estimators)")
+    solvers = experiment.SOLVER_SETTINGS
+    if args.solvers is not None:
+        from zoo.flows.solvers import parse_solver_name
+
+        try:
+            solvers = tuple(parse_solver_name(name) for name in args.solvers.split(",") if name.strip())
+        except ValueError as e:
+            common.fail(f"--solvers: {e}")
+        if len(solvers) < 2:
+            common.fail(f"--solvers needs a reference and at least one solver to compare with it, got {args.solvers!r}")
     system, flow, _, dataset = common.load_checkpoint_for_output(args, args.workdir)
     if args.divergence:
         if args.estimators is None:
@@ -56,7 +74,7 @@ def main(argv=None) -> None:
         rows = experiment.solver_agreement(flow, system, dataset, n=args.n, settings=settings, float64=False)
         print(f"{args.checkpoint}: {args.n} test and {args.n} model samples, float32")
     else:
-        rows = experiment.solver_agreement(flow, system, dataset, n=args.n)
+        rows = experiment.solver_agreement(flow, system, dataset, n=args.n, settings=solvers)
         print(f"{args.checkpoint}: {args.n} test and {args.n} model samples, float64")
     print("| setting | data log q − ref (mean / sd / max) | model log w − ref (mean / sd / max) | NLL | ESS-q | ESS-p | s |")
     print("|---|---|---|---|---|---|---|")

@@ -187,3 +187,27 @@ def solver_from_settings(
         atol=solver.atol if atol is None else atol,
         max_steps=solver.max_steps if max_steps is None else max_steps,
     )
+
+
+def parse_solver_name(name: str) -> dict:
+    """A solver written as one short name, as a :meth:`AbstractODESolver.describe` record.
+
+    ``'rk4-20'`` is 20 equal steps of a fixed-step method; ``'dopri5-1e-6'`` is an adaptive
+    method with rtol = atol = 1e-6 (the form ``tools/check-solver --solvers`` takes).
+    """
+    method, sep, setting = name.strip().partition("-")
+    if not sep or not setting:
+        raise ValueError(f"solver name {name!r}: expected METHOD-STEPS (e.g. 'rk4-20') or METHOD-TOLERANCE (e.g. 'dopri5-1e-6')")
+    if method in FIXED_STEP_METHODS:
+        if not setting.isdigit() or int(setting) < 1:
+            raise ValueError(f"solver name {name!r}: a fixed-step method takes a positive whole number of steps, got {setting!r}")
+        return {"solver": method, "n_solver_steps": int(setting)}
+    if method in ADAPTIVE_METHODS:
+        try:
+            tolerance = float(setting)
+        except ValueError:
+            tolerance = float("nan")
+        if not (np.isfinite(tolerance) and tolerance > 0):
+            raise ValueError(f"solver name {name!r}: an adaptive method takes a positive tolerance (rtol = atol), got {setting!r}")
+        return {"solver": method, "solver_rtol": tolerance, "solver_atol": tolerance}
+    raise ValueError(f"solver name {name!r}: unknown method {method!r}; fixed-step: {sorted(FIXED_STEP_METHODS)}, adaptive: {sorted(ADAPTIVE_METHODS)}")
