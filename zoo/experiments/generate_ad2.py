@@ -15,7 +15,6 @@ set (manifest, splits with forces, diagnostics, plots, README):
 from __future__ import annotations
 
 import concurrent.futures
-import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import gin
+from zoo._workers import spawn_pool
 from zoo.experiments import config
 from zoo.storage import ChunkLog
 from zoo.systems import alanine
@@ -109,7 +109,7 @@ def ad2_classical_md(
     n_workers = min(len(seeds), usable) if n_workers is None else n_workers
     pool = None
     if n_workers > 1 and len(jobs) > 1:
-        pool = concurrent.futures.ProcessPoolExecutor(min(n_workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"))
+        pool = spawn_pool(min(n_workers, len(jobs)))
     try:
         status = _run_chunks(jobs, n_frames, max_chunks, pool)
     finally:

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from zoo import resources
+from zoo._workers import spawn_pool
 from zoo.data import SPLITS
 from zoo.data.mcmc import block_mean_and_error
 from zoo.storage import ChunkLog
@@ -432,9 +433,6 @@ def generate_xtb(
     share a chunk; 0 or 1 runs in this process (set ``OMP_NUM_THREADS=1`` to keep it on one
     core). ``max_chunks`` bounds this call. Returns :func:`progress`.
     """
-    import concurrent.futures
-    import multiprocessing
-
     src = np.asarray(source_positions, np.float64).reshape(-1, alanine.N_ATOMS, 3)
     if n_states > len(src):
         raise ValueError(f"asked for {n_states} states but the source has {len(src)} frames")
@@ -463,9 +461,7 @@ def generate_xtb(
     if n_workers > 1:
         from zoo.systems.alanine.engines import _xtb_worker_init
 
-        pool = concurrent.futures.ProcessPoolExecutor(
-            n_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_xtb_worker_init
-        )
+        pool = spawn_pool(n_workers, initializer=_xtb_worker_init)
     try:
         done_here = 0
         while cache.n_chunks < n_chunks and (max_chunks is None or done_here < max_chunks):

@@ -32,7 +32,6 @@ import concurrent.futures
 import concurrent.futures.process
 import dataclasses
 import functools
-import multiprocessing
 import os
 import threading
 import warnings
@@ -42,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo._types import Array, Scalar
+from zoo._workers import spawn_pool
 
 MOLAR_GAS_CONSTANT = 8.314462618e-3  # R in kJ/(mol K), CODATA 2018 (exact)
 HARTREE_KJ_PER_MOL = 2625.4996394799  # CODATA 2018
@@ -348,9 +348,7 @@ class XTBEngine(AbstractEngine):
         pool = _XTB_POOLS.get(self.n_workers)
         if pool is None:
             # spawn, not fork: the parent runs JAX threads, which fork would copy mid-flight.
-            pool = concurrent.futures.ProcessPoolExecutor(
-                self.n_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_xtb_worker_init
-            )
+            pool = spawn_pool(self.n_workers, initializer=_xtb_worker_init)
             _XTB_POOLS[self.n_workers] = pool
         return pool
 
