@@ -23,6 +23,7 @@ CORE = (
     "zoo._types",
     "zoo._version",
     "zoo._xla",
+    "zoo._workers",
     "zoo.errors",
     "zoo.resources",
     "zoo.parallel",
