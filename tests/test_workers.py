@@ -6,8 +6,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
+
+#: The checkout holding the zoo these tests import, whatever folder pytest runs from.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 PROGRAM = textwrap.dedent(
     """
@@ -39,7 +43,7 @@ def test_a_pool_worker_exits_when_its_program_is_killed(tmp_path, sig):
     program is killed; spawn_pool's worker notices its parent is gone and exits within seconds."""
     script = tmp_path / "program.py"
     script.write_text(PROGRAM)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(os.getcwd()), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     program = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         worker = int(program.stdout.readline())

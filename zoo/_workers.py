@@ -35,7 +35,10 @@ def _start_worker(parent_pid: int, initializer: Callable[[], None] | None) -> No
 
 
 def spawn_pool(n_workers: int, initializer: Callable[[], None] | None = None) -> concurrent.futures.ProcessPoolExecutor:
-    """A pool of ``n_workers`` spawned processes (``initializer`` runs in each first) that exit when this process dies."""
+    """A pool of ``n_workers`` spawned processes (``initializer`` runs in each first) that exit when this process dies.
+
+    Spawned, not forked: the parent runs JAX threads, which a fork would copy mid-flight.
+    """
     return concurrent.futures.ProcessPoolExecutor(
         n_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(os.getpid(), initializer)
     )

@@ -21,10 +21,13 @@ from zoo.flows.base import AbstractBase
 NOISES = ("rademacher", "gaussian", "orthogonal")
 
 
-def _sum_of_quadratic_forms(jvp_fn: Callable[[Vector], Vector], vectors: Array) -> Scalar:
+def _sum_of_quadratic_forms(jvp_fn: Callable[[Vector], Vector], vectors: Array, chunk: int | None = None) -> Scalar:
     """$\sum_j e_j^\top J e_j$ over the rows $e_j$ of ``vectors``, with ``jvp_fn`` = $e \mapsto J e$
-    of one linearization, all rows at once: the exact trace over a basis, Hutchinson's over probes."""
-    return jnp.sum(jax.vmap(jvp_fn)(vectors) * vectors)
+    of one linearization: the exact trace over a basis, Hutchinson's over probes. All rows at
+    once, or ``chunk`` rows at a time one chunk after another (bounded memory, ``ExactTrace.chunk``)."""
+    if chunk is None or chunk >= vectors.shape[0]:
+        return jnp.sum(jax.vmap(jvp_fn)(vectors) * vectors)
+    return jnp.sum(jax.lax.map(lambda e: jnp.vdot(e, jvp_fn(e)), vectors, batch_size=chunk))
 
 
 class AbstractDivergence(eqx.Module):
@@ -75,10 +78,7 @@ class ExactTrace(AbstractDivergence):
         del eps
         basis = jnp.asarray(base.support_basis(), dtype=x.dtype)
         velocity, jvp_fn = jax.linearize(v, x)
-        if self.chunk is None or self.chunk >= basis.shape[0]:
-            return velocity, _sum_of_quadratic_forms(jvp_fn, basis)
-        diagonal_terms = jax.lax.map(lambda e: jnp.vdot(e, jvp_fn(e)), basis, batch_size=self.chunk)
-        return velocity, jnp.sum(diagonal_terms)
+        return velocity, _sum_of_quadratic_forms(jvp_fn, basis, self.chunk)
 
 
 class Hutchinson(AbstractDivergence):

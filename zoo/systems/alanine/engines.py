@@ -347,7 +347,6 @@ class XTBEngine(AbstractEngine):
     def pool(self) -> concurrent.futures.ProcessPoolExecutor:
         pool = _XTB_POOLS.get(self.n_workers)
         if pool is None:
-            # spawn, not fork: the parent runs JAX threads, which fork would copy mid-flight.
             pool = spawn_pool(self.n_workers, initializer=_xtb_worker_init)
             _XTB_POOLS[self.n_workers] = pool
         return pool
