@@ -79,3 +79,46 @@ def test_the_readme_example_runs():
     section = text[text.index("## Python API") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     exec(compile(code, "README.md (Python API)", "exec"), {})
+
+
+# The GPU table's commands start from runs they made themselves; checked here against the
+# released models of the same architecture and system.
+GPU_TABLE_RUNS = {"runs/lj13_eqotfm_gpu/checkpoint": "lj13_eqotfm", "runs/lj55_eqotfm_gpu/checkpoint": "lj55_eqotfm"}
+
+
+def test_the_readme_gpu_commands_name_configs_and_bindings_that_exist(tmp_path):
+    """No GPU runs them here, so a renamed file or binding would go unnoticed: each command's
+    gin files and bindings parse (over the pretrained model's stored config where it has one)."""
+    import dataclasses
+    import inspect
+    import shlex
+
+    from zoo.experiments import compare, finetune, runs
+    from zoo.train import RunSettings
+
+    RUN_SETTINGS = {f.name for f in dataclasses.fields(RunSettings)}
+
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text[text.index("## On a GPU machine") :]
+    section = section[: section.index("\n## ", 1)]
+    commands = [c for c in re.findall(r"`(tools/[^`]+)`", section)]
+    assert len(commands) >= 9
+    for command in commands:
+        args = shlex.split(command.replace("$Z", str(tmp_path)))
+        gin_files = [a.split("=", 1)[1] for a in args if a.startswith("--gin=")]
+        bindings = [a.split("=", 1)[1] for a in args if a.startswith("--gin_param=")]
+        pretrained = [GPU_TABLE_RUNS[a.split("=", 1)[1]] for a in args if a.startswith("--pretrained=")]
+        assert gin_files, command
+        selector = {"tools/finetune": "finetune.pretrained", "tools/compare": "compare.pretrained"}.get(args[0])
+        with config.isolated():
+            if selector:
+                bindings += [f"{selector} = {p!r}" for p in pretrained]
+                assert config.parse_over_pretrained(gin_files, bindings, selector=selector) is not None, command
+            else:
+                config.parse(gin_files, bindings)
+            # The run settings (train.batch_size, finetune.time_budget_s, ...) are keyword
+            # arguments that gin takes without checking; the runs check them when they start.
+            for root in (runs.train, finetune.finetune, compare.compare):
+                explicit = set(inspect.signature(root).parameters)
+                settings = set(gin.get_bindings(root.__name__)) - explicit
+                assert settings <= RUN_SETTINGS, (command, settings - RUN_SETTINGS)

@@ -22,7 +22,7 @@ NOISES = ("rademacher", "gaussian", "orthogonal")
 
 
 def _sum_of_quadratic_forms(jvp_fn: Callable[[Vector], Vector], vectors: Array, chunk: int | None = None) -> Scalar:
-    """$\sum_j e_j^\top J e_j$ over the rows $e_j$ of ``vectors``, with ``jvp_fn`` = $e \mapsto J e$
+    r"""$\sum_j e_j^\top J e_j$ over the rows $e_j$ of ``vectors``, with ``jvp_fn`` = $e \mapsto J e$
     of one linearization: the exact trace over a basis, Hutchinson's over probes. All rows at
     once, or ``chunk`` rows at a time one chunk after another (bounded memory, ``ExactTrace.chunk``)."""
     if chunk is None or chunk >= vectors.shape[0]:
