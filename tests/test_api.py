@@ -93,6 +93,7 @@ def test_the_readme_gpu_commands_name_configs_and_bindings_that_exist(tmp_path):
     import inspect
     import shlex
 
+    from zoo.cli import common
     from zoo.experiments import compare, finetune, runs
     from zoo.train import RunSettings
 
@@ -101,21 +102,24 @@ def test_the_readme_gpu_commands_name_configs_and_bindings_that_exist(tmp_path):
     text = (REPO_ROOT / "README.md").read_text()
     section = text[text.index("## On a GPU machine") :]
     section = section[: section.index("\n## ", 1)]
-    commands = [c for c in re.findall(r"`(tools/[^`]+)`", section)]
+    # The tools' own parser reads --gin and --gin_param; the tool-specific flags are not checked.
+    flags = common.parser("a README command")
+    flags.add_argument("--pretrained")
+    commands = re.findall(r"`(tools/[^`]+)`", section)
     assert len(commands) >= 9
     for command in commands:
-        args = shlex.split(command.replace("$Z", str(tmp_path)))
-        gin_files = [a.split("=", 1)[1] for a in args if a.startswith("--gin=")]
-        bindings = [a.split("=", 1)[1] for a in args if a.startswith("--gin_param=")]
-        pretrained = [GPU_TABLE_RUNS[a.split("=", 1)[1]] for a in args if a.startswith("--pretrained=")]
-        assert gin_files, command
-        selector = {"tools/finetune": "finetune.pretrained", "tools/compare": "compare.pretrained"}.get(args[0])
+        tool, *argv = shlex.split(command.replace("$Z", str(tmp_path)))
+        args, _ = flags.parse_known_args(argv)
+        assert args.gin, command
+        bindings = list(args.gin_param)
+        selector = {"tools/finetune": "finetune.pretrained", "tools/compare": "compare.pretrained"}.get(tool)
         with config.isolated():
             if selector:
-                bindings += [f"{selector} = {p!r}" for p in pretrained]
-                assert config.parse_over_pretrained(gin_files, bindings, selector=selector) is not None, command
+                if args.pretrained is not None:
+                    bindings.append(f"{selector} = {GPU_TABLE_RUNS[args.pretrained]!r}")
+                assert config.parse_over_pretrained(args.gin, bindings, selector=selector) is not None, command
             else:
-                config.parse(gin_files, bindings)
+                config.parse(args.gin, bindings)
             # The run settings (train.batch_size, finetune.time_budget_s, ...) are keyword
             # arguments that gin takes without checking; the runs check them when they start.
             for root in (runs.train, finetune.finetune, compare.compare):
