@@ -9,9 +9,9 @@ import pytest
 
 def test_compare_tool_writes_table_curves_and_views(tmp_path, monkeypatch):
     """tools/compare on the GMM from the released gmm_fm (--pretrained): two recipes at one tiny
-    budget, table and JSON, curves, and each run's evaluation (under the evaluation bindings)
-    and views; its checkpoints carry the config, so tools/evaluate can reload them. Every run
-    starts from the released model, which is evaluated once per seed and heads the table; a
+    budget, table and JSON, curves, and each run's evaluation (under the evaluation bindings,
+    reporting progress whatever compare.progress says) and views; its checkpoints carry the
+    config, so tools/evaluate can reload them. Every run starts from the released model, which is evaluated once per seed and heads the table; a
     stage's own eval_every sets its tracking cadence. (A fresh start: the resume test below.)"""
     from zoo import checkpoint
     from zoo.cli import compare, evaluate
@@ -29,6 +29,14 @@ def test_compare_tool_writes_table_curves_and_views(tmp_path, monkeypatch):
         return real_fit(flow, *args, **kwargs)
 
     monkeypatch.setattr(compare_module, "fit", spy_fit)
+    evaluations_report_progress = []  # compare.progress is the training bars only: evaluations report anyway
+    real_evaluation = compare_module.evaluation
+
+    def spy_evaluation(*args, **kwargs):
+        evaluations_report_progress.append(kwargs["progress"])
+        return real_evaluation(*args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "evaluation", spy_evaluation)
     workdir = tmp_path / "cmp"
     compare.main(
         [
@@ -51,6 +59,7 @@ def test_compare_tool_writes_table_curves_and_views(tmp_path, monkeypatch):
     )
     # The PG stage trains with its own divergence; the next run starts from the flow's (exact) again.
     assert trained_with == ["exact", "exact", "hutchinson-2-orthogonal"]
+    assert evaluations_report_progress == [True] * 3
     table = (workdir / "table.md").read_text()
     assert "| FM only |" in table and "hutchinson divergence" in table
     assert "| start: gmm_fm |" in table and "starts from gmm_fm" in table

@@ -120,6 +120,9 @@ def _tracked(flow, system, dataset, n: int, key) -> dict:
 
 #: ``compare``'s own defaults for the run settings it is not given (:class:`~zoo.train.RunSettings`).
 COMPARE_DEFAULTS = {"time_budget_s": 30.0, "eval_every": 25, "progress": False}
+# ``progress`` is the training loops' bar only (the tracked metrics already report every run); the
+# evaluations that start and end the runs always report progress (an exact or 1000-sample
+# evaluation takes tens of minutes), unless the tool's --no_progress silences everything.
 
 
 @gin.configurable
@@ -200,7 +203,7 @@ def compare(
         results[start_name] = []
         for seed in seeds:
             metrics = evaluation(
-                start, system, dataset, workdir, seed=1234 + seed, fm_loss=FlowMatching(), prefix=f"start_seed{seed}_", progress=run.progress
+                start, system, dataset, workdir, seed=1234 + seed, fm_loss=FlowMatching(), prefix=f"start_seed{seed}_", progress=True
             )
             results[start_name].append({**metrics, "seed": seed, "train_time_s": 0.0, "steps": 0})
     results.update({r.name: [] for r in recipes})
@@ -256,7 +259,7 @@ def compare(
                 curve.append({"time_s": offset_s, "step": offset_step, "stage": i, **evaluate(flow, offset_step)})
             # Plain flow matching as the FM yardstick, as in the tracked metrics.
             metrics = evaluation(
-                flow, system, dataset, workdir, seed=1234 + seed, fm_loss=FlowMatching(), prefix=f"{_slug(recipe.name)}_seed{seed}_", progress=run.progress
+                flow, system, dataset, workdir, seed=1234 + seed, fm_loss=FlowMatching(), prefix=f"{_slug(recipe.name)}_seed{seed}_", progress=True
             )
             metrics.update({"seed": seed, "train_time_s": offset_s, "steps": offset_step})
             results[recipe.name].append(metrics)
