@@ -11,8 +11,9 @@ def test_compare_tool_writes_table_curves_and_views(tmp_path, monkeypatch):
     """tools/compare on the GMM from the released gmm_fm (--pretrained): two recipes at one tiny
     budget, table and JSON, curves, and each run's evaluation (under the evaluation bindings,
     reporting progress whatever compare.progress says) and views; its checkpoints carry the
-    config, so tools/evaluate can reload them. Every run starts from the released model, which is evaluated once per seed and heads the table; a
-    stage's own eval_every sets its tracking cadence. (A fresh start: the resume test below.)"""
+    config, so tools/evaluate can reload them. Every run starts from the released model, which
+    is evaluated once per seed and heads the table; a stage's own eval_every sets its tracking
+    cadence. (A fresh start: the resume test below.)"""
     from zoo import checkpoint
     from zoo.cli import compare, evaluate
     from zoo.experiments import compare as compare_module
