@@ -338,3 +338,25 @@ def test_a_chunk_log_has_one_writer_process(tmp_path):
     ChunkLog(tmp_path, {"seed": 1}).close()  # re-entrant within a process; close gives it up
     again.append({"a": np.arange(1)}, seconds=0.0)
     assert ChunkLog.existing(tmp_path).n_chunks == 2
+
+
+def test_exclusive_waits_for_the_other_holder_and_lets_go_after(tmp_path):
+    """storage.exclusive: while one holder is inside, another process cannot take the lock;
+    after the block (or an error in it) it can."""
+    import subprocess
+    import sys
+
+    from zoo.storage import exclusive
+
+    lock = tmp_path / ".lock"
+    probe = "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\ntry:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\nexcept BlockingIOError:\n    print('held')"
+
+    def other_process_sees():
+        return subprocess.run([sys.executable, "-c", probe, str(lock)], capture_output=True, text=True, check=True).stdout.strip()
+
+    with exclusive(lock):
+        assert other_process_sees() == "held"
+    assert other_process_sees() == "free"
+    with pytest.raises(RuntimeError), exclusive(lock):
+        raise RuntimeError("inside")
+    assert other_process_sees() == "free"

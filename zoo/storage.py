@@ -14,6 +14,7 @@ numpy alone. Reading verifies every array against the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import fcntl
@@ -23,7 +24,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -399,6 +400,21 @@ def hold_folder(folder, lock_name: str, busy: Callable[[Path], Exception]) -> Pa
         raise busy(folder) from None
     HELD_FOLDERS[folder] = fd
     return folder
+
+
+@contextlib.contextmanager
+def exclusive(lock_file) -> Iterator[None]:
+    """Wait until no other process holds ``lock_file``, then hold it for the ``with`` block.
+
+    For a read-modify-write of files several processes update (the kernel's ``flock``, so a
+    killed holder leaves no lock behind).
+    """
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def release_folder(folder) -> None:

@@ -2,6 +2,7 @@
 and an interrupted comparison resumed to the same budget."""
 
 import json
+import shutil
 
 import jax
 import pytest
@@ -92,7 +93,9 @@ def test_compare_tool_writes_table_curves_and_views(tmp_path, monkeypatch):
 
 def test_an_interrupted_comparison_resumes_to_the_same_budget(tmp_path, monkeypatch, capsys):
     """tools/compare killed (Ctrl-C) midway, then run with --resume: each run stops where the
-    uninterrupted one does (±1 step). A fake clock advances one second per training step."""
+    uninterrupted one does (±1 step); another recipe run into the same workdir joins its table,
+    and rows without runs count as an earlier comparison. A fake clock advances one second per
+    training step."""
     import zoo.train as train_module
     from zoo.cli import compare
 
@@ -136,6 +139,19 @@ def test_an_interrupted_comparison_resumes_to_the_same_budget(tmp_path, monkeypa
     assert straight["steps"] == 13
     assert resumed["steps"] - straight["steps"] in (0, 1)
     assert resumed["train_time_s"] == pytest.approx(12.0, abs=1.0)
+    # Another arm into the same workdir (as a second process would run it beside the first): one table.
+    run(tmp_path / "b", "--resume", "--gin_param=compare.recipes = [@pg_only/Recipe()]")
+    summary = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert list(summary["results"]) == ["PG only", "FM only"] and summary["complete"]
+    assert summary["results"]["FM only"][0]["steps"] == resumed["steps"]
+    assert "| FM only |" in (tmp_path / "b" / "table.md").read_text()
+    shutil.copytree(tmp_path / "b" / "rows", tmp_path / "c" / "rows")
+    with pytest.raises(SystemExit) as stop:  # rows without runs are an earlier comparison too
+        run(tmp_path / "c")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "0 runs in" in err and "2 rows in" in err
+    run(tmp_path / "c", "--overwrite")  # replaces them
+    assert list(json.loads((tmp_path / "c" / "results.json").read_text())["results"]) == ["FM only"]
 
 
 def test_a_stage_setting_that_is_no_count_is_refused():
@@ -173,20 +189,47 @@ def test_a_resumed_comparison_must_start_where_it_started(tmp_path):
 def test_the_table_so_far_names_the_runs_it_lacks(tmp_path):
     """After each run the comparison writes its table: a recipe with some seeds done says how
     many, one with none has no row yet, and results.json says the comparison is incomplete."""
-    from zoo.experiments.compare import _write_summary
+    from zoo.experiments.compare import _save_row, _write_summary
 
-    run = {"nll": 2.0, "ess_q": 0.5, "ess_p": 0.4, "steps": 10, "n_samples_q": 64, "n_samples_p": 32}
-    results = {"FM only": [run], "PG only": []}
-    table = _write_summary(tmp_path, results, {"FM only": [[]], "PG only": []}, time_budget_s=5.0, seeds=(0, 1), pretrained=None)
+    run = {"nll": 2.0, "ess_q": 0.5, "ess_p": 0.4, "steps": 10, "n_samples_q": 64, "n_samples_p": 32, "seed": 0}
+    about = dict(time_budget_s=5.0, seeds=(0, 1), pretrained=None)
+    _save_row(tmp_path, "FM only", run, [{"time_s": 0.0, "nll": 3.0}], time_budget_s=5.0)
+    table = _write_summary(tmp_path, ["FM only", "PG only"], **about)
     assert "| FM only (1 of 2 seeds so far) | 2 ± 0 |" in table and "PG only" not in table
     assert "from 64 model samples" in table and (tmp_path / "table.md").read_text() == table
     summary = json.loads((tmp_path / "results.json").read_text())
-    assert summary["complete"] is False and summary["results"] == results
-    results["FM only"].append({**run, "nll": 4.0})
-    results["PG only"] += [run, run]
-    table = _write_summary(tmp_path, results, {}, time_budget_s=5.0, seeds=(0, 1), pretrained=None)
+    assert summary["complete"] is False and summary["results"] == {"FM only": [run], "PG only": []}
+    assert summary["curves"] == {"FM only": [[{"time_s": 0.0, "nll": 3.0}]], "PG only": []}
+    _save_row(tmp_path, "FM only", {**run, "nll": 4.0, "seed": 1}, [], time_budget_s=5.0)
+    for seed in (0, 1):
+        _save_row(tmp_path, "PG only", {**run, "seed": seed}, [], time_budget_s=5.0)
+    table = _write_summary(tmp_path, ["FM only", "PG only"], **about)
     assert "| FM only | 3 ± 1.4 |" in table and "| PG only | 2 ± 0 |" in table
     assert json.loads((tmp_path / "results.json").read_text())["complete"] is True
+
+
+def test_rows_of_other_processes_join_the_table(tmp_path, capsys):
+    """Arms run side by side in separate processes (each its own compare.recipes and
+    compare.seeds, one workdir): each process's table holds every row finished so far, its own
+    recipes first and a start row ahead; rows of another budget stay out, with a note."""
+    from zoo.experiments.compare import _save_row, _write_summary
+
+    def row(seed, nll):
+        return {"nll": nll, "steps": 10, "n_samples_q": 64, "n_samples_p": 32, "seed": seed}
+
+    _save_row(tmp_path, "start: gmm_fm", row(1, 5.0), None, time_budget_s=5.0)
+    _save_row(tmp_path, "FM continued", row(1, 4.0), [{"time_s": 0.0, "nll": 5.0}], time_budget_s=5.0)  # the other process's arm
+    _save_row(tmp_path, "PG", row(1, 3.0), [{"time_s": 0.0, "nll": 5.0}], time_budget_s=5.0)
+    _save_row(tmp_path, "PG", row(2, 3.5), [{"time_s": 1.0, "nll": 5.0}], time_budget_s=5.0)
+    _save_row(tmp_path, "FM continued", row(0, 9.0), [], time_budget_s=60.0)  # an earlier comparison's budget
+    table = _write_summary(tmp_path, ["start: gmm_fm", "PG"], time_budget_s=5.0, seeds=(1, 2), pretrained="gmm_fm")
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert list(summary["results"]) == ["start: gmm_fm", "PG", "FM continued"]
+    assert summary["seeds"] == [1, 2] and summary["complete"] is False
+    assert [m["seed"] for m in summary["results"]["PG"]] == [1, 2]
+    assert list(summary["curves"]) == ["PG", "FM continued"] and summary["curves"]["PG"][1] == [{"time_s": 1.0, "nll": 5.0}]
+    assert "| FM continued (1 of 2 seeds so far) | 4 ± 0 |" in table and "| PG | 3.25 ± 0.35 |" in table
+    assert "budgets [60.0] s" in capsys.readouterr().out
 
 
 def test_a_comparison_without_seeds_is_refused(tmp_path):

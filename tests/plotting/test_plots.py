@@ -48,10 +48,10 @@ def test_path_gradient_curve_puts_the_held_out_fm_loss_on_its_own_axis(figures, 
 
 def test_compare_curves_show_each_seed_with_markers_and_the_mean(figures, tmp_path):
     run = lambda shift: [{"time_s": t + shift, "nll": 10.0 - t + shift} for t in (0.0, 1.0, 2.0)]  # noqa: E731
-    curves = {"fm": [run(0.0), run(0.2)], "otfm": [run(0.1), run(0.3)]}
-    plots.metric_vs_time(curves, "nll", tmp_path / "x.png", ylabel="NLL", title="GMM: fm, otfm", seeds=[3, 4])
+    curves = {"fm": {3: run(0.0), 4: run(0.2)}, "otfm": {3: run(0.1), 5: run(0.3)}}
+    plots.metric_vs_time(curves, "nll", tmp_path / "x.png", ylabel="NLL", title="GMM: fm, otfm")
     (ax,) = figures[0].axes
-    assert _labels(ax) == ["fm, seed 3", "fm, seed 4", "fm, mean of 2 seeds", "otfm, seed 3", "otfm, seed 4", "otfm, mean of 2 seeds"]
+    assert _labels(ax) == ["fm, seed 3", "fm, seed 4", "fm, mean of 2 seeds", "otfm, seed 3", "otfm, seed 5", "otfm, mean of 2 seeds"]
     seed_line, mean_line = ax.get_lines()[0], ax.get_lines()[2]
     assert seed_line.get_marker() not in ("", "None") and len(seed_line.get_xdata()) == 3
     assert list(mean_line.get_xdata()) == pytest.approx([0.1, 1.1, 2.1]) and list(mean_line.get_ydata()) == pytest.approx([10.1, 9.1, 8.1])

@@ -32,7 +32,7 @@ from zoo.flows.divergence import divergence_from_settings
 from zoo.losses.fm import FlowMatching
 from zoo.metrics import fm_loss_on
 from zoo.pretrained import resolve_checkpoint
-from zoo.storage import read_json, write_atomic, write_json
+from zoo.storage import exclusive, read_json, write_atomic, write_json
 from zoo.train import RunExistsError, RunSettings, claim_run_dir, fit, read_log
 
 
@@ -162,7 +162,10 @@ def compare(
     refused; the tracked metrics are logged and a checkpoint written every ``eval_every``
     steps (a killed comparison loses at most one interval per run), and a recipe stage's
     own settings (:data:`STAGE_SETTINGS`) replace the comparison's. A resumed comparison
-    must start from what it started from (``start.json`` in ``workdir``).
+    must start from what it started from (``start.json`` in ``workdir``). Several processes may
+    run one comparison side by side, each with its own ``recipes`` or ``seeds`` and ``resume``
+    into the same ``workdir`` (one core each): every finished row is kept in ``workdir/rows``
+    and the table, ``results.json`` and the curves hold the rows of all of them.
 
     Returns each row's metrics per seed: ``start: <pretrained>`` first when there is one,
     then the recipes by name.
@@ -180,13 +183,16 @@ def compare(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     earlier = sorted(p.parent for p in (workdir / "runs").glob("*/checkpoint"))
-    if earlier and not (overwrite or resume):
+    earlier_rows = sorted((workdir / ROWS).glob("*.json"))
+    if (earlier or earlier_rows) and not (overwrite or resume):
         raise RunExistsError(
-            f"{workdir} already holds a comparison ({len(earlier)} runs in {workdir / 'runs'}): "
+            f"{workdir} already holds a comparison ({len(earlier)} runs in {workdir / 'runs'}, {len(earlier_rows)} rows in {workdir / ROWS}): "
             "pass --resume to continue it or --overwrite to replace it"
         )
     for run in earlier if not resume else ():
         claim_run_dir(run / "checkpoint", resume=False, overwrite=True)
+    for row in earlier_rows if not resume else ():
+        row.unlink()
     system = config.make_system()
     dataset = config.make_dataset(system)
     start = None
@@ -206,10 +212,10 @@ def compare(
                 start, system, dataset, workdir, seed=1234 + seed, fm_loss=FlowMatching(), prefix=f"start_seed{seed}_", progress=True
             )
             results[start_name].append({**metrics, "seed": seed, "train_time_s": 0.0, "steps": 0})
+            _save_row(workdir, start_name, results[start_name][-1], None, time_budget_s=time_budget_s)
     results.update({r.name: [] for r in recipes})
-    curves: dict[str, list[list[dict]]] = {r.name: [] for r in recipes}
     about = dict(time_budget_s=time_budget_s, seeds=seeds, pretrained=pretrained)
-    table = _write_summary(workdir, results, curves, **about)
+    table = _write_summary(workdir, list(results), **about)
     # One optimiser object per stage, reused across seeds, so jit caches are reused too.
     optimizers = {(r.name, i): optax.adam(s.learning_rate) for r in recipes for i, s in enumerate(r.stages)}
     first_points: dict[int, dict] = {}  # the step-0 tracked metrics per seed (a pretrained start's serve every recipe)
@@ -263,22 +269,60 @@ def compare(
             )
             metrics.update({"seed": seed, "train_time_s": offset_s, "steps": offset_step})
             results[recipe.name].append(metrics)
-            curves[recipe.name].append(curve)
+            _save_row(workdir, recipe.name, metrics, curve, time_budget_s=time_budget_s)
             print(f"{recipe.name} seed {seed}: " + ", ".join(f"{k}={metrics[k]:.4g}" for k in ("kl", "nll", "ess_q", "ess_p") if k in metrics) + f" ({offset_step} steps)")
             # The table so far after every run: a comparison stopped hours in still shows what it measured.
-            table = _write_summary(workdir, results, curves, **about)
-    _curve_plots(curves, workdir, system_name=type(system).__name__, budget_s=time_budget_s, seeds=seeds)
+            table = _write_summary(workdir, list(results), **about)
+    with exclusive(workdir / SUMMARY_LOCK):
+        summary = _summary(workdir, list(results), **about)
+        _curve_plots(summary, workdir, system_name=type(system).__name__)
     print(table)
     return results
 
 
-def _write_summary(workdir: Path, results: dict, curves: dict, *, time_budget_s: float, seeds, pretrained) -> str:
-    """``table.md`` and ``results.json`` of the runs done so far (``complete``: every recipe has every seed)."""
-    table = summarise(results, time_budget_s=time_budget_s, seeds=seeds, pretrained=pretrained)
-    write_atomic(workdir / "table.md", lambda f: f.write(table.encode()))
-    complete = all(len(ms) == len(seeds) for ms in results.values())
-    summary = {"budget_s": time_budget_s, "seeds": list(seeds), "pretrained": None if pretrained is None else str(pretrained), "complete": complete, "results": results, "curves": curves}
-    write_atomic(workdir / "results.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+#: The folder of the workdir that keeps each finished row of the table (a run's, or the start's for
+#: one seed) as ``<name>_seed<seed>.json``: the table is made from the files, not from what one
+#: process ran, so processes running arms side by side end in one table.
+ROWS = "rows"
+SUMMARY_LOCK = ".summary.lock"
+
+
+def _save_row(workdir: Path, name: str, metrics: dict, curve: list[dict] | None, *, time_budget_s: float) -> None:
+    row = {"name": name, "seed": metrics["seed"], "budget_s": time_budget_s, "metrics": metrics, "curve": curve}
+    (workdir / ROWS).mkdir(exist_ok=True)
+    write_atomic(workdir / ROWS / f"{_slug(name)}_seed{metrics['seed']}.json", lambda f: f.write(json.dumps(row).encode()))
+
+
+def _summary(workdir: Path, names: list[str], *, time_budget_s: float, seeds, pretrained) -> dict:
+    """Every row in ``workdir`` with this budget, ``names`` first (in that order, empty while none of
+    their runs has finished), then the rows other processes wrote; each row's runs by seed."""
+    rows = [json.loads(f.read_text()) for f in sorted((workdir / ROWS).glob("*.json"))]
+    other_budgets = sorted({r["budget_s"] for r in rows} - {time_budget_s})
+    if other_budgets:
+        print(f"note: {workdir / ROWS} holds rows of budgets {other_budgets} s; the table has only those of {time_budget_s:g} s")
+    rows = sorted((r for r in rows if r["budget_s"] == time_budget_s), key=lambda r: r["seed"])
+    order = [*names, *sorted({r["name"] for r in rows} - set(names))]
+    results = {name: [r["metrics"] for r in rows if r["name"] == name] for name in order}
+    # A start row has no curve; a recipe's curves are in the order of its runs in results.
+    curves = {name: [r["curve"] for r in rows if r["name"] == name] for name in order}
+    all_seeds = sorted({*seeds, *(r["seed"] for r in rows)})
+    return {
+        "budget_s": time_budget_s,
+        "seeds": all_seeds,
+        "pretrained": None if pretrained is None else str(pretrained),
+        "complete": all(sorted(m["seed"] for m in ms) == all_seeds for ms in results.values()),
+        "results": results,
+        "curves": {name: runs for name, runs in curves.items() if None not in runs},
+    }
+
+
+def _write_summary(workdir: Path, names: list[str], **about) -> str:
+    """``table.md`` and ``results.json`` of the rows done so far (``complete``: every row has every seed)."""
+    with exclusive(workdir / SUMMARY_LOCK):  # another process's rows may land meanwhile: read and write as one
+        summary = _summary(workdir, names, **about)
+        table = summarise(summary["results"], time_budget_s=summary["budget_s"], seeds=summary["seeds"], pretrained=summary["pretrained"])
+        write_atomic(workdir / "table.md", lambda f: f.write(table.encode()))
+        write_atomic(workdir / "results.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
     return table
 
 
@@ -332,9 +376,11 @@ def summarise(results: dict[str, list[dict]], *, time_budget_s: float, seeds, pr
     return "\n".join(lines) + "\n"
 
 
-def _curve_plots(curves, workdir: Path, *, system_name: str, budget_s: float, seeds) -> None:
+def _curve_plots(summary: dict, workdir: Path, *, system_name: str) -> None:
     from zoo.plotting import plots
 
+    curves = {name: {m["seed"]: run for m, run in zip(summary["results"][name], runs)} for name, runs in summary["curves"].items()}
+    budget_s, seeds = summary["budget_s"], summary["seeds"]
     recipes = ", ".join(curves)
     for key, fname, ylabel, log in (
         ("kl", "kl_vs_time.png", "KL(p‖q) (nats)", True),
@@ -342,8 +388,8 @@ def _curve_plots(curves, workdir: Path, *, system_name: str, budget_s: float, se
         ("fm_loss", "fm_loss_vs_time.png", "FM loss (held out)", False),
         ("ess_p", "ess_p_vs_time.png", "ESS-p (fraction)", False),
     ):
-        if not any(key in pt for runs in curves.values() for run in runs for pt in run):
+        if not any(key in pt for runs in curves.values() for run in runs.values() for pt in run):
             continue
         seed_list = ("seeds " if len(seeds) > 1 else "seed ") + ", ".join(map(str, seeds))
         title = f"{system_name}: {recipes}\n{budget_s:g} s per run, {seed_list}"
-        plots.metric_vs_time(curves, key, workdir / fname, ylabel=ylabel, title=title, seeds=list(seeds), log=log)
+        plots.metric_vs_time(curves, key, workdir / fname, ylabel=ylabel, title=title, log=log)

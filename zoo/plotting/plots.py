@@ -72,10 +72,10 @@ def loss_curves(records: list[dict], path: Path, *, title: str = "training") -> 
     return save(fig, path)
 
 
-def metric_vs_time(curves: dict[str, list[list[dict]]], key: str, path: Path, *, ylabel: str, title: str, seeds=None, log: bool = False) -> Path:
+def metric_vs_time(curves: dict[str, dict[int, list[dict]]], key: str, path: Path, *, ylabel: str, title: str, log: bool = False) -> Path:
     """One tracked metric against training time: every seed of every recipe, and each recipe's mean.
 
-    ``curves[recipe][i]`` is seed i's list of evaluation points ``{"time_s", key, ...}``.
+    ``curves[recipe][seed]`` is that run's list of evaluation points ``{"time_s", key, ...}``.
     Seeds are thin lines with markers at the evaluation points, one legend entry each; the
     mean over seeds (at each evaluation index, over the seeds that reached it; time and
     value averaged) is the thick line.
@@ -87,12 +87,11 @@ def metric_vs_time(curves: dict[str, list[list[dict]]], key: str, path: Path, *,
     markers = "os^Dv<>p"
     for color, (name, runs) in zip(colors * 4, curves.items()):
         tracks = []
-        for j, run in enumerate(runs):
+        for j, (seed, run) in enumerate(runs.items()):
             pts = [(pt["time_s"], pt[key]) for pt in run if pt.get(key) is not None and np.isfinite(pt[key])]
             if not pts:
                 continue
             tracks.append(pts)
-            seed = seeds[j] if seeds is not None and j < len(seeds) else j
             t, v = zip(*pts)
             ax.plot(t, v, marker=markers[j % len(markers)], ms=3.5, lw=0.8, alpha=0.55, color=color, label=f"{name}, seed {seed}")
         if len(tracks) > 1:
