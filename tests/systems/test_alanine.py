@@ -447,6 +447,30 @@ def test_generate_classical_short_run_resumes(tmp_path):
     assert {k: v for k, v in given_phi.items() if k != "reference"} == {k: v for k, v in stats.items() if k != "reference"}
 
 
+def test_md_that_blows_up_stops_naming_the_chunk_and_keeps_the_chunks_before(tmp_path, monkeypatch):
+    """A NaN energy in the second chunk (as the Reference platform gives after a blow-up, without
+    an error of its own) stops the run by name before the chunk is stored; the first chunk stays,
+    and the run continues from it once the cause is gone."""
+    openmm = pytest.importorskip("openmm")
+    import openmm.unit as unit
+
+    kw = dict(n_frames=4, chunk_frames=2, equilibration_ps=0.1, save_every_ps=0.01, log=None)
+    real = openmm.State.getPotentialEnergy
+    calls = {"n": 0}
+
+    def third_frame_nan(state):
+        calls["n"] += 1
+        return float("nan") * unit.kilojoule_per_mole if calls["n"] == 3 else real(state)
+
+    monkeypatch.setattr(openmm.State, "getPotentialEnergy", third_frame_nan)
+    with pytest.raises(alanine_data.SimulationError, match=r"seed 1 blew up in chunk 2/2, frame 1 of 2 \(0.03 ps into the run\).*The 1 chunks"):
+        alanine_data.generate_classical(tmp_path, **kw)
+    assert alanine_data.progress(tmp_path)["frames"] == 2
+    monkeypatch.setattr(openmm.State, "getPotentialEnergy", real)
+    assert alanine_data.generate_classical(tmp_path, **kw)["frames"] == 4
+    assert np.isfinite(alanine_data.collect(tmp_path)["energies"]).all()
+
+
 def test_classical_statistics_of_several_runs_blocks_and_counts_within_each():
     """Two runs back to back: entries into φ > 0 are counted within each run (the second run
     starting where the first one's last frame is not is no entry), and the block error is that

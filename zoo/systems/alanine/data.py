@@ -41,6 +41,7 @@ from zoo import resources
 from zoo._workers import spawn_pool
 from zoo.data import SPLITS
 from zoo.data.mcmc import block_mean_and_error
+from zoo.errors import ZooError
 from zoo.storage import ChunkLog
 from zoo.systems import alanine
 from zoo.systems.alanine.engines import XTBEngine, kbt_kj_per_mol, openmm_system
@@ -156,6 +157,10 @@ def progress(cache_dir) -> dict:
 # Classical MD (OpenMM)
 
 
+class SimulationError(ZooError, RuntimeError):
+    """A molecular-dynamics run that produced non-finite energies, forces or positions."""
+
+
 def generate_classical(
     cache_dir,
     *,
@@ -180,6 +185,8 @@ def generate_classical(
     and the final positions and velocities; every chunk starts a fresh Context from those
     with a chunk-indexed random seed, so an interrupted and resumed run produces the same
     frames as an uninterrupted one. ``max_chunks`` bounds the chunks done by this call.
+    A frame with a non-finite energy, force or position stops the run with
+    :class:`SimulationError` naming the chunk; the chunks before it stay.
     Returns :func:`progress`; compare a finished run with :func:`classical_statistics`.
     """
     import openmm
@@ -237,6 +244,16 @@ def generate_classical(
                 pos[i] = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
                 frc[i] = state.getForces(asNumpy=True).value_in_unit(kj_nm) / kbt
                 ene[i] = state.getPotentialEnergy().value_in_unit(kj) / kbt
+                # The Reference platform integrates NaN coordinates without complaint: stop at
+                # the first bad frame instead of storing a chunk (and a run) of them.
+                if not (np.isfinite(ene[i]) and np.isfinite(pos[i]).all() and np.isfinite(frc[i]).all()):
+                    raise SimulationError(
+                        f"the classical MD of seed {seed} blew up in chunk {k + 1}/{n_chunks}, frame {i + 1} of {n} "
+                        f"({(k * chunk_frames + i + 1) * save_every_ps:g} ps into the run): potential energy {ene[i]:.6g} k_BT, "
+                        f"{np.isfinite(pos[i]).all() and 'finite' or 'non-finite'} positions. The {k} chunks before it are kept in "
+                        f"{cache.dir}; a rerun repeats this chunk exactly (its random seed is fixed), so change the "
+                        "integrator (ad2_classical_md.timestep_fs, friction_per_ps) in a new workdir"
+                    )
             state = context.getState(getPositions=True, getVelocities=True)
             arrays = {
                 "positions": pos.astype(np.float32),
