@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import warnings
 
 import jax
@@ -376,6 +377,25 @@ def test_xtb_worker_pool_matches_in_process(frames):
     u_h, f_h = here.energies_and_forces(frames[:4])
     np.testing.assert_allclose(u_p, u_h, rtol=1e-10, atol=1e-6)
     np.testing.assert_allclose(f_p, f_h, atol=1e-4)
+
+
+def test_a_process_that_used_xtb_exits_without_tracebacks():
+    """tblite frees its calculators in callbacks that fail once the interpreter has torn its
+    library module down; the engine lets go of its cached calculator before that."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("tblite")
+    script = (
+        "import numpy as np\n"
+        "from zoo.systems import alanine\n"
+        "from zoo.systems.alanine import data\n"
+        "x = data.read_arrays(data.ASSET_DATA / 'ad2_xtb', 'test')['positions'][:1]\n"
+        "print(alanine.AlanineDipeptideXTB(n_workers=0).energies_and_forces(x.reshape(1, -1))[0][0])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True)
+    assert np.isfinite(float(done.stdout.split()[-1]))
+    assert "Exception ignored" not in done.stderr, done.stderr
 
 
 def test_xtb_asset_if_present():

@@ -277,7 +277,14 @@ def _shutdown_pools() -> None:
     _XTB_POOLS.clear()
 
 
+def _release_calculators() -> None:
+    # tblite frees a calculator in a callback that needs its library module; at interpreter
+    # teardown that module may be gone first, and every cached calculator prints a traceback.
+    _XTB_CALCULATORS.clear()
+
+
 atexit.register(_shutdown_pools)
+atexit.register(_release_calculators)
 
 
 @dataclasses.dataclass(frozen=True)
