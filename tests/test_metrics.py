@@ -438,6 +438,8 @@ def test_top_weight_check_reports_the_solver_error_of_the_largest_weights():
     assert errors["q"].max() > metrics["top_log_q_error_q"] + 0.01
     assert max(metrics["top_log_q_error_q"], metrics["top_log_q_error_p"]) > TOP_LOG_Q_TOLERANCE
     assert "highest-weight samples' log q moves" in format_metrics(metrics)
+    assert "evaluation.n_solver_steps = 8" in format_metrics({**metrics, "n_solver_steps": 4})
+    assert "evaluation.solver_rtol" in format_metrics({**metrics, "n_solver_steps": None})
     calm = {**metrics, "top_log_q_error_q": 0.01, "top_log_q_error_p": float("nan")}
     assert "highest-weight" not in format_metrics(calm)
     assert "n_top_checked" not in evaluate_flow(coarse, system, data, check_top=0, **kwargs)[0]

@@ -468,6 +468,14 @@ def ess_is_a_lower_bound(description: dict) -> bool:
     return str(description.get("divergence", "")).startswith("hutchinson")
 
 
+def _finer_solver_binding(metrics: dict) -> str:
+    """The evaluation binding that makes the solve of ``metrics`` finer, in words."""
+    steps = metrics.get("n_solver_steps")
+    if steps:
+        return f"twice the solver steps (evaluation.n_solver_steps = {2 * int(steps)})"
+    return "tighter tolerances (evaluation.solver_rtol, evaluation.solver_atol)"
+
+
 def format_metrics(metrics: dict) -> str:
     """The headline metrics on one line, with their standard errors and sample counts, and a
     warning line when the highest weights' log q depends on the solver, or when the ESS comes
@@ -482,7 +490,7 @@ def format_metrics(metrics: dict) -> str:
         line += (
             f"\n  warning: the {metrics.get('n_top_checked')} highest-weight samples' log q moves by up to "
             f"{errors[0]:.2g} (model) / {errors[1]:.2g} (target) nats under {REFERENCE_IN_WORDS}: "
-            "these ESS values depend on the solver; evaluate with more solver steps or tighter tolerances"
+            f"these ESS values depend on the solver; evaluate again with {_finer_solver_binding(metrics)}"
         )
     if ess_is_a_lower_bound(metrics) and any(k in metrics for k in ("ess_q", "ess_p")):
         line += (
