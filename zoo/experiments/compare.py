@@ -273,6 +273,7 @@ def compare(
             print(f"{recipe.name} seed {seed}: " + ", ".join(f"{k}={metrics[k]:.4g}" for k in ("kl", "nll", "ess_q", "ess_p") if k in metrics) + f" ({offset_step} steps)")
             # The table so far after every run: a comparison stopped hours in still shows what it measured.
             table = _write_summary(workdir, list(results), **about)
+    # Under the lock: another process finishing now would draw the same PNG files (savefig is not atomic).
     with exclusive(workdir / SUMMARY_LOCK):
         summary = _summary(workdir, list(results), **about)
         _curve_plots(summary, workdir, system_name=type(system).__name__)

@@ -246,11 +246,12 @@ def generate_classical(
                 ene[i] = state.getPotentialEnergy().value_in_unit(kj) / kbt
                 # The Reference platform integrates NaN coordinates without complaint: stop at
                 # the first bad frame instead of storing a chunk (and a run) of them.
-                if not (np.isfinite(ene[i]) and np.isfinite(pos[i]).all() and np.isfinite(frc[i]).all()):
+                finite_positions = np.isfinite(pos[i]).all()
+                if not (np.isfinite(ene[i]) and finite_positions and np.isfinite(frc[i]).all()):
                     raise SimulationError(
                         f"the classical MD of seed {seed} blew up in chunk {k + 1}/{n_chunks}, frame {i + 1} of {n} "
                         f"({(k * chunk_frames + i + 1) * save_every_ps:g} ps into the run): potential energy {ene[i]:.6g} k_BT, "
-                        f"{np.isfinite(pos[i]).all() and 'finite' or 'non-finite'} positions. The {k} chunks before it are kept in "
+                        f"{'finite' if finite_positions else 'non-finite'} positions. The {k} chunks before it are kept in "
                         f"{cache.dir}; a rerun repeats this chunk exactly (its random seed is fixed), so change the "
                         "integrator (ad2_classical_md.timestep_fs, friction_per_ps) in a new workdir"
                     )
