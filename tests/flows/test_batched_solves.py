@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 
 from zoo import _xla
+from zoo.fields import MLPField
 from zoo.fields.egnn import EGNNField
-from zoo.flows import CNF, MeanFreeNormal
+from zoo.flows import CNF, ExactTrace, Hutchinson, MeanFreeNormal, StandardNormal
 from zoo.flows.cnf import BatchedSolveError, log_prob_chunked, sample_and_log_prob_chunked
 
 ATOL, RTOL = 1e-4, 1e-5
@@ -112,7 +113,7 @@ def test_evaluation_refuses_a_batch_that_disagrees_with_per_sample_solves(monkey
     field = EGNNField(4, 2, hidden=8, n_layers=1, key=key)
     flow = CNF(field, MeanFreeNormal(4, 2), n_steps=2)
     x = np.asarray(flow.base.sample(key, 8))
-    fine = log_prob_chunked(flow, x, chunk_size=8)  # the check passes on a correct batch
+    fine = log_prob_chunked(flow, x, chunk_size=8, workers=1)  # the check passes on a correct batch
     assert fine["log_q"].shape == (8,)
 
     right = cnf._compiled
@@ -127,11 +128,11 @@ def test_evaluation_refuses_a_batch_that_disagrees_with_per_sample_solves(monkey
 
     monkeypatch.setattr(cnf, "_compiled", miscompiled)
     with pytest.raises(BatchedSolveError, match=r"model lj-test: log density of chunk 0, entry 7"):
-        log_prob_chunked(flow, x, chunk_size=8, label="model lj-test")
+        log_prob_chunked(flow, x, chunk_size=8, label="model lj-test", workers=1)
     with pytest.raises(BatchedSolveError, match="sampling of chunk 0, entry 7"):
-        sample_and_log_prob_chunked(flow, key, 16, chunk_size=8)
+        sample_and_log_prob_chunked(flow, key, 16, chunk_size=8, workers=1)
     # Turned off, nothing is checked.
-    assert sample_and_log_prob_chunked(flow, key, 16, chunk_size=8, verify=0)["log_q"].shape == (16,)
+    assert sample_and_log_prob_chunked(flow, key, 16, chunk_size=8, verify=0, workers=1)["log_q"].shape == (16,)
 
 
 # ---------------------------------------------------------------------- the released models
@@ -193,3 +194,69 @@ def test_check_tolerance_follows_an_adaptive_solver():
     # Wide enough for the global error of an adaptive solve (Dopri5 at 1e-5: up to 0.014 nats measured),
     # narrow enough for the miscompiled solves it guards against (0.7 nats and more on the released models).
     assert 0.014 < VERIFY_ATOL + ADAPTIVE_VERIFY_FACTOR * 1e-5 < 0.7
+
+
+# ---------------------------------------------------------------------- chunks and pieces
+class _TwoAtATime(MLPField):
+    """An MLP field whose batched solves run two samples per chunk."""
+
+    def sampling_chunk_size(self, batch_size, tangents):
+        return 2
+
+
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+def test_solves_in_sampling_chunks_equal_per_sample_solves(divergence, key):
+    field = _TwoAtATime(4, width=16, depth=2, key=jax.random.PRNGKey(0))
+    flow = CNF(field, StandardNormal(4), solver="rk4", n_steps=3, divergence=divergence)
+    x = jax.random.normal(jax.random.PRNGKey(1), (6, 4))
+    eps = flow.noise_or_none(key, 6, jnp.float32)
+    # The chunked program scans over chunks (lax.map); the whole-batch one would not.
+    assert "scan" in str(jax.make_jaxpr(lambda x: flow.log_prob_and_path_length_with_noise(x, eps))(x))
+    assert_batched_equals_per_sample(flow, x, (6,), key=key)
+    np.testing.assert_allclose(flow.log_prob(x, key=key), _per_sample_log_q(flow, x, eps), rtol=RTOL, atol=ATOL)
+    z = flow.base.sample(jax.random.PRNGKey(2), 6)
+    np.testing.assert_allclose(flow.sample(jax.random.PRNGKey(2), 6), jax.vmap(flow.forward)(z), rtol=RTOL, atol=ATOL)
+
+
+def test_sampling_chunks_hold_a_few_exact_trace_samples_on_a_cpu():
+    base = MeanFreeNormal(13, 3)
+    assert ExactTrace().tangents(base) == 36 and Hutchinson(probes=4).tangents(base) == 4
+    lj13 = EGNNField(13, 3, hidden=64, n_layers=3, key=jax.random.PRNGKey(0))
+    published = EGNNField(13, 3, hidden=32, n_layers=3, key=jax.random.PRNGKey(0))
+    # b·(1 + tangents)·N²·hidden floats at most SAMPLING_CHUNK_FLOATS, rounded down to a divisor of the batch.
+    assert lj13.sampling_chunk_size(1024, 36) == 4 and published.sampling_chunk_size(1024, 36) == 8
+    assert lj13.sampling_chunk_size(1024, 1) == 64 and lj13.sampling_chunk_size(1000, 36) == 5
+    assert MLPField(4, width=8, depth=1, key=jax.random.PRNGKey(0)).sampling_chunk_size(1024, 4) == 1024
+
+
+def test_pieces_solved_by_threads_equal_one_solve_and_move_the_progress_bar(monkeypatch, key):
+    from zoo.flows import cnf
+
+    flow = CNF(EGNNField(4, 2, hidden=8, n_layers=1, key=key), MeanFreeNormal(4, 2), n_steps=2)
+    updates = []
+
+    class Bar:
+        def __init__(self, total, desc, enabled):
+            self.total = total
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, k):
+            updates.append(k)
+
+    monkeypatch.setattr(cnf, "_progress", Bar)
+    one = sample_and_log_prob_chunked(flow, key, 30, chunk_size=12, workers=1)
+    assert updates == [12, 12, 6]  # one call per chunk; the last chunk's padding is no progress
+    updates.clear()
+    three = sample_and_log_prob_chunked(flow, key, 30, chunk_size=12, workers=3)
+    assert sum(updates) == 30 and len(updates) > 3 and max(updates) == 1  # pieces of 12 // (4·3) = 1
+    for name in one:
+        np.testing.assert_allclose(three[name], one[name], rtol=1e-6, atol=1e-6, err_msg=name)
+    updates.clear()
+    density = log_prob_chunked(flow, one["x"], chunk_size=16, workers=2)
+    assert updates == [2] * 15  # pieces of 16 // (4·2) = 2; the last chunk holds 14 samples and 2 of padding
+    np.testing.assert_allclose(density["log_q"], one["log_q"], atol=2e-3)

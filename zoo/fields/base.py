@@ -12,21 +12,6 @@ import jax.numpy as jnp
 from zoo._types import Array, Time, Vector
 
 
-def largest_divisor_at_most(n: int, cap: int) -> int:
-    """The largest divisor of ``n`` not above ``cap`` (at least 1): a chunk size that splits a batch
-    of n evenly, so a last, smaller batch still runs with a field's preferred chunking."""
-    if n < 1:
-        raise ValueError(f"a batch needs at least one sample, got {n}")
-    return max(c for c in range(1, min(max(cap, 1), n) + 1) if n % c == 0)
-
-
-def cache_sized_chunk(batch_size: int, cap: int) -> int:
-    """A chunk size for work sized to a CPU core's cache: ``largest_divisor_at_most(batch_size, cap)``
-    on the CPU backend, the whole batch elsewhere. Cache residency is a CPU concern; a GPU is
-    fastest on the widest batch, and sequential chunks would leave it mostly idle."""
-    return largest_divisor_at_most(batch_size, cap if jax.default_backend() == "cpu" else batch_size)
-
-
 class AbstractVectorField(eqx.Module):
     """A time-dependent vector field v_θ(t, x) on flat vectors of length ``dim``.
 
@@ -67,4 +52,11 @@ class AbstractVectorField(eqx.Module):
     def solve_chunk_size(self, batch_size: int) -> int:
         """Samples per chunk of the path-gradient solves (rounded down to a divisor of
         ``batch_size``). The default is the whole batch."""
+        return batch_size
+
+    def sampling_chunk_size(self, batch_size: int, tangents: int) -> int:
+        """Samples per chunk of the batched solves that sample and evaluate log densities (a divisor
+        of ``batch_size``), each sample carrying ``tangents`` forward-mode tangents besides its
+        value (the exact trace's basis, Hutchinson's probes; 0 without a divergence). The
+        default is the whole batch."""
         return batch_size

@@ -39,11 +39,16 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from zoo._types import Array, Float, PRNGKeyArray, Time, Vector
-from zoo.fields.base import AbstractVectorField, cache_sized_chunk
+from zoo.chunking import cache_sized_chunk
+from zoo.fields.base import AbstractVectorField
 
 #: Added under the square root of ‖x_i − x_j‖²: keeps the derivative finite on the
 #: diagonal (i = j, where x_i − x_j = 0 multiplies it away) and for coinciding particles.
 _NORM_EPS = 1e-8
+#: Cache budget of a sampling chunk (EGNNField.sampling_chunk_size): the numbers in one layer's
+#: pair tensors with all their tangent copies, 8 MB of float32, about what a core's L2 and its
+#: share of L3 keep close; larger chunks make the exact-trace solve memory-bound.
+SAMPLING_CHUNK_FLOATS = 1 << 21
 
 
 def _linear_weight(key: PRNGKeyArray, fan_in: int, fan_out: int) -> tuple[Array, Array]:
@@ -411,7 +416,7 @@ class EGNNField(AbstractVectorField):
         """Samples per chunk in chunked training (a divisor of ``batch_size``): at most about 2048
         pair rows b·N², so that a chunk's (b, N, N, H) tensors stay in a core's L2 cache (8 for
         LJ13 at batch 256, 1 for LJ55; measured in ``benchmarks/egnn.py``). On a GPU the whole
-        batch (:func:`~zoo.fields.base.cache_sized_chunk`)."""
+        batch (:func:`~zoo.chunking.cache_sized_chunk`)."""
         return cache_sized_chunk(batch_size, 2048 // (self.n_particles * self.n_particles))
 
     def solve_chunk_size(self, batch_size: int) -> int:
@@ -421,3 +426,12 @@ class EGNNField(AbstractVectorField):
         much smaller than the bound lose more to per-chunk overhead than they gain in cache
         (``path_gradient`` with and without chunks is the measurement). On a GPU the whole batch."""
         return cache_sized_chunk(batch_size, 20000 // (len(self.layers) * self.n_particles**2))
+
+    def sampling_chunk_size(self, batch_size: int, tangents: int) -> int:
+        """Samples per chunk in sampling and density solves (a divisor of ``batch_size``): at most
+        about SAMPLING_CHUNK_FLOATS numbers in a layer's pair tensors, b·(1 + tangents)·N²·hidden.
+        With the exact trace every sample carries (N−1)·d tangent copies of them, so for LJ13 a
+        chunk is a few samples, where a whole batch of hundreds spills the cache and runs up to
+        twice as slowly per sample. On a GPU the whole batch."""
+        per_sample = (1 + tangents) * self.n_particles**2 * self.hidden
+        return cache_sized_chunk(batch_size, SAMPLING_CHUNK_FLOATS // per_sample)

@@ -15,8 +15,10 @@ compiled chunks with a progress bar.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import math
+import os
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo._types import Array, PRNGKeyArray, Scalar, Vector
+from zoo.chunking import largest_divisor_at_most, map_chunks
 from zoo.errors import ZooError
 from zoo.fields.base import AbstractVectorField
 from zoo.flows.base import AbstractBase
@@ -220,6 +223,17 @@ class CNF(eqx.Module):
         return self.log_prob_and_path_length_single(x, eps)[0]
 
     # ------------------------------------------------------------------ batched
+    def _over_batch(self, single, x: Array, eps: Array | None = None, *, with_divergence: bool = True):
+        """``vmap(single)`` over a batch (``eps`` None or batched with it), solved in chunks of the
+        field's :meth:`~zoo.fields.base.AbstractVectorField.sampling_chunk_size`: on a CPU a few
+        samples at a time keep the tangent copies of the exact trace in cache. Chunks are strided
+        (:func:`~zoo.chunking.to_chunks`), so a batch sharded over devices stays sharded."""
+        tangents = self.divergence.tangents(self.base) if with_divergence else 0
+        chunk = largest_divisor_at_most(x.shape[0], self.field.sampling_chunk_size(x.shape[0], tangents))
+        if eps is None:
+            return map_chunks(jax.vmap(lambda xi: single(xi)), chunk, x)
+        return map_chunks(jax.vmap(single), chunk, x, eps)
+
     def hutchinson_noise(self, key: PRNGKeyArray, n: int, dtype=jnp.float32) -> Array:
         """The noise of n trajectories on the base's support: (n, dim), or (n, probes, dim) for a
         multi-probe Hutchinson estimate (one Rademacher vector each unless the divergence says otherwise)."""
@@ -238,7 +252,7 @@ class CNF(eqx.Module):
         """log q_θ(x) for a batch x of shape (n, dim)."""
         x = _check_batch(x, self.dim)
         eps = self.noise_or_none(key, x.shape[0], x.dtype)
-        return jax.vmap(self.log_prob_single)(x, eps)
+        return self._over_batch(self.log_prob_single, x, eps)
 
     def log_prob_and_path_length(self, x: Array, *, key: PRNGKeyArray | None = None) -> tuple[Array, Array]:
         x = _check_batch(x, self.dim)
@@ -246,7 +260,7 @@ class CNF(eqx.Module):
 
     def log_prob_and_path_length_with_noise(self, x: Array, eps: Array | None) -> tuple[Array, Array]:
         """Batched log q_θ(x) and path lengths with given Hutchinson noise (None for exact)."""
-        return jax.vmap(self.log_prob_and_path_length_single)(x, eps)
+        return self._over_batch(self.log_prob_and_path_length_single, x, eps)
 
     def log_prob_and_path_length_single(self, x: Vector, eps: Vector | None = None) -> tuple[Scalar, Scalar]:
         sol = self.integrate(x, 1.0, 0.0, eps=eps)
@@ -254,7 +268,7 @@ class CNF(eqx.Module):
 
     def sample(self, key: PRNGKeyArray, n: int) -> Array:
         """n samples x = T_θ(z), z ~ q_0, shape (n, dim)."""
-        return jax.vmap(self.forward)(self.base.sample(key, n))
+        return self._over_batch(self.forward, self.base.sample(key, n), with_divergence=False)
 
     def sample_and_log_prob(self, key: PRNGKeyArray, n: int) -> tuple[Array, Array]:
         """n samples and their log densities log q_θ(x) (integrating 0 → 1)."""
@@ -272,8 +286,7 @@ class CNF(eqx.Module):
 
     def push_forward(self, z: Array, eps: Array | None = None) -> tuple[Array, Array, Array]:
         """x = T_θ(z), log q_θ(x) and path lengths for a batch of base samples z (n, dim)."""
-
-        return jax.vmap(self.push_forward_single)(z, eps)
+        return self._over_batch(self.push_forward_single, z, eps)
 
     def push_forward_single(self, z: Vector, eps: Vector | None = None) -> tuple[Vector, Scalar, Scalar]:
         """x = T_θ(z), log q_θ(x) and the path length for one base sample."""
@@ -308,14 +321,52 @@ def _compiled(flow: CNF, method: str, *args):
     return getattr(flow, method)(*args)
 
 
-def _spread(tree, n: int):
-    """Split a chunk over all local devices when it divides evenly (data-parallel evaluation)."""
+def _host_workers() -> int:
+    """How many pieces of a chunk to solve at once: the cores this process may use on a CPU
+    backend (a few-sample solve keeps one core busy and its cache warm; concurrent executions
+    of the compiled program use the rest), one elsewhere (an accelerator takes the chunk whole)."""
+    if jax.default_backend() != "cpu":
+        return 1
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
+        return os.cpu_count() or 1
+
+
+def _solve_chunk(flow: CNF, method: str, arrays: tuple, advance, workers: int | None = None) -> tuple:
+    """``flow.<method>(*arrays)`` for one chunk (arrays batched along axis 0, None allowed).
+
+    Several local devices: the chunk is split over them (data-parallel, one program). One
+    device: with ``workers`` > 1 (default: :func:`_host_workers`) the chunk is cut into equal
+    pieces (about four per worker, so the progress bar moves within a chunk) solved by that
+    many threads at once, each running the same compiled program; with one, the chunk is one
+    call. ``advance(k)`` is told of every k samples done.
+    """
     from zoo import parallel
 
+    n = arrays[0].shape[0]
     mesh = parallel.data_mesh()
-    if mesh.devices.size == 1 or n % mesh.devices.size:
-        return tree
-    return parallel.shard_batch(jax.device_get(tree), mesh)
+    if mesh.devices.size > 1 and n % mesh.devices.size == 0:
+        out = _compiled(parallel.replicate(flow, mesh), method, *parallel.shard_batch(jax.device_get(arrays), mesh))
+        advance(n)
+        return tuple(np.asarray(a) for a in out)
+    workers = _host_workers() if workers is None else workers
+    piece = largest_divisor_at_most(n, max(1, n // (4 * workers))) if workers > 1 else n
+    starts = range(0, n, piece)
+
+    def solve(start):
+        part = tuple(None if a is None else a[start : start + piece] for a in arrays)
+        return tuple(np.asarray(a) for a in _compiled(flow, method, *part))
+
+    # The first piece alone: it compiles the program, which concurrent first calls would each do.
+    results = {0: solve(0)}
+    advance(piece)
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="zoo-solve") as pool:
+        futures = {pool.submit(solve, start): start for start in starts[1:]}
+        for future in concurrent.futures.as_completed(futures):
+            results[futures[future]] = future.result()
+            advance(piece)
+    return tuple(np.concatenate([results[start][k] for start in starts]) for k in range(len(results[0])))
 
 
 def fingerprint(flow: CNF) -> str:
@@ -375,21 +426,41 @@ def _verify(flow: CNF, what: str, label: str, chunk_index: int, entries, batched
                 )
 
 
+def _chunk_progress(bar, valid: int):
+    """(advance, finish) for one chunk: ``advance(k)`` moves ``bar`` by k samples, never past the
+    chunk's ``valid`` ones (a last chunk's padding is not progress); ``finish()`` completes it."""
+    done = 0
+
+    def advance(k: int) -> None:
+        nonlocal done
+        k = min(k, valid - done)
+        if k > 0:
+            done += k
+            bar.update(k)
+
+    return advance, lambda: advance(valid)
+
+
 def _chunk_loop(n: int, chunk: int, desc: str, progress: bool, store, compute) -> dict[str, np.ndarray]:
-    """``compute(c)`` for every chunk c of n samples in chunks of ``chunk`` (its result dict), or
-    the result ``store`` holds for it; each fresh result is saved to ``store`` as soon as it
-    exists. Returns each array concatenated over the chunks."""
+    """``compute(c, advance)`` for every chunk c of n samples in chunks of ``chunk`` (its result
+    dict; it calls ``advance(k)`` as k more of the chunk's samples are done), or the result
+    ``store`` holds for it; each fresh result is saved to ``store`` as soon as it exists.
+    Returns each array concatenated over the chunks."""
     out: dict[str, list] = {}
     with _progress(n, desc, progress) as bar:
         for c in range(math.ceil(n / chunk)):
+            valid = min(chunk, n - c * chunk)
             result = None if store is None else store.load(c)
             if result is None:
-                result = compute(c)
+                advance, finish = _chunk_progress(bar, valid)
+                result = compute(c, advance)
                 if store is not None:
                     store.save(c, result)
+                finish()
+            else:
+                bar.update(valid)
             for name, value in result.items():
                 out.setdefault(name, []).append(value)
-            bar.update(min(chunk, n - c * chunk))
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
@@ -403,6 +474,7 @@ def sample_and_log_prob_chunked(
     verify: int = 2,
     label: str = "flow",
     store=None,
+    workers: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Draw n samples with log densities and path lengths in compiled chunks of fixed size.
 
@@ -416,6 +488,9 @@ def sample_and_log_prob_chunked(
     With ``store`` (a :class:`zoo.storage.ChunkStore` fingerprinted by :func:`fingerprint`)
     finished chunks are saved as they complete and read back instead of recomputed, so an
     interrupted evaluation resumes.
+
+    On one CPU device a chunk is solved as pieces by ``workers`` threads at once (default:
+    the cores this process may use); the samples and numbers are those of one batched solve.
     """
     if n < 1:
         raise ValueError(f"need at least one sample, got n={n}")
@@ -423,9 +498,9 @@ def sample_and_log_prob_chunked(
     n_chunks = math.ceil(n / chunk)
     keys = jax.random.split(key, n_chunks)
 
-    def compute(c):
+    def compute(c, advance):
         z, eps = _compiled(flow, "draw_base", keys[c], chunk)
-        x, log_q, length = _compiled(flow, "push_forward", *_spread((z, eps), chunk))
+        x, log_q, length = _solve_chunk(flow, "push_forward", (np.asarray(z), None if eps is None else np.asarray(eps)), advance, workers)
         result = {"x": np.asarray(x), "log_q": np.asarray(log_q), "path_length": np.asarray(length)}
 
         def one(i):
@@ -450,12 +525,13 @@ def log_prob_chunked(
     verify: int = 2,
     label: str = "flow",
     store=None,
+    workers: int | None = None,
 ) -> dict[str, np.ndarray]:
     """log q_θ(x) and path lengths for many samples, in compiled chunks of fixed size.
 
     The last chunk is padded (with copies of the first sample) so that every call has the
     same shape. Returns NumPy arrays ``log_q`` (n,) and ``path_length`` (n,). ``verify``,
-    ``label`` and ``store``: as in :func:`sample_and_log_prob_chunked`.
+    ``label``, ``store`` and ``workers``: as in :func:`sample_and_log_prob_chunked`.
     """
     x = np.asarray(_check_batch(x, flow.dim))
     n = x.shape[0]
@@ -467,13 +543,13 @@ def log_prob_chunked(
         raise ValueError("this CNF uses the Hutchinson divergence: log densities need a PRNG key")
     keys = jax.random.split(key, n_chunks) if key is not None else [None] * n_chunks
 
-    def compute(c):
+    def compute(c, advance):
         part = x[c * chunk : (c + 1) * chunk]
         valid = part.shape[0]
         if valid < chunk:
             part = np.concatenate([part, np.repeat(part[:1], chunk - valid, axis=0)])
         eps = _compiled(flow, "noise_or_none", keys[c], chunk, part.dtype)
-        lq, pl = _compiled(flow, "log_prob_and_path_length_with_noise", *_spread((part, eps), chunk))
+        lq, pl = _solve_chunk(flow, "log_prob_and_path_length_with_noise", (part, None if eps is None else np.asarray(eps)), advance, workers)
         result = {"log_q": np.asarray(lq), "path_length": np.asarray(pl)}
 
         def one(i):

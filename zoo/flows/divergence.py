@@ -42,9 +42,11 @@ class AbstractDivergence(eqx.Module):
     needs_noise: eqx.AbstractClassVar[bool]
 
     @abc.abstractmethod
-    def velocity_and_divergence(
-        self, v: Callable[[Vector], Vector], x: Vector, eps: Array | None, base: AbstractBase
-    ) -> tuple[Vector, Scalar]:
+    def tangents(self, base: AbstractBase) -> int:
+        """Forward-mode tangents each sample carries through the field (its working set, for chunking)."""
+
+    @abc.abstractmethod
+    def velocity_and_divergence(self, v: Callable[[Vector], Vector], x: Vector, eps: Array | None, base: AbstractBase) -> tuple[Vector, Scalar]:
         """``v(x)`` and its divergence on the support of ``base``."""
 
     def draw_noise(self, key: PRNGKeyArray, n: int, base: AbstractBase, dtype) -> Array:
@@ -73,6 +75,9 @@ class ExactTrace(AbstractDivergence):
     def __check_init__(self):
         if self.chunk is not None and (isinstance(self.chunk, bool) or self.chunk < 1):
             raise ValueError(f"the trace chunk must be a positive number of basis vectors, got {self.chunk!r}")
+
+    def tangents(self, base):
+        return base.support_basis().shape[0]
 
     def velocity_and_divergence(self, v, x, eps, base):
         del eps
@@ -112,6 +117,9 @@ class Hutchinson(AbstractDivergence):
     def name(self) -> str:
         parts = ["hutchinson"] + ([str(self.probes)] if self.probes > 1 else []) + ([self.noise] if self.noise != "rademacher" else [])
         return "-".join(parts)
+
+    def tangents(self, base):
+        return self.probes
 
     def velocity_and_divergence(self, v, x, eps, base):
         del base  # the noise is drawn on the support already

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo._types import Array, Scalar
-from zoo.fields.base import largest_divisor_at_most
+from zoo.chunking import from_chunks, largest_divisor_at_most, to_chunks
 
 
 def resolve_chunk_size(b: int, requested: int | None, preferred: int) -> int:
@@ -32,23 +32,6 @@ def resolve_chunk_size(b: int, requested: int | None, preferred: int) -> int:
     size (its ``train_chunk_size(b)`` or ``solve_chunk_size(b)``), rounded down to a divisor of b
     so that every chunk has the same size."""
     return largest_divisor_at_most(b, preferred if requested is None else requested)
-
-
-def to_chunks(a: Array, chunk_size: int) -> Array:
-    """(b, ...) → (b // chunk_size, chunk_size, ...), chunk k holding samples k, k + b/chunk_size, ….
-
-    Strided, not contiguous: a batch sharded over devices along its sample axis stays sharded
-    inside every chunk (each device holds its share of each chunk), so a scan over the chunks
-    runs data-parallel. With contiguous chunks each chunk lives on one device, and XLA gathers
-    the whole batch onto every device and repeats the work there (seen in the compiled HLO).
-    """
-    b = a.shape[0]
-    return a.reshape(chunk_size, b // chunk_size, *a.shape[1:]).swapaxes(0, 1)
-
-
-def from_chunks(a: Array) -> Array:
-    """The inverse of :func:`to_chunks`: (n_chunks, chunk_size, ...) → (b, ...) in the original order."""
-    return a.swapaxes(0, 1).reshape(a.shape[0] * a.shape[1], *a.shape[2:])
 
 
 def chunked_squared_error(field, t: Array, x: Array, target: Array, chunk_size: int) -> Scalar:

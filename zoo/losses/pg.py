@@ -33,7 +33,7 @@ Steps 2 and 3 run chunk by chunk over the batch (``chunk_size`` samples at a tim
 ``lax.map``/``lax.scan``; a_θ is summed across chunks), which keeps a chunk's pair tensors in
 cache for the EGNN (``field.solve_chunk_size``) and bounds memory for any field; step 1 has
 no reverse pass and runs on the whole batch. Chunks are strided
-(:func:`~zoo.losses.chunked.to_chunks`), so a batch sharded over devices stays sharded in each.
+(:func:`~zoo.chunking.to_chunks`), so a batch sharded over devices stays sharded in each.
 The numbers do not depend on the chunking (with an adaptive solver, step 3 shares one
 step-size sequence per chunk instead).
 
@@ -51,9 +51,10 @@ import jax
 import jax.numpy as jnp
 
 from zoo._types import Array, PRNGKeyArray
+from zoo.chunking import map_chunks, to_chunks
 from zoo.data import Batch
 from zoo.losses.base import AbstractLoss
-from zoo.losses.chunked import from_chunks, resolve_chunk_size, to_chunks
+from zoo.losses.chunked import resolve_chunk_size
 
 ADJOINTS = ("backsolve", "direct")
 FORCE_SOURCES = ("data", "energy")
@@ -128,15 +129,6 @@ def augmented_forward_batched(model, z: Array, eps: Array) -> tuple[Array, Array
     score = base.project(jax.vmap(base.score)(z))
     x1, a1, div = model.solve(rhs, (z, score, jnp.zeros((z.shape[0],), z.dtype)), 0.0, 1.0, eps)
     return x1, a1, jax.vmap(base.log_prob)(z) - div
-
-
-def _map_chunks(fn, chunk_size: int, *arrays):
-    """fn over the leading axis in chunks of ``chunk_size`` (a divisor), one chunk after another
-    (``lax.map`` over :func:`~zoo.losses.chunked.to_chunks`); the outputs come back in batch order."""
-    if chunk_size == arrays[0].shape[0]:
-        return fn(*arrays)
-    out = jax.lax.map(lambda chunk: fn(*chunk), tuple(to_chunks(a, chunk_size) for a in arrays))
-    return jax.tree.map(from_chunks, out)
 
 
 def _batched_augmented_applies(model, eps) -> bool:
@@ -252,13 +244,13 @@ def path_gradient(
     z = project(jax.vmap(frozen.inverse)(x))
     if eps is None:
         augmented = jax.vmap(lambda zi: augmented_forward(frozen, zi))
-        x_end, grad_log_q, log_q = _map_chunks(augmented, chunk_size, z)
+        x_end, grad_log_q, log_q = map_chunks(augmented, chunk_size, z)
     elif _batched_augmented_applies(frozen, eps):
         augmented = lambda zc, ec: augmented_forward_batched(frozen, zc, ec)  # noqa: E731
-        x_end, grad_log_q, log_q = _map_chunks(augmented, chunk_size, z, eps)
+        x_end, grad_log_q, log_q = map_chunks(augmented, chunk_size, z, eps)
     else:
         augmented = jax.vmap(lambda zi, ei: augmented_forward(frozen, zi, ei))
-        x_end, grad_log_q, log_q = _map_chunks(augmented, chunk_size, z, eps)
+        x_end, grad_log_q, log_q = map_chunks(augmented, chunk_size, z, eps)
     c = jax.lax.stop_gradient(project(grad_log_q - forces))
     if adjoint == "backsolve":
         transported = _transport_backsolve(model.field, x_end, frozen, chunk_size)
