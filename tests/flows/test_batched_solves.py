@@ -226,6 +226,8 @@ def test_sampling_chunks_hold_a_few_exact_trace_samples_on_a_cpu():
     # b·(1 + tangents)·N²·hidden floats at most SAMPLING_CHUNK_FLOATS, rounded down to a divisor of the batch.
     assert lj13.sampling_chunk_size(1024, 36) == 4 and published.sampling_chunk_size(1024, 36) == 8
     assert lj13.sampling_chunk_size(1024, 1) == 64 and lj13.sampling_chunk_size(1000, 36) == 5
+    lj55 = EGNNField(55, 3, hidden=64, n_layers=3, key=jax.random.PRNGKey(0))
+    assert lj55.sampling_chunk_size(1000, 162) == 2 and lj55.sampling_chunk_size(7, 162) == 1  # two where the batch allows
     assert MLPField(4, width=8, depth=1, key=jax.random.PRNGKey(0)).sampling_chunk_size(1024, 4) == 1024
 
 

@@ -432,6 +432,8 @@ class EGNNField(AbstractVectorField):
         about SAMPLING_CHUNK_FLOATS numbers in a layer's pair tensors, b·(1 + tangents)·N²·hidden.
         With the exact trace every sample carries (N−1)·d tangent copies of them, so for LJ13 a
         chunk is a few samples, where a whole batch of hundreds spills the cache and runs up to
-        twice as slowly per sample. On a GPU the whole batch."""
+        twice as slowly per sample. Never fewer than two where the batch allows: XLA compiles a
+        one-sample batch into a program several times slower per sample (LJ55 and alanine
+        dipeptide exceed the budget with one sample). On a GPU the whole batch."""
         per_sample = (1 + tangents) * self.n_particles**2 * self.hidden
-        return cache_sized_chunk(batch_size, SAMPLING_CHUNK_FLOATS // per_sample)
+        return cache_sized_chunk(batch_size, max(2, SAMPLING_CHUNK_FLOATS // per_sample))
