@@ -351,7 +351,8 @@ def _solve_chunk(flow: CNF, method: str, arrays: tuple, advance, workers: int | 
         advance(n)
         return tuple(np.asarray(a) for a in out)
     workers = _host_workers() if workers is None else workers
-    piece = largest_divisor_at_most(n, max(1, n // (4 * workers))) if workers > 1 else n
+    # Pieces of at least two samples: XLA compiles a one-sample batch into a much slower program.
+    piece = largest_divisor_at_most(n, max(2, n // (4 * workers))) if workers > 1 else n
     starts = range(0, n, piece)
 
     def solve(start):
