@@ -230,9 +230,7 @@ class CNF(eqx.Module):
         (:func:`~zoo.chunking.to_chunks`), so a batch sharded over devices stays sharded."""
         tangents = self.divergence.tangents(self.base) if with_divergence else 0
         chunk = largest_divisor_at_most(x.shape[0], self.field.sampling_chunk_size(x.shape[0], tangents))
-        if eps is None:
-            return map_chunks(jax.vmap(lambda xi: single(xi)), chunk, x)
-        return map_chunks(jax.vmap(single), chunk, x, eps)
+        return map_chunks(jax.vmap(single), chunk, *((x,) if eps is None else (x, eps)))
 
     def hutchinson_noise(self, key: PRNGKeyArray, n: int, dtype=jnp.float32) -> Array:
         """The noise of n trajectories on the base's support: (n, dim), or (n, probes, dim) for a
