@@ -26,6 +26,7 @@ CORE = (
     "zoo._workers",
     "zoo.errors",
     "zoo.resources",
+    "zoo.chunking",
     "zoo.parallel",
     "zoo.progress",
     "zoo.storage",
