@@ -607,6 +607,99 @@ def test_cli_list_models_and_download(tmp_path, toy, monkeypatch, capsys):
 
 
 
+def _parent_and_child(tmp_path, toy, *, child_evaluation=None, child_counts=(10, 10)) -> Path:
+    """An index holding ``toy`` and its fine-tuned ``toy_pg``, both with standard errors."""
+    archive, data, _, _ = toy
+    reg = write_index(tmp_path / "models.toml", data, [str(archive)])
+    parent = pretrained._read_index_file(reg)[0]
+    parent["metrics"] = {"nll": 2.0, "nll_se": 0.3, "ess_q": 0.2, "ess_q_se": 0.03, "ess_p": 0.1, "ess_p_se": 0.04, "path_length": 3.0, "n_samples_q": 10, "n_samples_p": 10}
+    parent["evaluation"] = {"divergence": "exact", "solver": "rk4", "n_solver_steps": 40}
+    child = {**parent, "name": "toy_pg", "parent": "toy", "evaluation": child_evaluation or parent["evaluation"]}
+    child["metrics"] = {"nll": 1.6, "nll_se": 0.4, "ess_q": 0.5, "ess_q_se": 0.04, "ess_p": 0.4, "ess_p_se": 0.03, "path_length": 3.25,
+                        "n_samples_q": child_counts[0], "n_samples_p": child_counts[1]}  # fmt: skip
+    return pretrained.write_index([parent, child], reg)
+
+
+def test_a_fine_tuned_model_is_set_against_its_parent(tmp_path, toy, monkeypatch, capsys):
+    from zoo.cli import zoo as zoo_cli
+
+    reg = _parent_and_child(tmp_path, toy)
+    models = pretrained.load_index(reg)
+    assert models["toy_pg"].parent == "toy" and models["toy"].parent is None
+    (gain,) = pretrained.fine_tuning_gains(models)
+    assert (gain.child, gain.parent, gain.alike) == ("toy_pg", "toy", True)
+    assert gain.change["nll"] == pytest.approx((-0.4, 0.5))  # the errors add in quadrature: √(0.3² + 0.4²)
+    assert gain.change["ess_q"] == pytest.approx((0.3, 0.05))
+    assert gain.change["path_length"] == pytest.approx((0.25, None)) and gain.significance("path_length") is None
+    assert gain.significance("ess_q") == pytest.approx(6.0)
+    assert gain.change_in_words("ess_p") == "+0.300 ± 0.050 (+6.0 SE)"
+    monkeypatch.setenv("ZOO_MODELS", str(reg))
+    zoo_cli.main(["list", "--models"])
+    out = capsys.readouterr().out.splitlines()
+    header = out.index(next(line for line in out if line.startswith("model ")))
+    assert out[header + 1].split()[:6] == ["toy_pg", "toy", "-0.400", "±", "0.500", "(-0.8"]
+    assert out[header + 1].endswith("yes")
+    zoo_cli.main(["show", "toy"])  # the parent's page names its fine-tuned model too
+    assert "  fine-tuning: toy_pg against toy: NLL -0.400 ± 0.500 (-0.8 SE), ESS-q +0.300 ± 0.050" in capsys.readouterr().out
+
+    # Measured differently, the table says how; an ESS that is only a lower bound gets no change.
+    hutchinson = {"divergence": "hutchinson", "solver": "rk4", "n_solver_steps": 20}
+    (gain,) = pretrained.fine_tuning_gains(pretrained.load_index(_parent_and_child(tmp_path, toy, child_evaluation=hutchinson, child_counts=(20, 10))))
+    assert not gain.alike and set(gain.change) == {"nll", "path_length"}
+    assert gain.differences == ("exact divergence, RK4-40 vs hutchinson divergence, RK4-20", "n=10/10 vs n=20/10")
+    zoo_cli.main(["list", "--models"])
+    assert "no: exact divergence, RK4-40 vs hutchinson divergence, RK4-20; n=10/10 vs n=20/10" in capsys.readouterr().out
+
+    # A parent the index does not hold, or the model itself, is refused.
+    entries = pretrained._read_index_file(reg)
+    for parent, match in (("tyo", "which the index does not hold"), ("toy_pg", "another model")):
+        entries[1]["parent"] = parent
+        with pytest.raises(pretrained.ModelIndexError, match=match):
+            pretrained.write_index(entries, tmp_path / "bad.toml")
+            pretrained.load_index(tmp_path / "bad.toml")
+
+
+def test_release_records_the_model_a_run_fine_tuned(tmp_path, toy):
+    import hashlib
+
+    from zoo.cli import release_model
+
+    archive, data, _, _ = toy
+    reg = write_index(tmp_path / "models.toml", data, [str(archive)])
+    model = {"w": jnp.ones(2)}
+
+    def run(name: str, config: str) -> Path:
+        workdir = tmp_path / name
+        ckpt.save_checkpoint(workdir / "checkpoint", step=3, model=model, config=config, metadata={"system": "Toy"})
+        (workdir / "metrics.json").write_text(json.dumps({"nll": 1.0, "ess_q": 0.6, "ess_p": 0.6, "n_samples_q": 10, "n_samples_p": 10}))
+        return workdir
+
+    release = dict(gin_file="gmm_fm.gin", recipe="r", dest=tmp_path / "out", model_index=reg)
+    released = pretrained.release(run("pg", "finetune.pretrained = 'toy'\n"), "toy_pg", **release)
+    assert (released.parent, released.parent_sha256) == ("toy", hashlib.sha256(data).hexdigest())
+    # Fine-tuning the fine-tuned model again keeps its parent; a run from a checkpoint folder, or
+    # a training run, names none.
+    assert pretrained.release(run("pg2", "finetune.pretrained = 'toy_pg'\n"), "toy_pg", **release).parent == "toy"
+    assert pretrained.release(run("pg3", "finetune.pretrained = 'runs/x/checkpoint'\n"), "toy_pg3", **release).parent is None
+    assert pretrained.release(run("fm", "train.batch_size = 64\n"), "toy_fm", **release).parent is None
+    assert pretrained.model_info("toy_pg", reg).parent_sha256 == hashlib.sha256(data).hexdigest()
+    # Named on the command line: it must be another released model.
+    release_model.main([str(tmp_path / "fm"), "toy_fm", "--gin=gmm_fm.gin", "--recipe=r", f"--dest={tmp_path / 'out'}", f"--index={reg}", "--parent=toy"])
+    assert pretrained.model_info("toy_fm", reg).parent == "toy"
+    with pytest.raises(pretrained.ModelIndexError, match="another model"):
+        pretrained.release(tmp_path / "fm", "toy_fm", **release, parent="tyo")
+    assert list(pretrained._read_index_file(reg)[1])[:6] == ["name", "system", "gin", "recipe", "parent", "parent_sha256"]
+    # The parent's archive as it was released when its child was: a re-release of the parent
+    # makes the comparison one against another model, and the table says so.
+    assert pretrained.model_info("toy_pg", reg).parent_sha256 == pretrained.model_info("toy", reg).sha256
+    entries = pretrained._read_index_file(reg)
+    entries[0]["sha256"] = "0" * 64
+    pretrained.write_index(entries, reg)
+    gains = {g.child: g for g in pretrained.fine_tuning_gains(pretrained.load_index(reg))}
+    assert gains["toy_pg"].differences[0].startswith("fine-tuned from an earlier release of toy (sha256 ")
+    assert not gains["toy_pg"].alike
+
+
 def test_how_each_log_density_was_solved_in_words():
     from zoo.flows.cnf import describe_in_words
 

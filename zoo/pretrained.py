@@ -58,7 +58,8 @@ from typing import Any
 
 from zoo import checkpoint as ckpt
 from zoo.errors import ConfigError, did_you_mean
-from zoo.flows.cnf import DESCRIPTION_SETTINGS
+from zoo.flows.cnf import DESCRIPTION_SETTINGS, describe_in_words
+from zoo.metrics import ess_is_a_lower_bound
 from zoo.resources import ROOT as REPO_ROOT
 from zoo.resources import resolve_gin_file
 from zoo.storage import read_json, write_atomic
@@ -142,6 +143,16 @@ class ModelInfo:
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
+    def parent(self) -> str | None:
+        """The released model this one was fine-tuned from (the entry's ``parent``), if any."""
+        return self.extra.get("parent")
+
+    @property
+    def parent_sha256(self) -> str | None:
+        """The sha256 of the parent's archive that was fine-tuned (a later re-release of the parent differs)."""
+        return self.extra.get("parent_sha256")
+
+    @property
     def summary(self) -> str:
         """The recipe's first clause (up to the first ';' of its first line), for tables."""
         return self.recipe.strip().splitlines()[0].split(";")[0].strip() if self.recipe.strip() else ""
@@ -203,6 +214,12 @@ def _check_entry(raw: dict, where: str) -> ModelInfo:
     for loc in locations:
         if not isinstance(loc, (str, dict)) or not loc:
             raise ModelIndexError(f"{where} ({name}): a location must be a path, a URL or a kvstore spec table, got {loc!r}")
+    parent = raw.get("parent")
+    if parent is not None and (not isinstance(parent, str) or not _NAME.match(parent) or parent == name):
+        raise ModelIndexError(f"{where} ({name}): parent must name another model of the index, got {parent!r}")
+    parent_sha = raw.get("parent_sha256")
+    if parent_sha is not None and (parent is None or not isinstance(parent_sha, str) or not _SHA256.match(parent_sha)):
+        raise ModelIndexError(f"{where} ({name}): parent_sha256 must be the parent's 64 lowercase hex digits, got {parent_sha!r}")
     extra = {k: v for k, v in raw.items() if k not in REQUIRED_FIELDS}
     return ModelInfo(
         name=name,
@@ -226,6 +243,9 @@ def load_index(model_index=None) -> dict[str, ModelInfo]:
         if info.name in out:
             raise ModelIndexError(f"{path}: model {info.name!r} appears twice")
         out[info.name] = info
+    for info in out.values():
+        if info.parent is not None and info.parent not in out:
+            raise ModelIndexError(f"{path}: {info.name} names {info.parent!r} as its parent, which the index does not hold")
     return out
 
 
@@ -265,6 +285,82 @@ def evaluation_table(info: ModelInfo) -> dict:
 def evaluation_bindings(info: ModelInfo) -> list[str]:
     """:func:`evaluation_table` as gin bindings of ``CNF``."""
     return [f"CNF.{DESCRIPTION_SETTINGS[key]} = {value!r}" for key, value in evaluation_table(info).items()]
+
+
+#: The metrics a fine-tuned model is set against its parent's, in the order tables show them.
+GAIN_METRICS = ("nll", "ess_q", "ess_p", "path_length")
+GAIN_LABELS = {"nll": "NLL", "ess_q": "ESS-q", "ess_p": "ESS-p", "path_length": "path length"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuningGain:
+    """A fine-tuned model's released metrics against its parent's.
+
+    ``change[key]`` is (child − parent, standard error of the change or None). The error
+    adds the two evaluations' standard errors in quadrature, as for independent samples:
+    right for the model samples, an overstatement for NLL and ESS-p when both evaluations
+    used the same test samples (same count), whose per-sample terms then largely cancel.
+    An ESS that is only a lower bound (Hutchinson log densities) on either side gets no
+    change. ``differences`` names how the two evaluations differ (solver, sample counts);
+    empty when they were measured alike, the only case in which the change is the model's.
+    """
+
+    child: str
+    parent: str
+    change: Mapping[str, tuple[float, float | None]]
+    differences: tuple[str, ...]
+
+    @property
+    def alike(self) -> bool:
+        return not self.differences
+
+    def significance(self, key: str) -> float | None:
+        """The change of ``key`` in standard errors (None without one)."""
+        value, se = self.change.get(key, (math.nan, None))
+        return value / se if se else None
+
+    def change_in_words(self, key: str) -> str:
+        """'+0.216 ± 0.060 (3.6 SE)', '-0.149' without an error, '-' where there is no change."""
+        if key not in self.change:
+            return "-"
+        value, se = self.change[key]
+        if se is None:
+            return f"{value:+.3g}"
+        return f"{value:+.3f} ± {se:.3f} ({value / se:+.1f} SE)" if se else f"{value:+.3f} ± 0"
+
+    def in_words(self) -> str:
+        """One line: every change, and whether both models were evaluated alike."""
+        changes = ", ".join(f"{GAIN_LABELS[k]} {self.change_in_words(k)}" for k in GAIN_METRICS if k in self.change)
+        how = "evaluated alike" if self.alike else "NOT evaluated alike: " + "; ".join(self.differences)
+        return f"against {self.parent}: {changes} ({how})"
+
+
+def fine_tuning_gain(child: ModelInfo, parent: ModelInfo) -> FineTuningGain:
+    """``child``'s metrics against ``parent``'s (see :class:`FineTuningGain`)."""
+    evaluations = [p.extra.get("evaluation", {}) for p in (parent, child)]
+    change = {}
+    for key in GAIN_METRICS:
+        if key not in parent.metrics or key not in child.metrics:
+            continue
+        if key.startswith("ess") and any(ess_is_a_lower_bound(e) for e in evaluations):
+            continue
+        ses = [m.metrics.get(f"{key}_se") for m in (parent, child)]
+        se = math.hypot(*ses) if None not in ses else None
+        change[key] = (child.metrics[key] - parent.metrics[key], se)
+    differences = []
+    if child.parent_sha256 not in (None, parent.sha256):
+        differences.append(f"fine-tuned from an earlier release of {parent.name} (sha256 {child.parent_sha256[:12]}…)")
+    if evaluations[0] != evaluations[1]:
+        differences.append(" vs ".join(describe_in_words(e) for e in evaluations))
+    counts = [(m.metrics.get("n_samples_q"), m.metrics.get("n_samples_p")) for m in (parent, child)]
+    if counts[0] != counts[1]:
+        differences.append(" vs ".join(f"n={q}/{p}" for q, p in counts))
+    return FineTuningGain(child=child.name, parent=parent.name, change=change, differences=tuple(differences))
+
+
+def fine_tuning_gains(models: Mapping[str, ModelInfo]) -> list[FineTuningGain]:
+    """Every model of ``models`` (:func:`load_index`) with a parent, against it, in index order."""
+    return [fine_tuning_gain(info, models[info.parent]) for info in models.values() if info.parent in models]
 
 
 # ---------------------------------------------------------------------------- locations
@@ -783,6 +879,7 @@ def release(
     locations: Sequence[str | Mapping[str, Any]] = (),
     machine: str | None = None,
     bindings: Sequence[str] = (),
+    parent: str | None = None,
 ) -> ModelInfo:
     r"""Pack a run's latest checkpoint as ``dest/<name>.tar`` and write its model index entry.
 
@@ -796,6 +893,8 @@ def release(
     checkpoint's stored config, e.g. ``stored_dataset.path = 'assets/data/lj13'`` for a run
     trained on a data set in the cache: its metrics.json must then have been computed with
     them too (``tools/evaluate RUN --gin_param=...``), so that the release reproduces them.
+    ``parent``: the released model the run was fine-tuned from; by default the model index
+    name the run's ``finetune.pretrained`` binds (see :func:`_fine_tuned_from`).
     """
     if not _NAME.match(name):
         raise ModelIndexError(f"model name {name!r} must be letters, digits, '_', '.', '-'")
@@ -847,6 +946,14 @@ def release(
     path = index_path(model_index)
     entries = _read_index_file(path)
     names = [e.get("name") for e in entries]
+    lineage = {"parent": parent} if parent is not None else _fine_tuned_from(info.config, name, entries)
+    if lineage:
+        parent = lineage["parent"]
+        if parent == name or parent not in names:
+            raise ModelIndexError(f"the parent of {name} must be another model of {path}, got {parent!r}")
+        lineage.setdefault("parent_sha256", entries[names.index(parent)]["sha256"])
+        at = list(entry).index("recipe") + 1
+        entry = dict([*list(entry.items())[:at], *lineage.items(), *list(entry.items())[at:]])
     if name in names:
         old = entries[names.index(name)]
         if old.get("sha256") == sha and not locations:
@@ -856,6 +963,19 @@ def release(
         entries.append(entry)
     write_index(entries, path)
     return _check_entry(entry, name)
+
+
+def _fine_tuned_from(config: str, name: str, entries: Sequence[Mapping[str, Any]]) -> dict:
+    """The ``parent`` (and ``parent_sha256``) of a fine-tuning run: its ``finetune.pretrained``
+    when that is a name in the index, with that entry's archive as released now (a checkpoint
+    folder names no released model: {}). A run that continued ``name`` itself keeps the
+    lineage ``name`` has."""
+    bound = _binding(config, "finetune.pretrained")
+    pretrained = bound.strip("'\"") if bound else None
+    by_name = {e.get("name"): e for e in entries}
+    if pretrained == name:
+        return {k: by_name[name][k] for k in ("parent", "parent_sha256") if k in by_name.get(name, {})}
+    return {"parent": pretrained, "parent_sha256": by_name[pretrained]["sha256"]} if pretrained in by_name else {}
 
 
 def _index_metrics(raw: Mapping[str, Any], where) -> dict:

@@ -23,6 +23,10 @@ def main(argv=None) -> None:
         help="only replace NAME's metrics by RUN/metrics.json from `tools/evaluate NAME --workdir=RUN` (the archive stays)",
     )
     p.add_argument("--recipe", help="how it was trained, in words (default: drafted from the run's config and log)")
+    p.add_argument(
+        "--parent",
+        help="the released model the run was fine-tuned from (default: the run's finetune.pretrained when it names one)",
+    )
     p.add_argument("--machine", help="the machine it was trained on, for the drafted recipe (default: this one)")
     p.add_argument("--dest", default="assets/models", help="folder for the archive (relative to the repository)")
     p.add_argument("--index", type=Path, help="model index file (default $ZOO_MODELS or assets/models.toml)")
@@ -39,8 +43,8 @@ def main(argv=None) -> None:
 
     from zoo import pretrained
 
-    if args.reevaluated and args.gin_param:
-        p.error("--gin_param changes the released checkpoint; it does not apply with --reevaluated")
+    if args.reevaluated and (args.gin_param or args.parent):
+        p.error("--gin_param and --parent describe a new release; they do not apply with --reevaluated")
     if not args.reevaluated and args.gin is None:
         p.error("--gin is required (the gin file the model was trained with)")
     if args.reevaluated:
@@ -56,12 +60,18 @@ def main(argv=None) -> None:
             locations=args.location,
             machine=args.machine,
             bindings=args.gin_param,
+            parent=args.parent,
         )
     m = info.metrics
     print(f"{'re-evaluated' if args.reevaluated else 'released'} {info.name} ({info.system}): {info.size_bytes} bytes, sha256 {info.sha256}")
     print(f"  locations: {', '.join(map(str, info.locations))}")
     print(f"  recipe: {info.recipe}")
     print("  metrics: " + "  ".join(f"{k}={v:.4g}" for k, v in m.items()))
+    # How the (re-)evaluated model now stands against its parent and its children.
+    models = pretrained.load_index(args.index)
+    for gain in pretrained.fine_tuning_gains(models):
+        if info.name in (gain.child, gain.parent):
+            print(f"  {gain.child} {gain.in_words()}")
     print(f"  model index: {pretrained.index_path(args.index)}")
 
 

@@ -71,6 +71,25 @@ def _list_models() -> None:
     if any(ess_is_a_lower_bound(info.extra.get("evaluation", {})) for info in models.values()):
         print(f"≥: {LOWER_BOUND_IN_WORDS}.")
     print("`tools/download NAME` fetches one into the cache; tools/evaluate, tools/sample and finetune.pretrained take NAME for a checkpoint path.")
+    _list_gains(pretrained.fine_tuning_gains(models))
+
+
+def _list_gains(gains) -> None:
+    """The fine-tuned models against their parents, one row each."""
+    from zoo.pretrained import GAIN_LABELS, GAIN_METRICS
+
+    if not gains:
+        return
+    header = ("model", "parent", *(GAIN_LABELS[k] for k in GAIN_METRICS), "evaluated alike")
+    rows = [
+        (g.child, g.parent, *(g.change_in_words(k) for k in GAIN_METRICS), "yes" if g.alike else "no: " + "; ".join(g.differences))
+        for g in gains
+    ]
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    print("\nFine-tuned models against their parents: model − parent ± the two evaluations' standard errors added in quadrature")
+    print("(and the change in those units); where both used the same test samples, the NLL and ESS-p changes are surer than that.")
+    for row in (header, *rows):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
 #: What a "≥" before an ESS means.
@@ -114,6 +133,10 @@ def _show_model(name: str) -> None:
             f"  log q of the {m.get('n_top_checked', '?')} highest weights, the evaluation's solver against {REFERENCE_IN_WORDS}: "
             f"within {m['top_log_q_error_q']:.2g} (model) / {m.get('top_log_q_error_p', float('nan')):.2g} (test) nats"
         )
+    models = pretrained.load_index()
+    for gain in pretrained.fine_tuning_gains(models):
+        if name in (gain.child, gain.parent):
+            print(textwrap.fill(f"{gain.child} {gain.in_words()}", width=100, initial_indent="  fine-tuning: ", subsequent_indent="    "))
     print(f"  archive: {pretrained._human_size(info.size_bytes)}, sha256 {info.sha256}")
     for location in info.locations:
         print(f"  location: {location}")
