@@ -659,6 +659,16 @@ def test_a_fine_tuned_model_is_set_against_its_parent(tmp_path, toy, monkeypatch
             pretrained.load_index(tmp_path / "bad.toml")
 
 
+def test_the_readme_shows_the_fine_tuned_models_as_the_index_has_them(monkeypatch):
+    """The README's table of fine-tuned models against their parents is `tools/zoo gains --markdown` now."""
+    from zoo.cli.zoo import gains_markdown
+
+    monkeypatch.delenv("ZOO_MODELS", raising=False)
+    table = "\n".join(gains_markdown(pretrained.load_index()))
+    assert table.count("\n") >= 5 and "`lj13_eqotfm_pg` (`lj13_eqotfm`)" in table
+    assert table in (REPO_ROOT / "README.md").read_text(), "refresh the README's table with: tools/zoo gains --markdown"
+
+
 def test_release_records_the_model_a_run_fine_tuned(tmp_path, toy):
     import hashlib
 

@@ -18,12 +18,23 @@ def main(argv=None) -> None:
     lst = sub.add_parser("list", help="list registered components grouped by kind")
     lst.add_argument("--kind", help="only this kind (system, field, flow, loss, ...)")
     lst.add_argument("--models", action="store_true", help="list the pretrained models (assets/models.toml) instead")
+    gains = sub.add_parser("gains", help="the fine-tuned models against their parents (the table ending `zoo list --models`)")
+    gains.add_argument("--markdown", action="store_true", help="before → after for each metric, as a markdown table (the README's)")
     show = sub.add_parser("show", help="one pretrained model in full: recipe, metrics, how they were measured, locations")
     show.add_argument("name", help="a model name from `zoo list --models`")
     args = p.parse_args(argv)
 
     if args.command == "show":
         _show_model(args.name)
+        return
+    if args.command == "gains":
+        from zoo import pretrained
+
+        models = pretrained.load_index()
+        if args.markdown:
+            print("\n".join(gains_markdown(models)))
+        else:
+            _list_gains(pretrained.fine_tuning_gains(models))
         return
     if args.command == "list" and args.models:
         _list_models()
@@ -90,6 +101,28 @@ def _list_gains(gains) -> None:
     print("(and the change in those units); where both used the same test samples, the NLL and ESS-p changes are surer than that.")
     for row in (header, *rows):
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def gains_markdown(models) -> list[str]:
+    """The fine-tuned models of ``models`` (:func:`zoo.pretrained.load_index`) against their
+    parents as markdown rows: each metric before → after (± standard errors), the change in
+    the two errors added in quadrature, and how both were evaluated."""
+    from zoo.pretrained import GAIN_LABELS, GAIN_METRICS, fine_tuning_gains
+
+    lines = ["| model (parent) | " + " | ".join(GAIN_LABELS[k] for k in GAIN_METRICS) + " | evaluated with |", "|---" * (len(GAIN_METRICS) + 2) + "|"]
+    for gain in fine_tuning_gains(models):
+        before, after = models[gain.parent], models[gain.child]
+        cells = []
+        for key in GAIN_METRICS:
+            if key not in gain.change:
+                cells.append("–")
+                continue
+            value, se = gain.change[key]
+            change = f"{value:+.3f}" + (f" ± {se:.3f}" if se is not None else "")
+            cells.append(f"{with_error(before.metrics, key, '.3f')} → {with_error(after.metrics, key, '.3f')} ({change})")
+        how = _evaluated_with(after) if gain.alike else "not alike: " + "; ".join(gain.differences)
+        lines.append(f"| `{gain.child}` (`{gain.parent}`) | " + " | ".join(cells) + f" | {how} |")
+    return lines
 
 
 #: What a "≥" before an ESS means.
