@@ -639,6 +639,10 @@ def test_a_fine_tuned_model_is_set_against_its_parent(tmp_path, toy, monkeypatch
     header = out.index(next(line for line in out if line.startswith("model ")))
     assert out[header + 1].split()[:6] == ["toy_pg", "toy", "-0.400", "±", "0.500", "(-0.8"]
     assert out[header + 1].endswith("yes")
+    zoo_cli.main(["gains"])  # the same table alone
+    assert capsys.readouterr().out.splitlines()[3:] == out[header : header + 2]
+    zoo_cli.main(["gains", "--markdown"])
+    assert "| `toy_pg` (`toy`) | 2.000 ± 0.3 → 1.600 ± 0.4 (-0.400 ± 0.500) |" in capsys.readouterr().out
     zoo_cli.main(["show", "toy"])  # the parent's page names its fine-tuned model too
     assert "  fine-tuning: toy_pg against toy: NLL -0.400 ± 0.500 (-0.8 SE), ESS-q +0.300 ± 0.050" in capsys.readouterr().out
 
