@@ -320,7 +320,7 @@ class FineTuningGain:
         return value / se if se else None
 
     def change_in_words(self, key: str) -> str:
-        """'+0.216 ± 0.060 (3.6 SE)', '-0.149' without an error, '-' where there is no change."""
+        """'+0.216 ± 0.060 (+3.6 SE)'; '-0.149' without an error; '-' where there is no change."""
         if key not in self.change:
             return "-"
         value, se = self.change[key]
