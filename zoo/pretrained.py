@@ -358,9 +358,14 @@ def fine_tuning_gain(child: ModelInfo, parent: ModelInfo) -> FineTuningGain:
     return FineTuningGain(child=child.name, parent=parent.name, change=change, differences=tuple(differences))
 
 
-def fine_tuning_gains(models: Mapping[str, ModelInfo]) -> list[FineTuningGain]:
-    """Every model of ``models`` (:func:`load_index`) with a parent, against it, in index order."""
-    return [fine_tuning_gain(info, models[info.parent]) for info in models.values() if info.parent in models]
+def fine_tuning_gains(models: Mapping[str, ModelInfo], *, involving: str | None = None) -> list[FineTuningGain]:
+    """Every model of ``models`` (:func:`load_index`) with a parent, against it, in index order;
+    with ``involving``, only the pairs in which that model is the child or the parent."""
+    return [
+        fine_tuning_gain(info, models[info.parent])
+        for info in models.values()
+        if info.parent in models and involving in (None, info.name, info.parent)
+    ]
 
 
 # ---------------------------------------------------------------------------- locations
@@ -966,16 +971,15 @@ def release(
 
 
 def _fine_tuned_from(config: str, name: str, entries: Sequence[Mapping[str, Any]]) -> dict:
-    """The ``parent`` (and ``parent_sha256``) of a fine-tuning run: its ``finetune.pretrained``
-    when that is a name in the index, with that entry's archive as released now (a checkpoint
-    folder names no released model: {}). A run that continued ``name`` itself keeps the
-    lineage ``name`` has."""
+    """The ``parent`` of a fine-tuning run: its ``finetune.pretrained`` when that is a name in
+    the index (a checkpoint folder names no released model: {}). A run that continued
+    ``name`` itself keeps the lineage ``name`` has, ``parent_sha256`` included."""
     bound = _binding(config, "finetune.pretrained")
     pretrained = bound.strip("'\"") if bound else None
     by_name = {e.get("name"): e for e in entries}
     if pretrained == name:
         return {k: by_name[name][k] for k in ("parent", "parent_sha256") if k in by_name.get(name, {})}
-    return {"parent": pretrained, "parent_sha256": by_name[pretrained]["sha256"]} if pretrained in by_name else {}
+    return {"parent": pretrained} if pretrained in by_name else {}
 
 
 def _index_metrics(raw: Mapping[str, Any], where) -> dict:

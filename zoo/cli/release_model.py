@@ -68,10 +68,8 @@ def main(argv=None) -> None:
     print(f"  recipe: {info.recipe}")
     print("  metrics: " + "  ".join(f"{k}={v:.4g}" for k, v in m.items()))
     # How the (re-)evaluated model now stands against its parent and its children.
-    models = pretrained.load_index(args.index)
-    for gain in pretrained.fine_tuning_gains(models):
-        if info.name in (gain.child, gain.parent):
-            print(f"  {gain.child} {gain.in_words()}")
+    for gain in pretrained.fine_tuning_gains(pretrained.load_index(args.index), involving=info.name):
+        print(f"  {gain.child} {gain.in_words()}")
     print(f"  model index: {pretrained.index_path(args.index)}")
 
 
