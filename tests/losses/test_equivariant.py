@@ -227,6 +227,26 @@ def test_host_alignment_equals_the_vectorised_search(n, d, b, types, seed):
     np.testing.assert_allclose(np.asarray(pair("host")(x0, x1)[0]), np.asarray(pair("vectorised")(x0, x1)[0]), atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 2, 5, 13, 30])
+def test_host_assignment_is_scipys_optimum_also_with_ties(n):
+    """The compiled search alone, on random costs (the optimum unique: scipy's permutation) and on
+    small integers (many ties: an optimal permutation, by scipy's total)."""
+    from zoo.losses._host_alignment import _assign, _column_minima
+
+    rng = np.random.default_rng(n)
+    floats, ints = np.empty((4, n)), np.empty((5, n), np.int64)
+    in_tree, perm = np.empty(n, np.bool_), np.empty(n, np.int64)
+    for trial in range(40):
+        cost = rng.normal(size=(n, n)) if trial % 2 else rng.integers(0, 4, size=(n, n)).astype(float)
+        _column_minima(cost, ints[4])
+        _assign(cost, ints[4], floats[0], floats[1], floats[2], ints[0], ints[1], ints[2], ints[3], in_tree, perm)
+        rows, cols = scipy.optimize.linear_sum_assignment(cost)
+        assert sorted(perm) == list(range(n))
+        np.testing.assert_allclose(cost[perm, np.arange(n)].sum(), cost[rows, cols].sum(), rtol=1e-12, atol=1e-12)
+        if trial % 2:
+            np.testing.assert_array_equal(perm[cols], rows)
+
+
 def test_host_rotation_trace_equals_the_singular_value_form():
     r"""Horn's largest eigenvalue by Newton equals σ₁ + σ₂ + sign(det H) σ₃, also for mirror and flat point sets."""
     from zoo.losses._host_alignment import _max_rotation_trace_3d

@@ -30,14 +30,15 @@ _LOCK = threading.Lock()  # numba's default threading layer takes one parallel l
 
 
 @numba.njit(cache=True, nogil=True)
-def _assign(cost, u, v, shortest, path, col_of_row, row_of_col, remaining, in_tree, perm):
+def _assign(cost, cheapest_row, u, v, shortest, path, col_of_row, row_of_col, remaining, in_tree, perm):
     """Shortest augmenting paths on one n×n cost matrix; ``perm[j]`` = row paired with column j.
 
-    After a column reduction and an augmenting row reduction, the rows left unassigned enter
-    one at a time; a Dijkstra search over reduced costs ``cost[i, j] - u[i] - v[j]`` from the
-    entering row visits only the columns not yet reached (kept packed in
-    ``remaining``) and stops at the first free column; the potentials are then corrected by the
-    path lengths and the path is flipped.
+    ``cheapest_row[j]``: the first row of column j's minimum (:func:`_column_minima`, or found
+    while the costs are written). After a column reduction and an augmenting row reduction,
+    the rows left unassigned enter one at a time; a Dijkstra search over reduced costs
+    ``cost[i, j] - u[i] - v[j]`` from the entering row visits only the columns not yet reached
+    (kept packed in ``remaining``) and stops at the first free column; the potentials are then
+    corrected by the path lengths and the path is flipped.
     """
     n = cost.shape[0]
     u[:] = 0.0
@@ -47,10 +48,7 @@ def _assign(cost, u, v, shortest, path, col_of_row, row_of_col, remaining, in_tr
     # cheapest of a column and still free takes it at reduced cost 0. Only the rows left over
     # need a search (about a third of them on random problems).
     for j in range(n):
-        best_i = 0
-        for i in range(1, n):
-            if cost[i, j] < cost[best_i, j]:
-                best_i = i
+        best_i = cheapest_row[j]
         v[j] = cost[best_i, j]
         if col_of_row[best_i] < 0:
             col_of_row[best_i] = j
@@ -76,19 +74,21 @@ def _assign(cost, u, v, shortest, path, col_of_row, row_of_col, remaining, in_tr
             moves += 1
             i = free[k]
             k += 1
-            first, second = np.inf, np.inf
-            j1, j2 = 0, 0
+            # The cheapest and second cheapest column (the first of equals), in two passes of
+            # selects rather than one of nested branches: on random costs those branches are
+            # mispredicted so often that this loop was a quarter of the whole pairing.
+            first, j1 = np.inf, 0
             for j in range(n):
                 h = cost[i, j] - v[j]
-                if h < second:
-                    if h >= first:
-                        second = h
-                        j2 = j
-                    else:
-                        second = first
-                        j2 = j1
-                        first = h
-                        j1 = j
+                better = h < first
+                first = h if better else first
+                j1 = j if better else j1
+            second, j2 = np.inf, 0
+            for j in range(n):
+                h = cost[i, j] - v[j]
+                better = (h < second) and (j != j1)
+                second = h if better else second
+                j2 = j if better else j2
             owner = row_of_col[j1]
             if first < second:
                 v[j1] -= second - first
@@ -216,32 +216,82 @@ def _max_rotation_trace_3d(h, bound, work):
 
 
 @numba.njit(cache=True, nogil=True)
+def _column_minima(cost, cheapest_row):
+    """``cheapest_row[j]`` = the first row of column j's minimum."""
+    n = cost.shape[0]
+    for j in range(n):
+        best_i = 0
+        for i in range(1, n):
+            if cost[i, j] < cost[best_i, j]:
+                best_i = i
+        cheapest_row[j] = best_i
+
+
+@numba.njit(cache=True, nogil=True)
 def _pair(a, b, types, has_types, pc, scratch, index_scratch, in_tree, perm, h, work):
-    """Permutation (into ``perm``) and aligned cost of noise ``a`` onto data ``b`` ((n, d) each)."""
+    """Permutation (into ``perm``) and aligned cost of noise ``a`` onto data ``b`` ((n, d) each).
+
+    ``scratch``: (4, n) floats; ``index_scratch``: (5, n) integers.
+    """
     n, d = a.shape
-    largest = 0.0
+    column_min, cheapest_row = scratch[3], index_scratch[4]
+    for j in range(n):
+        column_min[j] = np.inf
+        cheapest_row[j] = 0  # stays so for a column of NaN, as in _column_minima
     for i in range(n):
         for j in range(n):
-            s = 0.0
-            for k in range(d):
-                diff = a[i, k] - b[j, k]
-                s += diff * diff
+            if d == 3:  # unrolled: the loop over k costs as much as the arithmetic
+                d0, d1, d2 = a[i, 0] - b[j, 0], a[i, 1] - b[j, 1], a[i, 2] - b[j, 2]
+                s = d0 * d0 + d1 * d1 + d2 * d2
+            else:
+                s = 0.0
+                for k in range(d):
+                    diff = a[i, k] - b[j, k]
+                    s += diff * diff
             pc[i, j] = s
-            largest = max(largest, s)
+            # The column reduction's minima, found while the costs are written (first of equals).
+            better = s < column_min[j]
+            column_min[j] = s if better else column_min[j]
+            cheapest_row[j] = i if better else cheapest_row[j]
     if has_types:
+        largest = 0.0
+        for j in range(n):
+            for i in range(n):
+                largest = max(largest, pc[i, j])
         penalty = n * largest + 1.0  # larger than any type-respecting total: never chosen
         for i in range(n):
             for j in range(n):
                 if types[i] != types[j]:
                     pc[i, j] += penalty
-    _assign(pc, scratch[0], scratch[1], scratch[2], index_scratch[0], index_scratch[1], index_scratch[2], index_scratch[3], in_tree, perm)
-    h[:] = 0.0
+        _column_minima(pc, cheapest_row)
+    _assign(pc, cheapest_row, scratch[0], scratch[1], scratch[2], index_scratch[0], index_scratch[1], index_scratch[2], index_scratch[3], in_tree, perm)
     norms = 0.0
     for j in range(n):
         for k in range(d):
             norms += a[j, k] * a[j, k] + b[j, k] * b[j, k]
-            for m in range(d):
-                h[k, m] += a[perm[j], k] * b[j, m]
+    if d == 3:  # nine running sums in registers rather than in h
+        h00 = h01 = h02 = h10 = h11 = h12 = h20 = h21 = h22 = 0.0
+        for j in range(n):
+            p = perm[j]
+            a0, a1, a2, b0, b1, b2 = a[p, 0], a[p, 1], a[p, 2], b[j, 0], b[j, 1], b[j, 2]
+            h00 += a0 * b0
+            h01 += a0 * b1
+            h02 += a0 * b2
+            h10 += a1 * b0
+            h11 += a1 * b1
+            h12 += a1 * b2
+            h20 += a2 * b0
+            h21 += a2 * b1
+            h22 += a2 * b2
+        h[0, 0], h[0, 1], h[0, 2] = h00, h01, h02
+        h[1, 0], h[1, 1], h[1, 2] = h10, h11, h12
+        h[2, 0], h[2, 1], h[2, 2] = h20, h21, h22
+    else:
+        h[:] = 0.0
+        for j in range(n):
+            for k in range(d):
+                for m in range(d):
+                    h[k, m] += a[perm[j], k] * b[j, m]
     if d == 2:
         trace = np.sqrt((h[0, 0] + h[1, 1]) ** 2 + (h[0, 1] - h[1, 0]) ** 2)
     else:
@@ -260,8 +310,8 @@ def _cost_matrix(x0, x1, types, has_types, cost, perms):
     b1 = x1.shape[0]
     for i in numba.prange(b0):
         pc = np.empty((n, n))
-        scratch = np.empty((3, n))
-        index_scratch = np.empty((4, n), np.int64)
+        scratch = np.empty((4, n))
+        index_scratch = np.empty((5, n), np.int64)
         in_tree = np.empty(n, np.bool_)
         perm = np.empty(n, np.int64)
         h = np.empty((x0.shape[2], x0.shape[2]))
