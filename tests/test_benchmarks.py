@@ -90,3 +90,25 @@ def test_flop_counts_against_formulas():
     assert flops.product_shapes(field, [5]) == [(5, i, o) for o, i in shapes]
     rate = flops.matmul_rate([(64, 32, 16), (128, 32, 16)], repeats=3, min_seconds=0.001)
     assert rate["best"] == max(rate["by_shape"].values()) > 0
+
+
+def test_interleaved_rounds_time_a_cheap_call_warm_after_an_expensive_one():
+    """A cheap call is timed on its second run in a row, as a training loop runs it, not cold
+    after the expensive call before it in the round; an expensive call is timed as it comes."""
+    from benchmarks._timing import run_interleaved
+
+    last = {"name": None}
+
+    def fake(name, warm_s, cold_s):
+        def call():
+            wall = warm_s if last["name"] == name else cold_s
+            last["name"] = name
+            return wall, wall
+
+        return call
+
+    calls = {"pg": fake("pg", 2.0, 2.5), "fm": fake("fm", 0.04, 0.085)}
+    timing = run_interleaved(calls, 3, warmup=1)
+    assert timing["fm"]["wall_ms"] == pytest.approx(40.0) and timing["fm"]["rounds"] == 3
+    assert timing["pg"]["wall_ms"] == pytest.approx(2500.0)
+    assert run_interleaved(calls, 3, warmup=1, settle_below_s=0.0)["fm"]["wall_ms"] == pytest.approx(85.0)
