@@ -60,9 +60,8 @@ def run_interleaved(calls: dict, repeats: int | dict, warmup: int = 2, settle_be
     Rounds interleave the calls so that a slow spell of the machine falls on all of them. A call
     whose warm-up took less than ``settle_below_s`` runs once more, untimed, right before each
     timed run: the first run of a cheap step after an expensive one (a path-gradient step, a
-    sampling chunk) finds the caches and the allocator's memory left by that one and takes up to
-    twice as long (an LJ13 FM step after a PG step: 85 ms, then ~40 ms), which a training loop
-    of back-to-back steps never sees.
+    sampling chunk) finds the caches and the allocator's memory left by that one and can take
+    twice as long, which a training loop of back-to-back steps never sees.
     """
     counts = {name: repeats[name] if isinstance(repeats, dict) else repeats for name in calls}
     cheap = {}

@@ -75,8 +75,7 @@ def _assign(cost, cheapest_row, u, v, shortest, path, col_of_row, row_of_col, re
             i = free[k]
             k += 1
             # The cheapest and second cheapest column (the first of equals), in two passes of
-            # selects rather than one of nested branches: on random costs those branches are
-            # mispredicted so often that this loop was a quarter of the whole pairing.
+            # selects rather than one pass of nested branches, which random costs mispredict.
             first, j1 = np.inf, 0
             for j in range(n):
                 h = cost[i, j] - v[j]
