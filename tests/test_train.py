@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import equinox as eqx
 import jax
@@ -413,6 +417,39 @@ def test_pairing_prepared_ahead_gives_the_run_without_it(tmp_path):
     assert any(changed), "the runs trained"
     for a, b in zip(_params(runs[False]), _params(runs[True])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs a CPU affinity mask to run on one core")
+def test_equivariant_ot_training_on_one_core_finishes(tmp_path):
+    """A process allowed one core trains equivariant-OT FM to the end. With the pairing prepared
+    ahead there, a batch of 256 hung at step 2 (XLA's CPU client runs one thread; the pairing's
+    host callback waited there for its operand while a step was dispatched beside it)."""
+    script = textwrap.dedent(
+        f"""
+        import os
+        os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}})  # before JAX sizes its threads
+        import jax, numpy as np, optax
+        from zoo.data import Dataset, make_split
+        from zoo.fields import EGNNField
+        from zoo.flows import CNF, MeanFreeNormal
+        from zoo.losses import EquivariantOTFlowMatching
+        from zoo.train import RunSettings, fit, read_log
+        x = np.random.default_rng(0).normal(size=(768, 5, 3))
+        x = (x - x.mean(1, keepdims=True)).reshape(768, 15).astype(np.float32)
+        data = Dataset(train=make_split(x[:512]), val=make_split(x[512:640]), test=make_split(x[640:]))
+        flow = CNF(EGNNField(5, 3, hidden=8, n_layers=1, key=jax.random.PRNGKey(1)), MeanFreeNormal(5, 3), n_steps=2)
+        settings = RunSettings(n_steps=6, batch_size=256, seed=5, progress=False, log_every=1)
+        fit(flow, data, EquivariantOTFlowMatching(), optax.adam(1e-2), settings, workdir={str(tmp_path)!r})
+        print([r["step"] for r in read_log({str(tmp_path)!r}) if "loss" in r])
+        """
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("equivariant-OT training on one core did not finish in 180 s (hung?)")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[-2] == str(list(range(1, 7)))
 
 
 def test_the_next_steps_pairing_runs_while_this_step_trains(tmp_path, monkeypatch):

@@ -41,6 +41,15 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     return True
 
 
+def usable_cpu_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask (``taskset``, a batch
+    scheduler's core binding), which is also how many threads XLA's CPU client starts."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
+        return os.cpu_count() or 1
+
+
 def is_main_process() -> bool:
     """Whether this process writes the run's files (logs, checkpoints, metrics): process 0."""
     return jax.process_index() == 0

@@ -94,7 +94,8 @@ class RunSettings:
     a checkpoint is written (0: only at the end). With ``prepare_ahead`` the work of a loss
     that needs no parameters (an OT pairing of noise and data: :meth:`AbstractLoss.prepare
     <zoo.losses.base.AbstractLoss.prepare>`) runs for the next step in a second thread while
-    the current step trains; the numbers are those of a run without it.
+    the current step trains, where the process may use a second core; the numbers are those
+    of a run without it.
     """
 
     owner: str = "fit"
@@ -254,6 +255,11 @@ def _prepares_ahead(loss_fn, model, settings: RunSettings) -> bool:
     (a base with trainable arrays would be prepared with the previous step's)."""
     base = getattr(model, "base", None)
     if not (settings.prepare_ahead and getattr(loss_fn, "prepares_ahead", False)) or base is None:
+        return False
+    # On one core there is nothing to overlap, and it would hang: XLA's CPU client then runs one
+    # thread, and the pairing's host callback, waiting there for its operand, never gets it
+    # while the step is dispatched beside it (a run under ``taskset -c 0`` stopped at step 2).
+    if parallel.usable_cpu_cores() < 2:
         return False
     return not jax.tree.leaves(eqx.filter(base, eqx.is_inexact_array))
 

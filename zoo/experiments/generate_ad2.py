@@ -15,13 +15,13 @@ set (manifest, splits with forces, diagnostics, plots, README):
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 import gin
+from zoo import parallel
 from zoo._workers import spawn_pool
 from zoo.experiments import config
 from zoo.storage import ChunkLog
@@ -105,8 +105,7 @@ def ad2_classical_md(
         log=print if progress else None,
     )
     jobs = [(caches[seed], {**md, "seed": seed}) for seed in seeds]
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n_workers = min(len(seeds), usable) if n_workers is None else n_workers
+    n_workers = min(len(seeds), parallel.usable_cpu_cores()) if n_workers is None else n_workers
     pool = None
     if n_workers > 1 and len(jobs) > 1:
         pool = spawn_pool(min(n_workers, len(jobs)))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import math
-import os
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zoo import parallel
 from zoo._types import Array, PRNGKeyArray, Scalar, Vector
 from zoo.chunking import largest_divisor_at_most, map_chunks
 from zoo.errors import ZooError
@@ -325,10 +325,7 @@ def _host_workers() -> int:
     of the compiled program use the rest), one elsewhere (an accelerator takes the chunk whole)."""
     if jax.default_backend() != "cpu":
         return 1
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
-        return os.cpu_count() or 1
+    return parallel.usable_cpu_cores()
 
 
 def _solve_chunk(flow: CNF, method: str, arrays: tuple, advance, workers: int | None = None) -> tuple:
@@ -340,8 +337,6 @@ def _solve_chunk(flow: CNF, method: str, arrays: tuple, advance, workers: int | 
     many threads at once, each running the same compiled program; with one, the chunk is one
     call. ``advance(k)`` is told of every k samples done.
     """
-    from zoo import parallel
-
     n = arrays[0].shape[0]
     mesh = parallel.data_mesh()
     if mesh.devices.size > 1 and n % mesh.devices.size == 0:
