@@ -437,7 +437,9 @@ class ChunkLog:
     next chunk starts from. The manifest is rewritten atomically after each chunk file is in
     place, so a run killed at any moment continues from its last listed chunk. Opening a
     directory that holds a run with other ``params`` is refused with the settings that differ;
-    ``resume=False`` starts that directory over. The process that opens a run to write it holds
+    ``resume=False`` starts that directory over. ``length_keys`` name params that say how far
+    the run goes, not what its chunks hold (a run's length): a stored run with other values
+    of them continues, or stops, at the new ones (its params are updated). The process that opens a run to write it holds
     it until :meth:`close` or its end (:func:`hold_folder`): another process opening it to
     write meanwhile is refused; :meth:`existing` opens a run to read it.
     """
@@ -446,7 +448,7 @@ class ChunkLog:
     #: The lock that makes one process the writer of a run's chunks (:func:`hold_folder`).
     WRITER_LOCK = ".writer.lock"
 
-    def __init__(self, directory, params: dict, *, resume: bool = True, write: bool = True):
+    def __init__(self, directory, params: dict, *, resume: bool = True, write: bool = True, length_keys: tuple[str, ...] = ()):
         self.dir = Path(directory)
         if write:
             # Before anything is read or removed: a second process would append (or start
@@ -461,13 +463,16 @@ class ChunkLog:
                 stored = manifest["params"]
             except (OSError, ValueError, KeyError) as err:
                 raise RunStateError(f"cannot read {self.manifest_path} ({err}); delete {self.dir} to start over") from err
-            if stored != params:
-                changed = sorted(k for k in set(params) | set(stored) if params.get(k) != stored.get(k))
+            changed = sorted(k for k in set(params) | set(stored) if params.get(k) != stored.get(k) and k not in length_keys)
+            if changed:
                 raise RunStateError(
                     f"{self.dir} holds a run with other settings ({', '.join(changed)} differ); "
                     "use another directory, or start over (resume=False, --no-resume) or delete it"
                 )
             self.manifest = manifest
+            if stored != params and write:
+                manifest["params"] = params
+                self._save_manifest()
         else:
             # The empty manifest first: a run killed while the old chunks go still starts over.
             self.manifest = {"params": params, "chunks": [], "failed": [], "seconds": 0.0}

@@ -467,6 +467,42 @@ def test_generate_classical_short_run_resumes(tmp_path):
     assert {k: v for k, v in given_phi.items() if k != "reference"} == {k: v for k, v in stats.items() if k != "reference"}
 
 
+def test_a_classical_run_is_lengthened_and_a_data_set_taken_from_its_start(tmp_path):
+    """n_frames is a run's length: a larger one continues the run (the frames of a run made that
+    long at once), a smaller one makes the data set of each run's first frames; a run that ends in
+    a short chunk is not lengthened."""
+    pytest.importorskip("openmm")
+    from zoo.cli import generate_data
+    from zoo.storage import RunStateError
+
+    kw = dict(chunk_frames=2, equilibration_ps=0.1, save_every_ps=0.01, log=None)
+    assert alanine_data.generate_classical(tmp_path / "grown", n_frames=4, **kw)["frames"] == 4
+    assert alanine_data.generate_classical(tmp_path / "grown", n_frames=6, **kw)["chunks"] == 3
+    alanine_data.generate_classical(tmp_path / "straight", n_frames=6, **kw)
+    grown = alanine_data.collect(tmp_path / "grown")["positions"]
+    np.testing.assert_array_equal(grown, alanine_data.collect(tmp_path / "straight")["positions"])
+    alanine_data.generate_classical(tmp_path / "odd", n_frames=3, **kw)
+    with pytest.raises(RunStateError, match="short chunk"):
+        alanine_data.generate_classical(tmp_path / "odd", n_frames=6, **kw)
+
+    tiny = [
+        "--gin_param=ad2_classical_md.chunk_frames = 5",
+        "--gin_param=ad2_classical_md.equilibration_ps = 0.1",
+        "--gin_param=ad2_classical_md.save_every_ps = 0.01",
+        "--gin_param=ad2_classical_md.n_workers = 1",
+    ]
+    args = ["--gin=data_ad2_classical", f"--workdir={tmp_path / 'work'}", "--no_progress", *tiny]
+    assert generate_data.main([*args, "--gin_param=ad2_classical_md.n_frames = 20", f"--gin_param=ad2_classical_md.output_dir = '{tmp_path / 'long'}'"]) == 0
+    assert generate_data.main([*args, "--gin_param=ad2_classical_md.n_frames = 10", f"--gin_param=ad2_classical_md.output_dir = '{tmp_path / 'short'}'"]) == 0
+    assert [alanine_data.progress(tmp_path / "work" / f"md_seed{s}")["frames"] for s in (1, 2)] == [20, 20]  # runs keep their frames
+    info = json.loads((tmp_path / "short" / "manifest.json").read_text())["ad2"]
+    assert info["generator"]["frames"] == 20 and info["statistics"]["n"] == 20
+    short = {name: alanine_data.read_arrays(tmp_path / "short", name) for name in ("train", "val", "test")}
+    long_train = alanine_data.read_arrays(tmp_path / "long", "train")
+    assert list(short["train"]["source_index"]) == [*range(7), *range(10, 17)] and list(short["test"]["source_index"]) == [8, 9, 18, 19]
+    np.testing.assert_array_equal(short["train"]["positions"][:7], long_train["positions"][:7])
+
+
 def test_md_that_blows_up_stops_naming_the_chunk_and_keeps_the_chunks_before(tmp_path, monkeypatch):
     """A NaN energy in the second chunk (as the Reference platform gives after a blow-up, without
     an error of its own) stops the run by name before the chunk is stored; the first chunk stays,

@@ -79,7 +79,9 @@ def ad2_classical_md(
     chunks remain (``max_chunks`` bounds the chunks of each run in this call). Every run is
     split in time: its first ``1 - val_fraction - test_fraction`` go to train, then val, then
     test, and each split holds its part of every run in seed order (``source_index``: the
-    frame in its run plus ``n_frames`` times the run's place in ``seeds``). A cache of the
+    frame in its run plus ``n_frames`` times the run's place in ``seeds``). ``n_frames`` may
+    differ from the runs' earlier calls: runs go on to a larger value, and the data set of a
+    smaller one is the first ``n_frames`` of each run (e.g. a short set from longer runs). A cache of the
     single run this generator made before it took seeds (``workdir/md``) is continued as its
     seed's run.
     """
@@ -116,7 +118,8 @@ def ad2_classical_md(
             pool.shutdown(cancel_futures=True)
     if any(s is None or s["frames"] < n_frames for s in status):
         return None
-    runs = [alanine_data.collect(caches[seed]) for seed in seeds]
+    # A run may hold more than n_frames (it was run further): the data set is its first n_frames.
+    runs = [{k: v[:n_frames] for k, v in alanine_data.collect(caches[seed]).items()} for seed in seeds]
     n_test, n_val = round(test_fraction * n_frames), round(val_fraction * n_frames)
     bounds = {"train": (0, n_frames - n_val - n_test), "val": (n_frames - n_val - n_test, n_frames - n_test), "test": (n_frames - n_test, n_frames)}
     for i, arrays in enumerate(runs):
@@ -134,7 +137,7 @@ def ad2_classical_md(
             **{k: v for k, v in ChunkLog.existing(caches[seeds[0]]).manifest["params"].items() if k not in ("seed", "n_frames")},
             "seeds": list(seeds),
             "n_frames_per_run": n_frames,
-            "frames": sum(s["frames"] for s in status),
+            "frames": len(runs) * n_frames,
             "chunks": sum(s["chunks"] for s in status),
             "failed": sum(s["failed"] for s in status),
             "seconds": sum(s["seconds"] for s in status),

@@ -42,7 +42,7 @@ from zoo._workers import spawn_pool
 from zoo.data import SPLITS
 from zoo.data.mcmc import block_mean_and_error
 from zoo.errors import ZooError
-from zoo.storage import ChunkLog
+from zoo.storage import ChunkLog, RunStateError
 from zoo.systems import alanine
 from zoo.systems.alanine.engines import XTBEngine, kbt_kj_per_mol, openmm_system
 
@@ -185,6 +185,8 @@ def generate_classical(
     and the final positions and velocities; every chunk starts a fresh Context from those
     with a chunk-indexed random seed, so an interrupted and resumed run produces the same
     frames as an uninterrupted one. ``max_chunks`` bounds the chunks done by this call.
+    ``n_frames`` is the run's length, not part of what it is: a cache run to fewer frames
+    continues to more (from its last full chunk), one run further keeps its extra frames.
     A frame with a non-finite energy, force or position stops the run with
     :class:`SimulationError` naming the chunk; the chunks before it stay.
     Returns :func:`progress`; compare a finished run with :func:`classical_statistics`.
@@ -204,8 +206,15 @@ def generate_classical(
         "chunk_frames": chunk_frames,
         "forcefield": ["amber99sbildn.xml", "amber99_obc.xml"],
     }
-    cache = ChunkLog(cache_dir, params)
+    # n_frames is the run's length: a finished run goes on to a larger one; a smaller one ends it there.
+    cache = ChunkLog(cache_dir, params, length_keys=("n_frames",))
     n_chunks = math.ceil(n_frames / chunk_frames)
+    if 0 < cache.n_chunks < n_chunks and cache.load(-1, ("energies",))["energies"].shape[0] < chunk_frames:
+        cache.close()
+        raise RunStateError(
+            f"{cache.dir} ends in a short chunk (a run of n_frames not a multiple of chunk_frames={chunk_frames}): "
+            f"it cannot be lengthened to {n_frames} frames; use another directory"
+        )
     steps_per_frame = round(save_every_ps * 1000 / timestep_fs)
     if not math.isclose(steps_per_frame * timestep_fs, save_every_ps * 1000):
         raise ValueError(f"save_every_ps={save_every_ps} is not a whole number of {timestep_fs} fs steps")
