@@ -439,7 +439,7 @@ class ChunkLog:
     directory that holds a run with other ``params`` is refused with the settings that differ;
     ``resume=False`` starts that directory over. ``length_keys`` name params that say how far
     the run goes, not what its chunks hold (a run's length): a stored run with other values
-    of them continues, or stops, at the new ones (its params are updated). The process that opens a run to write it holds
+    of them continues, or stops, at the new ones (stored with the next chunk). The process that opens a run to write it holds
     it until :meth:`close` or its end (:func:`hold_folder`): another process opening it to
     write meanwhile is refused; :meth:`existing` opens a run to read it.
     """
@@ -469,10 +469,10 @@ class ChunkLog:
                     f"{self.dir} holds a run with other settings ({', '.join(changed)} differ); "
                     "use another directory, or start over (resume=False, --no-resume) or delete it"
                 )
+            # A new length is stored with the next chunk: a call that adds none (refused, or
+            # reading a prefix of a longer run) leaves the stored run as it was.
+            manifest["params"] = params
             self.manifest = manifest
-            if stored != params and write:
-                manifest["params"] = params
-                self._save_manifest()
         else:
             # The empty manifest first: a run killed while the old chunks go still starts over.
             self.manifest = {"params": params, "chunks": [], "failed": [], "seconds": 0.0}

@@ -484,6 +484,7 @@ def test_a_classical_run_is_lengthened_and_a_data_set_taken_from_its_start(tmp_p
     alanine_data.generate_classical(tmp_path / "odd", n_frames=3, **kw)
     with pytest.raises(RunStateError, match="short chunk"):
         alanine_data.generate_classical(tmp_path / "odd", n_frames=6, **kw)
+    assert json.loads((tmp_path / "odd" / "progress.json").read_text())["params"]["n_frames"] == 3  # the refusal wrote nothing
 
     tiny = [
         "--gin_param=ad2_classical_md.chunk_frames = 5",
