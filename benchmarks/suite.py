@@ -43,13 +43,12 @@ import optax
 
 from benchmarks import flops
 from benchmarks._timing import machine, run_interleaved, timed, write_result
-from zoo import parallel
 from zoo.data import Batch
 from zoo.experiments import config
 from zoo.flows import FixedStep
 from zoo.flows.cnf import sample_and_log_prob_chunked
 from zoo.losses import EquivariantOTFlowMatching, FlowMatching, PathGradientForwardKL
-from zoo.train import make_prepare, make_step
+from zoo.train import RunSettings, make_prepare, make_step, runs_preparation_ahead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,10 +201,9 @@ def run_case(name: str, case: Case, repeats: int) -> dict:
     if case.eqot:
         calls["eqot"], compile_s["eqot"], _ = _step_call(EquivariantOTFlowMatching(sigma=0.01), flow, x, forces, case.fm_batch)
         repeats_by["eqot"] = repeats
-        if parallel.usable_cpu_cores() > 1:  # as zoo.train.fit, which pairs ahead only with a core to spare
-            calls["eqot_ahead"], compile_s["eqot_ahead"] = _step_prepared_ahead_call(
-                EquivariantOTFlowMatching(sigma=0.01), flow, x, forces, case.fm_batch, ahead
-            )
+        eqot = EquivariantOTFlowMatching(sigma=0.01)
+        if runs_preparation_ahead(eqot, flow, RunSettings()):  # where zoo.train.fit would (not on one core)
+            calls["eqot_ahead"], compile_s["eqot_ahead"] = _step_prepared_ahead_call(eqot, flow, x, forces, case.fm_batch, ahead)
             repeats_by["eqot_ahead"] = repeats
     calls["pg"], compile_s["pg"], pg_temp = _step_call(PathGradientForwardKL(), pg_flow, x, forces, case.pg_batch)
     repeats_by["pg"] = expensive

@@ -250,7 +250,7 @@ def _build_prepare(loss_fn, accumulation: int):
     return prepare
 
 
-def _prepares_ahead(loss_fn, model, settings: RunSettings) -> bool:
+def runs_preparation_ahead(loss_fn, model, settings: RunSettings) -> bool:
     """Whether the loop runs the loss's preparation ahead: asked for, worth it, and not stale
     (a base with trainable arrays would be prepared with the previous step's)."""
     base = getattr(model, "base", None)
@@ -438,7 +438,7 @@ def fit(
         log.path.write_text("")
     step_fn = make_step(loss_fn, optimizer, accumulation)
     sampler = BatchSampler(len(dataset.train), batch_size * accumulation, seed)
-    prepare_fn = make_prepare(loss_fn, accumulation) if _prepares_ahead(loss_fn, state.model, settings) else None
+    prepare_fn = make_prepare(loss_fn, accumulation) if runs_preparation_ahead(loss_fn, state.model, settings) else None
     base, run_key = getattr(state.model, "base", None), state.key
 
     def batch_for(step: int) -> Batch:
