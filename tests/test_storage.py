@@ -292,6 +292,16 @@ def test_chunk_log_keeps_order_settings_and_refuses_what_it_cannot_continue(tmp_
     again = ChunkLog(tmp_path, {"seed": 1, "sizes": [2, 3]})  # tuples are stored as JSON lists
     assert again.n_chunks == 2 and again.seconds == 2.0 and again.manifest["failed"] == [7]
     np.testing.assert_array_equal(again.concatenate(["a", "missing"])["a"], np.arange(5))
+    # A prefix reads only the chunks that hold it: with the second chunk unreadable, the first 2 still come back.
+    second = tmp_path / again.manifest["chunks"][1]
+    kept = second.read_bytes()
+    second.write_bytes(b"not an npz")
+    np.testing.assert_array_equal(again.concatenate(["a"], length=2)["a"], np.arange(2))
+    with pytest.raises(RunStateError, match="cannot read"):
+        again.concatenate(["a"], length=3)
+    second.write_bytes(kept)
+    np.testing.assert_array_equal(again.concatenate(["a"], length=4)["a"], np.arange(4))
+    np.testing.assert_array_equal(again.concatenate(["a"], length=9)["a"], np.arange(5))  # a run shorter than asked: all of it
     np.testing.assert_array_equal(again.load(-1)["a"], np.arange(2, 5))
     log.append({"a": np.arange(1), "b": np.zeros(3)}, seconds=0.0)
     assert set(ChunkLog.existing(tmp_path).load(-1, ("b", "missing"))) == {"b"}  # only the fields asked for

@@ -526,10 +526,19 @@ class ChunkLog:
         self.manifest["seconds"] += float(seconds)
         self._save_manifest()
 
-    def concatenate(self, fields, axis: int = 0) -> dict[str, np.ndarray]:
+    def concatenate(self, fields, axis: int = 0, *, length: int | None = None) -> dict[str, np.ndarray]:
         """The named arrays of every chunk joined along ``axis`` (fields the chunks lack are left out);
-        an empty dict before the first chunk."""
-        parts = [self.load(k, fields) for k in range(self.n_chunks)]
+        an empty dict before the first chunk. With ``length``, the first ``length`` entries along
+        ``axis``, reading only the chunks that hold them (a short prefix of a long run)."""
+        parts, held = [], 0
+        for k in range(self.n_chunks):
+            if length is not None and held >= length:
+                break
+            parts.append(self.load(k, fields))
+            held += next(iter(parts[-1].values())).shape[axis] if parts[-1] else 0
         if not parts:
             return {}
-        return {f: np.concatenate([p[f] for p in parts], axis=axis) for f in fields if f in parts[0]}
+        joined = {f: np.concatenate([p[f] for p in parts], axis=axis) for f in fields if f in parts[0]}
+        if length is None:
+            return joined
+        return {f: np.take(a, np.arange(min(length, a.shape[axis])), axis=axis) for f, a in joined.items()}

@@ -119,7 +119,7 @@ def ad2_classical_md(
     if any(s is None or s["frames"] < n_frames for s in status):
         return None
     # A run may hold more than n_frames (it was run further): the data set is its first n_frames.
-    runs = [{k: v[:n_frames] for k, v in alanine_data.collect(caches[seed]).items()} for seed in seeds]
+    runs = [alanine_data.collect(caches[seed], n_frames=n_frames) for seed in seeds]
     n_test, n_val = round(test_fraction * n_frames), round(val_fraction * n_frames)
     bounds = {"train": (0, n_frames - n_val - n_test), "val": (n_frames - n_val - n_test, n_frames - n_test), "test": (n_frames - n_test, n_frames)}
     for i, arrays in enumerate(runs):

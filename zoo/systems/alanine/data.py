@@ -141,9 +141,10 @@ def phi_psi(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # Resumable chunked runs
 
 
-def collect(cache_dir, fields=FIELDS) -> dict[str, np.ndarray]:
-    """Concatenate the chunks of a generator cache: positions (n, 22, 3) nm, forces, energies, ..."""
-    return ChunkLog.existing(cache_dir).concatenate(fields)
+def collect(cache_dir, fields=FIELDS, *, n_frames: int | None = None) -> dict[str, np.ndarray]:
+    """Concatenate the chunks of a generator cache: positions (n, 22, 3) nm, forces, energies, ...;
+    with ``n_frames``, the run's first frames only (the chunks past them are not read)."""
+    return ChunkLog.existing(cache_dir).concatenate(fields, length=n_frames)
 
 
 def progress(cache_dir) -> dict:
