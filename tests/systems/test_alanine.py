@@ -561,6 +561,25 @@ def test_generate_xtb_short_run_resumes(tmp_path, frames):
         alanine_data.generate_xtb(tmp_path, frames[:10], **{**kw, "time_fs": 8.0})
 
 
+def test_xtb_splits_share_one_pool_of_workers_and_match_one_process(tmp_path, monkeypatch):
+    """Every split's one-chunk calls run on the same two workers (started once, ~2 s saved a chunk), and
+    what they relax equals the same relaxations in this process (per-state seeds)."""
+    pytest.importorskip("tblite")
+    started = []
+    real_pool = alanine_data.xtb_pool
+    monkeypatch.setattr(alanine_data, "xtb_pool", lambda n: started.append(n) or real_pool(n))
+    kw = dict(sizes={"train": 3, "val": 1, "test": 1}, chunk_states=2, time_fs=2.0, log=None)
+    shared = alanine_data.generate_xtb_splits(tmp_path / "pool", n_workers=2, **kw)
+    assert started == [2]
+    assert {k: v["frames"] for k, v in shared.items()} == {"train": 3, "val": 1, "test": 1}
+    alanine_data.generate_xtb_splits(tmp_path / "here", n_workers=0, **kw)
+    assert started == [2]
+    for name in ("train", "val", "test"):
+        a, b = alanine_data.collect(tmp_path / "pool" / name), alanine_data.collect(tmp_path / "here" / name)
+        np.testing.assert_array_equal(a["source_index"], b["source_index"])
+        np.testing.assert_allclose(a["positions"], b["positions"], atol=1e-6)
+
+
 def test_phi_positive_entries_counts_transitions_not_wraps_or_recrossings():
     from zoo.systems.alanine.data import phi_positive_entries
 
