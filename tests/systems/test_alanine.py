@@ -22,6 +22,9 @@ from zoo.systems.alanine.engines import (
 
 CLASSICAL = alanine_data.ASSET_DATA / "ad2_classical"
 XTB = alanine_data.ASSET_DATA / "ad2_xtb"
+# The full xTB set (10 000 / 1 000 / 2 000 relaxations of states from 2 × 100 ns of MD), shipped so
+# that training does not wait for the ~2 h of relaxations.
+XTB_10K = alanine_data.ASSET_DATA / "ad2_xtb_10k"
 KBT_300_KJ = 2.494338785  # R·T at 300 K by hand: 8.314462618e-3 kJ/(mol K) × 300 K
 
 
@@ -154,7 +157,7 @@ def test_handedness_flips_under_reflection_and_agrees_with_mdtraj(frames):
 
 
 def test_shipped_data_sets_are_all_l():
-    for folder in (CLASSICAL, XTB):
+    for folder in (CLASSICAL, XTB, XTB_10K):
         for split in ("train", "val", "test"):
             positions = alanine_data.read_arrays(folder, split)["positions"]
             assert np.all(alanine.handedness(positions) == alanine.l_handedness()), (folder.name, split)
@@ -398,13 +401,16 @@ def test_a_process_that_used_xtb_exits_without_tracebacks():
     assert "Exception ignored" not in done.stderr, done.stderr
 
 
-def test_xtb_asset_if_present():
-    if not (XTB / "manifest.json").exists():
-        pytest.skip("xTB small set not generated yet")
+@pytest.mark.parametrize("folder", [XTB, XTB_10K], ids=lambda f: f.name)
+def test_xtb_asset_if_present(folder):
+    if not (folder / "manifest.json").exists():
+        pytest.skip(f"{folder.name} not generated yet")
     pytest.importorskip("tblite")
-    ds = stored_dataset(alanine.AlanineDipeptideXTB(n_workers=0), path=str(XTB))
+    ds = stored_dataset(alanine.AlanineDipeptideXTB(n_workers=0), path=str(folder))
     assert ds.train.positions.shape[1] == 66 and ds.has_forces
-    arrays = alanine_data.read_arrays(XTB, "val")
+    if folder == XTB_10K:  # issue 19's sizes: >= 10 000 training and >= 2 000 test relaxations
+        assert (len(ds.train), len(ds.val), len(ds.test)) == (10000, 1000, 2000)
+    arrays = alanine_data.read_arrays(folder, "val")
     u, f = alanine.AlanineDipeptideXTB(n_workers=0).energies_and_forces(arrays["positions"][:3])
     np.testing.assert_allclose(u, arrays["energies"][:3], atol=1e-3)
     # Stored forces came from float64 positions and an SCF restarted from the previous MD
