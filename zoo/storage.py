@@ -538,7 +538,5 @@ class ChunkLog:
             held += next(iter(parts[-1].values())).shape[axis] if parts[-1] else 0
         if not parts:
             return {}
-        joined = {f: np.concatenate([p[f] for p in parts], axis=axis) for f in fields if f in parts[0]}
-        if length is None:
-            return joined
-        return {f: np.take(a, np.arange(min(length, a.shape[axis])), axis=axis) for f, a in joined.items()}
+        first = (slice(None),) * axis + (slice(length),)  # slice(None) when no length is asked for
+        return {f: np.concatenate([p[f] for p in parts], axis=axis)[first] for f in fields if f in parts[0]}

@@ -39,13 +39,12 @@ from pathlib import Path
 import numpy as np
 
 from zoo import resources
-from zoo._workers import spawn_pool
 from zoo.data import SPLITS
 from zoo.data.mcmc import block_mean_and_error
 from zoo.errors import ZooError
 from zoo.storage import ChunkLog, RunStateError
 from zoo.systems import alanine
-from zoo.systems.alanine.engines import XTBEngine, _xtb_worker_init, kbt_kj_per_mol, openmm_system
+from zoo.systems.alanine.engines import XTBEngine, kbt_kj_per_mol, openmm_system, xtb_pool
 
 ASSET_DATA = resources.ASSETS / "data"
 FIELDS = ("positions", "forces", "energies", "source_index")
@@ -526,11 +525,6 @@ def generate_xtb(
         if own_pool:
             pool.shutdown()
     return progress(cache.dir)
-
-
-def xtb_pool(n_workers: int) -> concurrent.futures.ProcessPoolExecutor:
-    """``n_workers`` spawned processes for xTB relaxations, one OpenMP thread each."""
-    return spawn_pool(n_workers, initializer=_xtb_worker_init)
 
 
 def generate_xtb_splits(

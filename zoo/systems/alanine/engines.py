@@ -267,6 +267,11 @@ def _xtb_worker_init() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
+def xtb_pool(n_workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """``n_workers`` spawned processes for xTB work, one OpenMP thread each."""
+    return spawn_pool(n_workers, initializer=_xtb_worker_init)
+
+
 def _xtb_worker(engine: XTBEngine, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return engine._evaluate_here(positions)
 
@@ -354,7 +359,7 @@ class XTBEngine(AbstractEngine):
     def pool(self) -> concurrent.futures.ProcessPoolExecutor:
         pool = _XTB_POOLS.get(self.n_workers)
         if pool is None:
-            pool = spawn_pool(self.n_workers, initializer=_xtb_worker_init)
+            pool = xtb_pool(self.n_workers)
             _XTB_POOLS[self.n_workers] = pool
         return pool
 
