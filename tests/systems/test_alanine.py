@@ -586,6 +586,27 @@ def test_xtb_splits_share_one_pool_of_workers_and_match_one_process(tmp_path, mo
         np.testing.assert_allclose(a["positions"], b["positions"], atol=1e-6)
 
 
+def test_generate_xtb_spreads_a_handed_in_pool_over_all_its_workers(tmp_path, frames, monkeypatch):
+    """A pool handed in is used by all its workers whatever ``n_workers`` says: one task per state."""
+    import concurrent.futures
+    import threading
+    import time as _time
+
+    threads = set()
+
+    def fake_relax(args):  # stands in for xTB: records which worker ran it
+        _engine, items, _kw = args
+        threads.add(threading.get_ident())
+        _time.sleep(0.05)
+        return [(i, x, 0.0, np.zeros_like(x)) for i, x, _seed in items], []
+
+    monkeypatch.setattr(alanine_data, "_relax_states", fake_relax)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        done = alanine_data.generate_xtb(tmp_path, frames[:10], n_states=6, chunk_states=6, pool=pool, log=None)
+    assert done["frames"] == 6 and len(threads) == 2
+    assert len(set(alanine_data.collect(tmp_path)["source_index"].tolist())) == 6
+
+
 def test_phi_positive_entries_counts_transitions_not_wraps_or_recrossings():
     from zoo.systems.alanine.data import phi_positive_entries
 

@@ -503,8 +503,9 @@ def generate_xtb(
             if pool is None:
                 parts = [_relax_states((engine, items, relax_kwargs))]
             else:
-                groups = [items[w::n_workers] for w in range(n_workers)]
-                parts = list(pool.map(_relax_states, [(engine, g, relax_kwargs) for g in groups if g]))
+                # One task per state: the pool's workers, however many, take the next state as
+                # they finish, so uneven relaxation times do not leave a core idle.
+                parts = list(pool.map(_relax_states, [(engine, [item], relax_kwargs) for item in items]))
             results = sorted((r for p in parts for r in p[0]), key=lambda r: r[0])
             failed = [i for p in parts for i in p[1]]
             arrays = {
