@@ -40,6 +40,9 @@ def test_the_tool_wrapper_maps_problems_to_one_line_and_keeps_bugs(capsys):
     assert code == EXIT_INTERRUPTED and "interrupted" in err
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
         raising(ZeroDivisionError("bug"))()
+    # A ValueError that passed last through zoo's own code (here, train) is a bug too, and keeps its traceback.
+    with pytest.raises(ValueError):
+        raising(ValueError("bug\n  In call to configurable 'train' (<function train at 0x7f>)"))()
 
 
 def test_project_errors_share_one_root():
@@ -88,6 +91,8 @@ BAD_INPUTS = [
     ("compare", ["--gin=no_such_config.gin", "--workdir={tmp}/w"], "no_such_config"),
     # Run settings are one declaration (RunSettings): a misspelt one is named with the closest.
     ("train", ["--gin=gmm_fm.gin", "--workdir={tmp}/w", "--gin_param=train.n_stesp = 5"], "train.n_stesp (did you mean 'train.n_steps'?)"),
+    # An optax schedule refusing its bindings (the warm-up is longer than the run) is a config problem.
+    ("train", ["--gin=gmm_fm.gin", "--gin=recipe.gin", "--workdir={tmp}/w", "--gin_param=TRAINING_STEPS = 100"], "schedule warmup_cosine_decay_schedule rejected its gin bindings"),
     ("finetune", ["--gin=gmm_pg.gin", "--pretrained=gmm_fm", "--workdir={tmp}/w", "--gin_param=finetune.ema_decy = 0.9"], "finetune.ema_decay"),
     ("compare", ["--gin=gmm_compare.gin", "--workdir={tmp}/w", "--gin_param=compare.n_steps = 5"], "compare.time_budget_s seconds"),
     ("generate_data", ["--gin=no_such_config.gin", "--workdir={tmp}/w"], "no_such_config"),

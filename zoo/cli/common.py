@@ -2,7 +2,8 @@
 
 One convention for all tools (:func:`tool`): a problem zoo can name (:class:`zoo.errors.ZooError`,
 or the operating system refusing a file: read-only, full disk, missing folder) ends the
-tool with one line ``error: ...`` on stderr and exit status 2; Ctrl-C ends it with status
+tool with one line ``error: ...`` on stderr and exit status 2, as does an optax optimiser or
+schedule refusing the values a config bound it (e.g. a warm-up longer than the run); Ctrl-C ends it with status
 130 and says how to continue. Anything else is a bug and keeps its traceback.
 """
 
@@ -36,6 +37,32 @@ def problem_message(e: BaseException | str) -> str:
     return _GIN_CONTEXT.sub("", str(e)).strip()
 
 
+#: Kinds of registered names that are third-party constructors (optax): a ValueError or TypeError
+#: they raise is their verdict on the values a config bound, not a bug in zoo.
+_CONFIG_CHECKED_KINDS = ("optimizer", "schedule")
+_FIRST_CONFIGURABLE = re.compile(r"In call to configurable '([^']*)'")
+
+
+def rejected_binding_message(e: BaseException) -> str | None:
+    """The one-line message for an optimiser or schedule that refused its bound values, else None.
+
+    gin names the configurables an error passed through, innermost first; only when the
+    innermost is an optimiser or schedule is the error about the configuration.
+    """
+    from zoo.experiments import registry
+
+    found = _FIRST_CONFIGURABLE.search(str(e))
+    if found is None:
+        return None
+    try:
+        entry = registry.lookup(found.group(1))
+    except registry.UnknownNameError:
+        return None
+    if entry.kind not in _CONFIG_CHECKED_KINDS:
+        return None
+    return f"the {entry.kind} {entry.name} rejected its gin bindings: {problem_message(e)}"
+
+
 def tool(main):
     """Wrap a tool's ``main(argv)`` so that problems end it with one line and exit status 2."""
 
@@ -45,6 +72,11 @@ def tool(main):
             return main(argv)
         except (ZooError, OSError) as e:
             fail(problem_message(os_error_message(e) if isinstance(e, OSError) else e))
+        except (ValueError, TypeError) as e:
+            message = rejected_binding_message(e)
+            if message is None:
+                raise
+            fail(message)
         except KeyboardInterrupt:
             print("\ninterrupted; what was checkpointed is kept (continue with --resume where the tool has it)", file=sys.stderr)
             raise SystemExit(EXIT_INTERRUPTED) from None
