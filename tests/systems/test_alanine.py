@@ -590,14 +590,14 @@ def test_generate_xtb_spreads_a_handed_in_pool_over_all_its_workers(tmp_path, fr
     """A pool handed in is used by all its workers whatever ``n_workers`` says: one task per state."""
     import concurrent.futures
     import threading
-    import time as _time
+    import time
 
     threads = set()
 
     def fake_relax(args):  # stands in for xTB: records which worker ran it
         _engine, items, _kw = args
         threads.add(threading.get_ident())
-        _time.sleep(0.05)
+        time.sleep(0.05)
         return [(i, x, 0.0, np.zeros_like(x)) for i, x, _seed in items], []
 
     monkeypatch.setattr(alanine_data, "_relax_states", fake_relax)

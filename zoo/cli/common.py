@@ -29,7 +29,8 @@ def os_error_message(e: OSError) -> str:
 
 
 #: gin appends where an error passed through a configurable; the message already names the setting.
-_GIN_CONTEXT = re.compile(r"\n\s*In call to configurable '[^']*' \([^)]*\)")
+#: The first match names the innermost configurable.
+_GIN_CONTEXT = re.compile(r"\n\s*In call to configurable '([^']*)' \([^)]*\)")
 
 
 def problem_message(e: BaseException | str) -> str:
@@ -40,7 +41,6 @@ def problem_message(e: BaseException | str) -> str:
 #: Kinds of registered names that are third-party constructors (optax): a ValueError or TypeError
 #: they raise is their verdict on the values a config bound, not a bug in zoo.
 _CONFIG_CHECKED_KINDS = ("optimizer", "schedule")
-_FIRST_CONFIGURABLE = re.compile(r"In call to configurable '([^']*)'")
 
 
 def rejected_binding_message(e: BaseException) -> str | None:
@@ -51,7 +51,7 @@ def rejected_binding_message(e: BaseException) -> str | None:
     """
     from zoo.experiments import registry
 
-    found = _FIRST_CONFIGURABLE.search(str(e))
+    found = _GIN_CONTEXT.search(str(e))
     if found is None:
         return None
     try:

@@ -500,12 +500,10 @@ def generate_xtb(
             # Per-state seeds: a state's trajectory does not depend on chunking or workers.
             items = [(int(i), src[i], [seed, int(i)]) for i in idx]
             t0 = time.perf_counter()
-            if pool is None:
-                parts = [_relax_states((engine, items, relax_kwargs))]
-            else:
-                # One task per state: the pool's workers, however many, take the next state as
-                # they finish, so uneven relaxation times do not leave a core idle.
-                parts = list(pool.map(_relax_states, [(engine, [item], relax_kwargs) for item in items]))
+            # One task per state: a pool's workers, however many, take the next state as they
+            # finish, so uneven relaxation times do not leave a core idle; without one, they run here.
+            run = map if pool is None else pool.map
+            parts = list(run(_relax_states, [(engine, [item], relax_kwargs) for item in items]))
             results = sorted((r for p in parts for r in p[0]), key=lambda r: r[0])
             failed = [i for p in parts for i in p[1]]
             arrays = {
