@@ -595,12 +595,12 @@ def test_generate_xtb_spreads_a_handed_in_pool_over_all_its_workers(tmp_path, fr
     threads = set()
 
     def fake_relax(args):  # stands in for xTB: records which worker ran it
-        _engine, items, _kw = args
+        _engine, (index, x, _seed), _kw = args
         threads.add(threading.get_ident())
         time.sleep(0.05)
-        return [(i, x, 0.0, np.zeros_like(x)) for i, x, _seed in items], []
+        return index, (x, 0.0, np.zeros_like(x))
 
-    monkeypatch.setattr(alanine_data, "_relax_states", fake_relax)
+    monkeypatch.setattr(alanine_data, "_relax_state", fake_relax)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         done = alanine_data.generate_xtb(tmp_path, frames[:10], n_states=6, chunk_states=6, pool=pool, log=None)
     assert done["frames"] == 6 and len(threads) == 2

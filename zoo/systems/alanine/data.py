@@ -421,17 +421,13 @@ def baoab_relax(
     return x, e, f
 
 
-def _relax_states(args) -> tuple[list, list]:
-    """Worker: relax a list of (state index, positions, seed); returns results and failures."""
-    engine, items, relax_kwargs = args
-    results, failed = [], []
-    for index, x0, seed in items:
-        try:
-            x, e, f = baoab_relax(engine, x0, np.random.default_rng(seed), **relax_kwargs)
-            results.append((index, x, e, f))
-        except Exception:  # an SCF that fails twice or a blown-up state: skip and record it
-            failed.append(index)
-    return results, failed
+def _relax_state(args) -> tuple[int, tuple | None]:
+    """Worker: relax one (state index, positions, seed); (index, (positions, energy, forces)), or (index, None) if it failed."""
+    engine, (index, x0, seed), relax_kwargs = args
+    try:
+        return index, baoab_relax(engine, x0, np.random.default_rng(seed), **relax_kwargs)
+    except Exception:  # an SCF that fails twice or a blown-up state: skip and record it
+        return index, None
 
 
 def generate_xtb(
@@ -503,9 +499,9 @@ def generate_xtb(
             # One task per state: a pool's workers, however many, take the next state as they
             # finish, so uneven relaxation times do not leave a core idle; without one, they run here.
             run = map if pool is None else pool.map
-            parts = list(run(_relax_states, [(engine, [item], relax_kwargs) for item in items]))
-            results = sorted((r for p in parts for r in p[0]), key=lambda r: r[0])
-            failed = [i for p in parts for i in p[1]]
+            outcomes = list(run(_relax_state, [(engine, item, relax_kwargs) for item in items]))
+            results = sorted((index, *relaxed) for index, relaxed in outcomes if relaxed is not None)
+            failed = [index for index, relaxed in outcomes if relaxed is None]
             arrays = {
                 "positions": np.array([r[1] for r in results], np.float32).reshape(-1, alanine.N_ATOMS, 3),
                 "forces": (np.array([r[3] for r in results]) / kbt).astype(np.float32).reshape(-1, alanine.N_ATOMS, 3),
