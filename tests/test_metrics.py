@@ -206,6 +206,33 @@ def test_ess_standard_errors_of_degenerate_weights():
     assert ess_p_se(np.array([0.0, np.inf])) == 0.0
 
 
+def test_evaluation_reports_the_model_side_ess_before_the_target_side(capsys, monkeypatch):
+    """With progress on, ESS-q is printed once the model samples have weights: before any target log density."""
+    import jax
+
+    from zoo import metrics as metrics_module
+    from zoo.data import exact_samples
+    from zoo.fields import MLPField
+    from zoo.flows import CNF, StandardNormal
+    from zoo.metrics import evaluate_flow
+    from zoo.systems import GaussianMixture2D
+
+    system = GaussianMixture2D()
+    data = exact_samples(system, n_train=8, n_val=8, n_test=16)
+    flow = CNF(MLPField(2, width=8, depth=1, key=jax.random.PRNGKey(0)), StandardNormal(2), n_steps=2)
+    printed_before_target = []
+    real = metrics_module.log_prob_chunked
+
+    def target_side(*args, **kwargs):
+        printed_before_target.append(capsys.readouterr().out)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(metrics_module, "log_prob_chunked", target_side)
+    metrics, _ = evaluate_flow(flow, system, data, key=jax.random.PRNGKey(1), n_samples=32, n_target=16, progress=True, check_top=0)
+    line = [ln for ln in printed_before_target[0].splitlines() if ln.startswith("model samples:")]
+    assert line == [f"model samples: ESS-q {metrics['ess_q']:.4g} ± {metrics['ess_q_se']:.2g} from 32; log densities of 16 target samples next"]
+
+
 def test_an_interrupted_evaluation_resumes_from_its_finished_chunks(tmp_path, monkeypatch):
     """Killed after two chunks, run again: the finished chunks are read, the rest computed, the metrics unchanged."""
     import jax

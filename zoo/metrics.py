@@ -384,6 +384,14 @@ def evaluate_flow(
     model["x"], model["log_q"] = system.fold(flow, model["x"], model["log_q"])
     u_model = energies_chunked(system, model["x"])
     log_w_q = -u_model - model["log_q"]
+    if progress:
+        # The model side is complete here, and the target side can take as long again (the
+        # exact divergence on CPU: hours): its ESS need not wait for it.
+        print(
+            f"model samples: ESS-q {ess_q(log_w_q):.4g} ± {ess_q_se(log_w_q):.2g} from {n_samples}; "
+            f"log densities of {target.shape[0]} target samples next",
+            flush=True,
+        )
 
     density = log_prob_chunked(
         flow, target, key=density_key, chunk_size=chunk_size, progress=progress, label=label, store=density_store
