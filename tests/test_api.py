@@ -83,7 +83,11 @@ def test_the_readme_example_runs():
 
 # The GPU table's commands start from runs they made themselves; checked here against the
 # released models of the same architecture and system.
-GPU_TABLE_RUNS = {"runs/lj13_eqotfm_gpu/checkpoint": "lj13_eqotfm", "runs/lj55_eqotfm_gpu/checkpoint": "lj55_eqotfm"}
+GPU_TABLE_RUNS = {
+    "runs/lj13_eqotfm_gpu/checkpoint": "lj13_eqotfm",
+    "runs/lj55_eqotfm_gpu/checkpoint": "lj55_eqotfm",
+    "runs/ad2_xtb_gpu/checkpoint": "ad2_xtb_fm",
+}
 
 
 def test_the_readme_gpu_commands_name_configs_and_bindings_that_exist(tmp_path):
