@@ -500,7 +500,7 @@ def generate_xtb(
             # finish, so uneven relaxation times do not leave a core idle; without one, they run here.
             run = map if pool is None else pool.map
             outcomes = list(run(_relax_state, [(engine, item, relax_kwargs) for item in items]))
-            results = sorted((index, *relaxed) for index, relaxed in outcomes if relaxed is not None)
+            results = sorted(((index, *relaxed) for index, relaxed in outcomes if relaxed is not None), key=lambda r: r[0])
             failed = [index for index, relaxed in outcomes if relaxed is None]
             arrays = {
                 "positions": np.array([r[1] for r in results], np.float32).reshape(-1, alanine.N_ATOMS, 3),
