@@ -384,11 +384,12 @@ def evaluate_flow(
     model["x"], model["log_q"] = system.fold(flow, model["x"], model["log_q"])
     u_model = energies_chunked(system, model["x"])
     log_w_q = -u_model - model["log_q"]
+    model_ess, model_ess_se = ess_q(log_w_q), ess_q_se(log_w_q)
     if progress:
         # The model side is complete here, and the target side can take as long again (the
         # exact divergence on CPU: hours): its ESS need not wait for it.
         print(
-            f"model samples: ESS-q {ess_q(log_w_q):.4g} ± {ess_q_se(log_w_q):.2g} from {n_samples}; "
+            f"model samples: ESS-q {model_ess:.4g} ± {model_ess_se:.2g} from {n_samples}; "
             f"log densities of {target.shape[0]} target samples next",
             flush=True,
         )
@@ -411,11 +412,11 @@ def evaluate_flow(
 
     metrics = {
         "nll": nll(density["log_q"]),
-        "ess_q": ess_q(log_w_q),
+        "ess_q": model_ess,
         "ess_p": ess_p(log_w_p),
         # Delta-method standard errors over the samples (metrics.*_se).
         "nll_se": nll_se(density["log_q"]),
-        "ess_q_se": ess_q_se(log_w_q),
+        "ess_q_se": model_ess_se,
         "ess_p_se": ess_p_se(log_w_p),
         # The largest single weight's share of all weight: near 1/n for a good sampler, near 1
         # when one sample decides the ESS (on the target side: a state the model all but misses).
