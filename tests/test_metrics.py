@@ -440,7 +440,7 @@ def test_top_weight_check_reports_the_solver_error_of_the_largest_weights():
     from zoo.fields import MLPField
     from zoo.flows import CNF, StandardNormal
     from zoo.flows.cnf import log_prob_chunked
-    from zoo.metrics import TOP_LOG_Q_TOLERANCE, evaluate_flow, format_metrics, top_weight_log_q_error
+    from zoo.metrics import TOP_LOG_Q_TOLERANCE, check_top_weights, evaluate_flow, format_metrics
     from zoo.systems import GaussianMixture2D
 
     system = GaussianMixture2D()
@@ -466,8 +466,40 @@ def test_top_weight_check_reports_the_solver_error_of_the_largest_weights():
     assert "highest-weight samples' log q moves" in format_metrics(metrics)
     assert "evaluation.n_solver_steps = 8" in format_metrics({**metrics, "n_solver_steps": 4})
     assert "evaluation.solver_rtol" in format_metrics({**metrics, "n_solver_steps": None})
-    calm = {**metrics, "top_log_q_error_q": 0.01, "top_log_q_error_p": float("nan")}
-    assert "highest-weight" not in format_metrics(calm)
+    for side in "qp":  # the typical samples' offset was checked too, and the excess is measured from it
+        assert np.isfinite(metrics[f"log_q_offset_{side}"])
+        assert metrics[f"top_log_q_excess_{side}"] <= metrics[f"top_log_q_error_{side}"] + abs(metrics[f"log_q_offset_{side}"]) + 1e-6
+    calm = {**metrics, "top_log_q_excess_q": 0.01, "top_log_q_excess_p": float("nan"), "log_q_offset_p": 0.05}
+    assert "highest-weight" not in format_metrics(calm) and "NLL is off" not in format_metrics(calm)
+    # A common offset leaves the ESS alone but not the NLL; entries from before the offset was checked warn on the error.
+    assert "the NLL is off by -1.2" in format_metrics({**calm, "log_q_offset_p": 1.2})
+    assert "highest-weight" in format_metrics({k: v for k, v in calm.items() if "excess" not in k} | {"top_log_q_error_q": 2.0})
     assert "n_top_checked" not in evaluate_flow(coarse, system, data, check_top=0, **kwargs)[0]
     with pytest.raises(ValueError, match="deterministic divergence"):
-        top_weight_log_q_error(CNF(field, StandardNormal(2), divergence="hutchinson"), arrays["x_model"], arrays["log_q_model"], arrays["log_w_model"])
+        check_top_weights(CNF(field, StandardNormal(2), divergence="hutchinson"), arrays["x_model"], arrays["log_q_model"], arrays["log_w_model"])
+
+
+def test_top_weight_check_separates_a_common_offset_from_the_top_weights_excess():
+    """log q off by 2 nats everywhere and by 0.5 more on the 4 highest weights: the check reports
+    an error of 2.5, an offset of 2 and an excess of 0.5 (against RK4 with 400 steps, which agrees
+    with the check's Dopri5 reference to well below the tolerance here); non-finite weights are skipped."""
+    import jax
+
+    from zoo.fields import MLPField
+    from zoo.flows import CNF, StandardNormal
+    from zoo.flows.cnf import log_prob_chunked
+    from zoo.metrics import check_top_weights
+
+    field = MLPField(2, width=16, depth=2, key=jax.random.PRNGKey(5))
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(6), (40, 2)))
+    log_q_fine = np.asarray(log_prob_chunked(CNF(field, StandardNormal(2), n_steps=400), x, chunk_size=40)["log_q"], dtype=np.float64)
+    log_w = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (40,)), dtype=np.float64)
+    log_w[0] = np.nan
+    top = np.argsort(np.where(np.isfinite(log_w), log_w, -np.inf))[-4:]
+    log_q = log_q_fine + 2.0
+    log_q[top] += 0.5
+    check = check_top_weights(CNF(field, StandardNormal(2), n_steps=4), x, log_q, log_w, k=4)
+    assert check.top_error == pytest.approx(2.5, abs=5e-3)
+    assert check.offset == pytest.approx(2.0, abs=5e-3)
+    assert check.top_excess == pytest.approx(0.5, abs=5e-3)
+    assert all(np.isnan(check_top_weights(CNF(field, StandardNormal(2)), x, log_q, np.full(40, np.nan))))

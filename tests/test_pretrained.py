@@ -49,7 +49,8 @@ def write_index(path: Path, archive_bytes: bytes, locations, name="toy") -> Path
         "size_bytes": len(archive_bytes),
         "sha256": hashlib.sha256(archive_bytes).hexdigest(),
         "locations": list(locations),
-        "metrics": {"nll": 1.0, "ess_q": 0.5, "ess_p": 0.5, "n_samples_q": 10, "n_samples_p": 10, "top_log_q_error_q": 0.004, "top_log_q_error_p": 1.2, "n_top_checked": 8},
+        "metrics": {"nll": 1.0, "ess_q": 0.5, "ess_p": 0.5, "n_samples_q": 10, "n_samples_p": 10, "top_log_q_error_q": 0.004, "top_log_q_error_p": 1.2, "n_top_checked": 8,
+                    "log_q_offset_q": -0.001, "log_q_offset_p": 1.1, "top_log_q_excess_q": 0.005, "top_log_q_excess_p": 0.1},
     }
     return pretrained.write_index([entry], path)
 
@@ -595,6 +596,7 @@ def test_cli_list_models_and_download(tmp_path, toy, monkeypatch, capsys):
     assert "  ESS-q:       0.5" in shown and any(line.startswith("  evaluated with: ") and line.endswith("n=10/10") for line in shown)
     assert f"  location: {archive}" in shown
     assert "  log q of the 8 highest weights, the evaluation's solver against exact divergence, Dopri5 rtol = atol = 1e-6: within 0.004 (model) / 1.2 (test) nats" in shown
+    assert "  of which shared by typical samples: -0.001 (model) / +1.1 (test) nats; beyond it: 0.005 / 0.1 nats" in shown
     with pytest.raises(SystemExit):
         zoo_cli.main(["show", "tyo"])
     assert "no pretrained model named 'tyo'" in capsys.readouterr().err

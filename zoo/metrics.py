@@ -135,25 +135,50 @@ REFERENCE_IN_WORDS = describe_in_words(REFERENCE_SOLVE)
 TOP_LOG_Q_TOLERANCE = 0.1
 
 
-def top_weight_log_q_error(flow, x, log_q, log_w, k: int = 8) -> float:
-    """The largest |log q − log q_ref| over the ``k`` samples with the largest finite weights.
+class TopWeightCheck(NamedTuple):
+    """How far the evaluation's log q lies from :data:`REFERENCE_SOLVE`'s (log q − log q_ref, nats).
+
+    An ESS is unchanged when every log q moves by the same amount (a common offset scales
+    every weight alike), so what decides whether it depends on the solver is how far the
+    highest weights' errors stand from the typical sample's: ``top_excess``. The NLL, on the
+    other hand, moves by the whole typical error: ``offset``.
+    """
+
+    #: The largest |log q − log q_ref| over the highest-weight samples.
+    top_error: float
+    #: The median of log q − log q_ref over randomly chosen other samples (NaN when there are none).
+    offset: float
+    #: The largest |(log q − log q_ref) − offset| over the highest-weight samples.
+    top_excess: float
+
+
+def check_top_weights(flow, x, log_q, log_w, k: int = 8, seed: int = 0) -> TopWeightCheck:
+    """Solve the ``k`` samples with the largest finite weights and ``k`` others chosen at
+    random again with :data:`REFERENCE_SOLVE`, and compare with the evaluation's ``log_q``.
 
     An ESS rests on its largest weights, and those sit where the model's density is lowest
     relative to the target's, where the field is hardest to integrate: a fixed-step solver
-    that is accurate on typical samples can be off by a nat there. ``log_q`` is what the
-    evaluation computed for ``x``; the reference solves the same points again with
-    :data:`REFERENCE_SOLVE` (deterministic divergences only: Hutchinson's noise would
-    dominate the difference). NaN when no weight is finite.
+    that is accurate on typical samples can be off by a nat there. The random samples give
+    the typical error, which shifts every log weight alike (and so the NLL, not the ESS).
+    Deterministic divergences only: Hutchinson's noise would dominate the differences. NaN
+    throughout when no weight is finite.
     """
     if flow.needs_key:
         raise ValueError("the top-weight check needs a deterministic divergence (the exact trace), not Hutchinson's estimate")
-    log_w = np.asarray(log_w, dtype=np.float64)
-    finite = np.flatnonzero(np.isfinite(log_w) & np.isfinite(np.asarray(log_q)))
+    log_w, log_q = np.asarray(log_w, dtype=np.float64), np.asarray(log_q)
+    finite = np.flatnonzero(np.isfinite(log_w) & np.isfinite(log_q))
     if finite.size == 0:
-        return float("nan")
+        return TopWeightCheck(float("nan"), float("nan"), float("nan"))
     top = finite[np.argsort(log_w[finite])[-k:]]
-    reference = log_prob_chunked(flow.as_described(REFERENCE_SOLVE), np.asarray(x)[top], chunk_size=top.size, verify=0)["log_q"]
-    return float(np.max(np.abs(reference - np.asarray(log_q)[top])))
+    others = np.setdiff1d(finite, top)
+    typical = np.random.default_rng(seed).choice(others, size=min(k, others.size), replace=False)
+    checked = np.concatenate([top, typical])
+    reference = log_prob_chunked(flow.as_described(REFERENCE_SOLVE), np.asarray(x)[checked], chunk_size=checked.size, verify=0)["log_q"]
+    error = log_q[checked] - np.asarray(reference)
+    top_error, typical_error = error[: top.size], error[top.size :]
+    offset = float(np.median(typical_error)) if typical_error.size else float("nan")
+    excess = np.abs(top_error - (offset if typical_error.size else 0.0))
+    return TopWeightCheck(float(np.max(np.abs(top_error))), offset, float(np.max(excess)))
 
 
 def nll_se(log_q) -> float:
@@ -353,9 +378,10 @@ def evaluate_flow(
     continues from them: a 10 000-sample evaluation killed midway loses one chunk at most.
 
     With the exact divergence, the log q of the ``check_top`` highest-weight model and target
-    samples is solved again with :data:`REFERENCE_SOLVE`, and the largest differences are
-    reported (``top_log_q_error_q``/``_p``): whether the ESS figures depend on the solver
-    (0: no check).
+    samples, and of as many others at random, is solved again with :data:`REFERENCE_SOLVE`
+    (:func:`check_top_weights`; 0: no check): ``top_log_q_error_q``/``_p`` are the top weights'
+    largest differences, ``log_q_offset_q``/``_p`` the typical sample's (which biases the NLL),
+    ``top_log_q_excess_q``/``_p`` the top weights' beyond it (which changes the ESS).
     """
 
     sample_key, density_key, fm_key = jax.random.split(key, 3)
@@ -404,11 +430,13 @@ def evaluate_flow(
     checks = {}
     if check_top > 0 and not flow.needs_key:
         # Compared before the fold: the reference solves the points the flow produced and was given.
-        checks = {
-            "top_log_q_error_q": top_weight_log_q_error(flow, x_unfolded, log_q_unfolded, log_w_q, check_top),
-            "top_log_q_error_p": top_weight_log_q_error(flow, target, target_log_q_unfolded, log_w_p, check_top),
-            "n_top_checked": int(check_top),
-        }
+        for side, check in (
+            ("q", check_top_weights(flow, x_unfolded, log_q_unfolded, log_w_q, check_top)),
+            ("p", check_top_weights(flow, target, target_log_q_unfolded, log_w_p, check_top)),
+        ):
+            checks |= {f"top_log_q_error_{side}": check.top_error, f"log_q_offset_{side}": check.offset,
+                       f"top_log_q_excess_{side}": check.top_excess}  # fmt: skip
+        checks["n_top_checked"] = int(check_top)
 
     metrics = {
         "nll": nll(density["log_q"]),
@@ -422,7 +450,8 @@ def evaluate_flow(
         # when one sample decides the ESS (on the target side: a state the model all but misses).
         "top_weight_share_q": top_weight_share(log_w_q),
         "top_weight_share_p": top_weight_share(log_w_p),
-        # How far the largest weights' log q moves under a tight adaptive solver (nats).
+        # How far the largest weights' log q moves under a tight adaptive solver, how far a
+        # typical sample's does, and the difference of the two (nats; TopWeightCheck).
         **checks,
         "path_length": float(np.mean(model["path_length"][np.isfinite(model["path_length"])])),
         "fm_loss": fm_loss_on(flow, dataset.split(split).positions, fm_loss or FlowMatching(), fm_key),
@@ -487,19 +516,29 @@ def _finer_solver_binding(metrics: dict) -> str:
 
 def format_metrics(metrics: dict) -> str:
     """The headline metrics on one line, with their standard errors and sample counts, and a
-    warning line when the highest weights' log q depends on the solver, or when the ESS comes
+    warning line when the highest weights' log q depends on the solver (the ESS does) or a typical
+    target sample's does (the NLL does), or when the ESS comes
     from Hutchinson's estimate of log q (its noise enters every log weight and lowers the ESS;
     the NLL stays unbiased)."""
     keys = [k for k in ("kl", "nll", "ess_q", "ess_p", "path_length", "fm_loss") if k in metrics]
     failed = [f"{k}={metrics[k]}" for k in ("n_nonfinite_q", "n_nonfinite_p") if metrics.get(k)]
     counts = f"n_q={metrics.get('n_samples_q')}, n_p={metrics.get('n_samples_p')}" + "".join(f", {f}" for f in failed)
     line = "  ".join(f"{k}={with_error(metrics, k)}" for k in keys) + f"  ({counts})"
-    errors = [metrics.get(f"top_log_q_error_{side}", 0.0) for side in "qp"]
+    # Evaluations before the typical sample was checked too report the top weights' error alone.
+    relative = "top_log_q_excess_q" in metrics
+    errors = [metrics.get(f"top_log_q_{'excess' if relative else 'error'}_{side}", 0.0) for side in "qp"]
+    beyond = " more than a typical sample's" if relative else ""
     if any(e > TOP_LOG_Q_TOLERANCE for e in errors):  # NaN (no finite weight) compares False
         line += (
             f"\n  warning: the {metrics.get('n_top_checked')} highest-weight samples' log q moves by up to "
-            f"{errors[0]:.2g} (model) / {errors[1]:.2g} (target) nats under {REFERENCE_IN_WORDS}: "
-            f"these ESS values depend on the solver; evaluate again with {_finer_solver_binding(metrics)}"
+            f"{errors[0]:.2g} (model) / {errors[1]:.2g} (target) nats{beyond} "
+            f"under {REFERENCE_IN_WORDS}: these ESS values depend on the solver; evaluate again with {_finer_solver_binding(metrics)}"
+        )
+    offset = metrics.get("log_q_offset_p", 0.0)
+    if abs(offset) > TOP_LOG_Q_TOLERANCE:  # NaN compares False
+        line += (
+            f"\n  warning: a typical target sample's log q lies {offset:+.2g} nats from {REFERENCE_IN_WORDS}'s: "
+            f"the NLL is off by {-offset:+.2g}; evaluate again with {_finer_solver_binding(metrics)}"
         )
     if ess_is_a_lower_bound(metrics) and any(k in metrics for k in ("ess_q", "ess_p")):
         line += (

@@ -92,6 +92,7 @@ REQUIRED_FIELDS = ("name", "system", "gin", "recipe", "metrics", "size_bytes", "
 METRIC_KEYS = (
     "nll", "ess_q", "ess_p", "nll_se", "ess_q_se", "ess_p_se", "path_length", "kl", "fm_loss", "n_samples_q", "n_samples_p",
     "top_weight_share_q", "top_weight_share_p", "top_log_q_error_q", "top_log_q_error_p", "n_top_checked",
+    "log_q_offset_q", "log_q_offset_p", "top_log_q_excess_q", "top_log_q_excess_p",
 )  # fmt: skip
 # Temporary files older than this are taken to belong to a dead download even when their
 # owner cannot be checked (another host sharing the cache).

@@ -166,6 +166,11 @@ def _show_model(name: str) -> None:
             f"  log q of the {m.get('n_top_checked', '?')} highest weights, the evaluation's solver against {REFERENCE_IN_WORDS}: "
             f"within {m['top_log_q_error_q']:.2g} (model) / {m.get('top_log_q_error_p', float('nan')):.2g} (test) nats"
         )
+    if "log_q_offset_q" in m:
+        print(
+            f"  of which shared by typical samples: {m['log_q_offset_q']:+.2g} (model) / {m.get('log_q_offset_p', float('nan')):+.2g} (test) nats; "
+            f"beyond it: {m.get('top_log_q_excess_q', float('nan')):.2g} / {m.get('top_log_q_excess_p', float('nan')):.2g} nats"
+        )
     for gain in pretrained.fine_tuning_gains(pretrained.load_index(), involving=name):
         print(textwrap.fill(f"{gain.child} {gain.in_words()}", width=100, initial_indent="  fine-tuning: ", subsequent_indent="    "))
     print(f"  archive: {pretrained._human_size(info.size_bytes)}, sha256 {info.sha256}")
