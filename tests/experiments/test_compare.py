@@ -195,7 +195,7 @@ def test_the_table_so_far_names_the_runs_it_lacks(tmp_path):
     about = dict(time_budget_s=5.0, seeds=(0, 1), pretrained=None)
     _save_row(tmp_path, "FM only", run, [{"time_s": 0.0, "nll": 3.0}], time_budget_s=5.0)
     table = _write_summary(tmp_path, ["FM only", "PG only"], **about)
-    assert "| FM only (1 of 2 seeds so far) | 2 ± 0 |" in table and "PG only" not in table
+    assert "| FM only (1 of 2 seeds so far) | 2 |" in table and "PG only" not in table
     assert "from 64 model samples" in table and (tmp_path / "table.md").read_text() == table
     summary = json.loads((tmp_path / "results.json").read_text())
     assert summary["complete"] is False and summary["results"] == {"FM only": [run], "PG only": []}
@@ -205,6 +205,11 @@ def test_the_table_so_far_names_the_runs_it_lacks(tmp_path):
         _save_row(tmp_path, "PG only", {**run, "seed": seed}, [], time_budget_s=5.0)
     table = _write_summary(tmp_path, ["FM only", "PG only"], **about)
     assert "| FM only | 3 ± 1.4 |" in table and "| PG only | 2 ± 0 |" in table
+    # One seed: the row's own standard error over its samples, not a spread of 0 over one seed.
+    (tmp_path / "one").mkdir()
+    _save_row(tmp_path / "one", "FM only", {**run, "nll_se": 0.25}, [], time_budget_s=5.0)
+    one_seed = _write_summary(tmp_path / "one", ["FM only"], **{**about, "seeds": (0,)})
+    assert "| FM only | 2 ± 0.25 | 0.5 | 0.4 | 10 |" in one_seed
     assert json.loads((tmp_path / "results.json").read_text())["complete"] is True
 
 
@@ -228,7 +233,7 @@ def test_rows_of_other_processes_join_the_table(tmp_path, capsys):
     assert summary["seeds"] == [1, 2] and summary["complete"] is False
     assert [m["seed"] for m in summary["results"]["PG"]] == [1, 2]
     assert list(summary["curves"]) == ["PG", "FM continued"] and summary["curves"]["PG"][1] == [{"time_s": 1.0, "nll": 5.0}]
-    assert "| FM continued (1 of 2 seeds so far) | 4 ± 0 |" in table and "| PG | 3.25 ± 0.35 |" in table
+    assert "| FM continued (1 of 2 seeds so far) | 4 |" in table and "| PG | 3.25 ± 0.35 |" in table
     assert "budgets [60.0] s" in capsys.readouterr().out
 
 

@@ -355,7 +355,8 @@ def summarise(results: dict[str, list[dict]], *, time_budget_s: float, seeds, pr
     keys = [k for k in ("kl", "nll", "ess_q", "ess_p", "path_length", "fm_loss", "steps") if any(k in m for ms in results.values() for m in ms)]
     start = "from a fresh initialisation" if pretrained is None else f"from {pretrained} (row `start`: it, evaluated with each seed's evaluation seed)"
     lines = [
-        f"Budget {time_budget_s:g} s of training per run (compilation and evaluation excluded), seeds {list(seeds)}; mean ± std over seeds.",
+        f"Budget {time_budget_s:g} s of training per run (compilation and evaluation excluded), seeds {list(seeds)}; mean ± std over "
+        "seeds (a recipe with one seed: its value ± the delta-method standard error over the samples, where there is one).",
         f"Every run starts {start}.",
         "",
         "| recipe | " + " | ".join(keys) + " |",
@@ -367,7 +368,11 @@ def summarise(results: dict[str, list[dict]], *, time_budget_s: float, seeds, pr
         cells = []
         for k in keys:
             v = np.array([m[k] for m in ms], dtype=float)
-            cells.append(f"{v.mean():.4g} ± {v.std(ddof=1) if len(v) > 1 else 0:.2g}")
+            if len(v) > 1:
+                cells.append(f"{v.mean():.4g} ± {v.std(ddof=1):.2g}")
+            else:  # a spread over one seed would read as an exact figure
+                se = ms[0].get(f"{k}_se")
+                cells.append(f"{v[0]:.4g}" + (f" ± {se:.2g}" if se is not None else ""))
         done = "" if len(ms) == len(seeds) else f" ({len(ms)} of {len(seeds)} seeds so far)"
         lines.append(f"| {name}{done} | " + " | ".join(cells) + " |")
     first = next((ms[0] for ms in results.values() if ms), None)
